@@ -1,0 +1,36 @@
+"""comneck: compress images for multimodal LLMs.
+
+The public Python API, re-exported lazily so that ``import comneck_cli`` (and the CLI's ``--help``)
+does not import torch::
+
+    from comneck_cli import load_codec, read_image, encode, decode, decode_latents
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import ComneckError
+
+_EXPORTS = {
+    "encode": "api",
+    "decode": "api",
+    "decode_latents": "api",
+    "check_record": "api",
+    "resolve_device": "api",
+    "CodecCache": "api",
+    "load_codec": "codecs",
+    "save_codec": "codecs",
+    "CODECS": "codecs",
+    "Codec": "codecs",
+    "read_image": "images",
+}
+
+__all__ = ["ComneckError", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

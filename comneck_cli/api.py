@@ -1,0 +1,101 @@
+"""The library API: encode an image into a ``.cnk`` record and decode it back, for people or machines.
+
+The Click commands are thin wrappers over these functions::
+
+    from comneck_cli import load_codec, read_image, encode, decode
+    codec = load_codec("mbt2018-mean", 3)
+    record = encode(read_image("photo.png"), codec)
+    image = decode(record, codec)          # uint8 H×W×3
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from formats import Record, codec_name
+
+from .codecs import PAD_MULTIPLE, Codec, load_codec
+from .errors import ComneckError
+from .images import from_tensor, to_tensor
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is one clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ComneckError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ComneckError(f"unknown device {name!r}; use auto, cpu or cuda") from exc
+
+
+def encode(image: np.ndarray, codec: Codec, *, metadata: dict | None = None) -> Record:
+    """uint8 H×W×3 -> one record: entropy-coded strings plus what a decoder needs to check them."""
+    height, width = image.shape[:2]
+    strings, _ = codec.compress(to_tensor(image, PAD_MULTIPLE))
+    return Record(
+        codec_id=codec.spec.codec_id,
+        quality=codec.quality,
+        weights_digest=codec.digest,
+        height=height,
+        width=width,
+        strings=tuple(strings),
+        metadata=metadata,
+    )
+
+
+def check_record(record: Record, codec: Codec) -> None:
+    """Refuse a record that the loaded codec did not write (other codec, quality or weights)."""
+    name = codec_name(record.codec_id) or f"unknown codec id {record.codec_id}"
+    if record.codec_id != codec.spec.codec_id or record.quality != codec.quality:
+        raise ComneckError(
+            f"record was coded with {name} quality {record.quality}, not {codec.name} quality {codec.quality}"
+        )
+    if record.weights_digest != codec.digest:
+        raise ComneckError(
+            f"record was coded with codec weights {record.weights_digest.hex()}, but {codec.source} is "
+            f"{codec.digest.hex()}; decode with the weights that encoded it (--weights FILE)"
+        )
+
+
+def decode_latents(record: Record, codec: Codec) -> torch.Tensor:
+    """Entropy-decode ``y_hat`` (1, M, h, w) on the CPU; ``g_s`` never runs."""
+    check_record(record, codec)
+    return codec.decompress_latents(list(record.strings), record.height, record.width)
+
+
+def decode(record: Record, codec: Codec) -> np.ndarray:
+    """Reconstruct the image a person sees: y_hat -> g_s -> crop -> uint8 H×W×3."""
+    if record.machine_only:
+        raise ComneckError(
+            "record was coded for machines only (scenario d3): it has no image to reconstruct; "
+            "use `comneck features` instead"
+        )
+    y_hat = decode_latents(record, codec)
+    return from_tensor(codec.synthesize(y_hat), record.height, record.width, PAD_MULTIPLE)
+
+
+class CodecCache:
+    """Load each (codec, quality, weights) once per process: model loading and entropy tables dominate small jobs."""
+
+    def __init__(self, device: torch.device | str = "cpu", weights: Path | None = None) -> None:
+        self.device = torch.device(device)
+        self.weights = weights
+        self._loaded: dict[tuple[str, int], Codec] = {}
+
+    def get(self, name: str, quality: int) -> Codec:
+        key = (name, quality)
+        if key not in self._loaded:
+            self._loaded[key] = load_codec(name, quality, weights=self.weights, device=self.device)
+        return self._loaded[key]
+
+    def for_record(self, record: Record) -> Codec:
+        name = codec_name(record.codec_id)
+        if name is None:
+            raise ComneckError(f"record uses codec id {record.codec_id}, which this comneck does not know; upgrade comneck")
+        return self.get(name, record.quality)

@@ -1,0 +1,420 @@
+"""Codec registry: name -> CompressAI constructor, qualities, latent channels, weights, entropy coding.
+
+Each codec belongs to a *family* that knows how its entropy coder turns an image into strings and
+back into the quantized latents ``y_hat``. CompressAI's own ``decompress`` returns only ``x_hat``
+(its issue 329), and the transform-neck needs ``y_hat`` without running ``g_s``, so the families
+decode the latents themselves through the model's entropy models.
+
+Device policy (why encode on CUDA decodes on CPU): only the analysis and synthesis transforms
+``g_a`` and ``g_s`` run on the chosen device. Everything that produces entropy-coder parameters
+(``h_a``, ``h_s``, context models, the entropy tables) stays on the CPU in float32 on both sides,
+because a float difference there that crosses one of GaussianConditional's scale-table edges
+desynchronises the rANS decoder (CompressAI issues 279, 309, 340).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import weights as registry
+from formats import CODEC_IDS, PAD_MULTIPLE, latent_grids
+
+from .errors import ComneckError
+
+class Family:
+    """How one kind of CompressAI model maps x to strings and strings to ``y_hat``.
+
+    ``compress`` returns the strings in record order and the encoder's own ``y_hat``;
+    ``decompress`` must rebuild exactly that ``y_hat`` from the strings alone.
+    """
+
+    def compress(self, model: nn.Module, y: Tensor) -> tuple[list[bytes], Tensor]:
+        raise NotImplementedError
+
+    def decompress(self, model: nn.Module, strings: list[bytes], grid: tuple[int, int]) -> Tensor:
+        raise NotImplementedError
+
+    def string_count(self, model: nn.Module) -> int:
+        return 2
+
+    @staticmethod
+    def side_info(model: nn.Module, z: Tensor) -> tuple[bytes, Tensor]:
+        """Entropy-code z with the factorized prior; the encoder uses the *decoded* z_hat, as the decoder will."""
+        z_strings = model.entropy_bottleneck.compress(z)
+        return z_strings[0], model.entropy_bottleneck.decompress(z_strings, z.shape[-2:])
+
+    @staticmethod
+    def decode_side_info(model: nn.Module, string: bytes, grid: tuple[int, int]) -> Tensor:
+        return model.entropy_bottleneck.decompress([string], (grid[0] // 4, grid[1] // 4))
+
+
+class ScaleHyperprior(Family):
+    """bmshj2018-hyperprior: zero-mean Gaussian, scales from h_s(z_hat); y_hat = round(y)."""
+
+    def compress(self, model, y):
+        z_string, z_hat = self.side_info(model, model.h_a(torch.abs(y)))
+        indexes = model.gaussian_conditional.build_indexes(model.h_s(z_hat))
+        y_string = model.gaussian_conditional.compress(y, indexes)[0]
+        return [y_string, z_string], model.gaussian_conditional.quantize(y, "dequantize")
+
+    def decompress(self, model, strings, grid):
+        z_hat = self.decode_side_info(model, strings[1], grid)
+        indexes = model.gaussian_conditional.build_indexes(model.h_s(z_hat))
+        return model.gaussian_conditional.decompress([strings[0]], indexes, z_hat.dtype)
+
+
+class MeanScaleHyperprior(Family):
+    """mbt2018-mean: Gaussian with means and scales from h_s(z_hat); y_hat = round(y - mu) + mu."""
+
+    def compress(self, model, y):
+        z_string, z_hat = self.side_info(model, model.h_a(y))
+        scales, means = model.h_s(z_hat).chunk(2, 1)
+        indexes = model.gaussian_conditional.build_indexes(scales)
+        y_string = model.gaussian_conditional.compress(y, indexes, means=means)[0]
+        return [y_string, z_string], model.gaussian_conditional.quantize(y, "dequantize", means)
+
+    def decompress(self, model, strings, grid):
+        z_hat = self.decode_side_info(model, strings[1], grid)
+        scales, means = model.h_s(z_hat).chunk(2, 1)
+        indexes = model.gaussian_conditional.build_indexes(scales)
+        return model.gaussian_conditional.decompress([strings[0]], indexes, means=means)
+
+
+class Autoregressive(Family):
+    """mbt2018 and cheng2020: a 5×5 masked context model decoded position by position on the CPU."""
+
+    kernel = 5
+
+    def compress(self, model, y):
+        z_string, z_hat = self.side_info(model, model.h_a(y))
+        params = model.h_s(z_hat)
+        pad = (self.kernel - 1) // 2
+        y_hat = F.pad(y, (pad, pad, pad, pad))  # _compress_ar writes y_hat in place as it codes
+        y_string = model._compress_ar(y_hat, params, y.shape[2], y.shape[3], self.kernel, pad)
+        return [y_string, z_string], F.pad(y_hat, (-pad, -pad, -pad, -pad))
+
+    def decompress(self, model, strings, grid):
+        z_hat = self.decode_side_info(model, strings[1], grid)
+        params = model.h_s(z_hat)
+        pad = (self.kernel - 1) // 2
+        y_hat = torch.zeros((1, model.M, grid[0] + 2 * pad, grid[1] + 2 * pad))
+        model._decompress_ar(strings[0], y_hat, params, grid[0], grid[1], self.kernel, pad)
+        return F.pad(y_hat, (-pad, -pad, -pad, -pad))
+
+
+class LatentCodecModel(Family):
+    """ELIC (SimpleVAECompressionModel): uneven channel groups, each coded in two checkerboard passes.
+
+    Its latent codec yields one string per (group, pass), then z: 5 groups give 11 strings.
+    """
+
+    def compress(self, model, y):
+        out = model.latent_codec.compress(y)
+        return [s[0] for s in out["strings"]], out["y_hat"]
+
+    def decompress(self, model, strings, grid):
+        shape = {
+            "y": [torch.Size([g, *grid]) for g in model.groups],
+            "hyper": torch.Size([grid[0] // 4, grid[1] // 4]),
+        }
+        return model.latent_codec.decompress([[s] for s in strings], shape)["y_hat"]
+
+    def string_count(self, model):
+        return 2 * len(model.groups) + 1
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """One named codec: its CompressAI architecture, family and per-quality constructor arguments."""
+
+    name: str
+    family: Family
+    qualities: dict[int, dict[str, Any]]
+    zoo: bool
+    notes: str = ""
+
+    @property
+    def codec_id(self) -> int:
+        return CODEC_IDS[self.name]
+
+    def constructor(self) -> Callable[..., nn.Module]:
+        from compressai.registry import MODELS
+
+        return MODELS[self.name]
+
+    def latent_channels(self, quality: int) -> int:
+        return self.qualities[quality]["M"]
+
+
+def _nm(table: dict[int, tuple[int, int]]) -> dict[int, dict[str, int]]:
+    return {q: {"N": n, "M": m} for q, (n, m) in table.items()}
+
+
+_SMALL, _LARGE = (128, 192), (192, 320)
+
+CODECS: dict[str, CodecSpec] = {
+    spec.name: spec
+    for spec in (
+        CodecSpec(
+            "bmshj2018-hyperprior",
+            ScaleHyperprior(),
+            _nm({q: _SMALL if q <= 5 else _LARGE for q in range(1, 9)}),
+            zoo=True,
+        ),
+        CodecSpec(
+            "mbt2018-mean",
+            MeanScaleHyperprior(),
+            _nm({q: _SMALL if q <= 4 else _LARGE for q in range(1, 9)}),
+            zoo=True,
+        ),
+        CodecSpec(
+            "mbt2018",
+            Autoregressive(),
+            _nm({q: (192, 192) if q <= 4 else _LARGE for q in range(1, 9)}),
+            zoo=True,
+            notes="autoregressive: slow to decode",
+        ),
+        CodecSpec(
+            "cheng2020-anchor",
+            Autoregressive(),
+            {q: {"N": 128 if q <= 3 else 192} for q in range(1, 7)},
+            zoo=True,
+            notes="autoregressive: slow to decode",
+        ),
+        CodecSpec(
+            "elic2022-official",
+            LatentCodecModel(),
+            # The ComNeck paper trains ELIC itself at λ = 0.004, 0.008, 0.016, 0.032.
+            {q: {"N": 192, "M": 320} for q in range(1, 5)},
+            zoo=False,
+            notes="the ComNeck paper's codec; no zoo weights",
+        ),
+    )
+}
+
+# cheng2020's latent channels equal N.
+for _q, _cfg in CODECS["cheng2020-anchor"].qualities.items():
+    _cfg.setdefault("M", _cfg["N"])
+del _q, _cfg
+
+
+def get_spec(name: str) -> CodecSpec:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ComneckError(f"unknown codec {name!r}; choose one of: {', '.join(CODECS)}") from None
+
+
+def check_quality(spec: CodecSpec, quality: int) -> None:
+    if quality not in spec.qualities:
+        lo, hi = min(spec.qualities), max(spec.qualities)
+        raise ComneckError(f"codec {spec.name} has quality levels {lo}..{hi}, not {quality}")
+
+
+def registry_name(codec: str, quality: int) -> str:
+    """The weights-registry name of a codec's quality level, e.g. ``mbt2018-mean-q3``."""
+    return f"{codec}-q{quality}"
+
+
+@dataclass
+class Codec:
+    """A loaded codec, ready to code: model with entropy tables built once at load.
+
+    ``digest`` is the first 4 bytes of the weights file's sha256: every record carries it, and
+    decoding a record with different weights is refused instead of producing garbage.
+    """
+
+    spec: CodecSpec
+    quality: int
+    model: nn.Module
+    digest: bytes
+    source: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def latent_channels(self) -> int:
+        groups = getattr(self.model, "groups", None)  # ELIC keeps M only as its channel groups
+        return int(sum(groups) if groups else self.model.M)
+
+    @torch.inference_mode()
+    def compress(self, x: Tensor) -> tuple[list[bytes], Tensor]:
+        """x: (1, 3, H, W) in [0, 1], H and W multiples of PAD_MULTIPLE (64) -> (strings, y_hat on the CPU)."""
+        y = self.model.g_a(x.to(self.device)).float().cpu()
+        return self.spec.family.compress(self.model, y)
+
+    @torch.inference_mode()
+    def decompress_latents(self, strings: list[bytes], height: int, width: int) -> Tensor:
+        """Entropy-decode ``y_hat`` (CPU, float32) for an H×W original; ``g_s`` does not run."""
+        expected = self.spec.family.string_count(self.model)
+        if len(strings) != expected:
+            raise ComneckError(
+                f"record has {len(strings)} entropy-coded strings but {self.name} writes {expected}; "
+                "the file is damaged or was written by another codec"
+            )
+        try:
+            return self.spec.family.decompress(self.model, list(strings), latent_grids(height, width)[0])
+        except (RuntimeError, ValueError, IndexError) as exc:
+            raise ComneckError(f"entropy decoding failed ({exc}); the record is corrupt") from exc
+
+    @torch.inference_mode()
+    def synthesize(self, y_hat: Tensor) -> Tensor:
+        """``g_s``: y_hat -> x_hat in [0, 1], on the codec's device."""
+        return self.model.g_s(y_hat.to(self.device)).clamp_(0, 1)
+
+
+def save_codec(model: nn.Module, path: Path, codec: str, quality: int, config: dict[str, Any]) -> None:
+    """Write a codec as a self-describing safetensors file (no pickle), entropy tables included.
+
+    Storing the tables makes encoder and decoder share bit-identical CDFs instead of each
+    rebuilding them with float arithmetic.
+    """
+    from safetensors.torch import save_file
+
+    model.update(force=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": "comneck-codec", "codec": codec, "quality": str(quality), "config": json.dumps(config)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _read_state(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ComneckError(f"cannot read codec weights {path}: not a valid safetensors file ({exc})") from exc
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        raise ComneckError(
+            f"cannot load codec weights {path}: not a plain tensor checkpoint ({type(exc).__name__}); "
+            "comneck only loads weights-only files"
+        ) from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ComneckError(f"cannot load codec weights {path}: it holds no state dict")
+    return state, {}
+
+
+def _build(spec: CodecSpec, quality: int, state: dict[str, Tensor], meta: dict[str, str], path: Path) -> nn.Module:
+    from compressai.zoo.pretrained import load_pretrained
+
+    if meta.get("format") == "comneck-codec":
+        if meta.get("codec") != spec.name:
+            raise ComneckError(
+                f"weights {path} hold codec {meta.get('codec')!r}, not {spec.name!r}; pass --codec {meta.get('codec')}"
+            )
+        config = json.loads(meta.get("config", "{}"))
+    else:
+        config = dict(spec.qualities[quality])
+        state = load_pretrained(state)
+        # Zoo checkpoints carry their own N and M: read them rather than trusting the quality table.
+        if "g_a.6.weight" in state and "M" in config:
+            config = {"N": int(state["g_a.0.weight"].shape[0]), "M": int(state["g_a.6.weight"].shape[0])}
+    try:
+        model = spec.constructor()(**config)
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AssertionError) as exc:
+        raise ComneckError(
+            f"weights {path} do not fit codec {spec.name} (quality {quality}): {str(exc).splitlines()[0]}"
+        ) from exc
+    return model
+
+
+def _tables_present(model: nn.Module) -> bool:
+    from compressai.entropy_models import EntropyModel
+
+    return all(m._quantized_cdf.numel() > 0 for m in model.modules() if isinstance(m, EntropyModel))
+
+
+def resolve_weights(spec: CodecSpec, quality: int, weights: Path | None = None) -> Path:
+    """``--weights FILE``, else the registry entry ``{codec}-q{quality}``, else the CompressAI zoo."""
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise ComneckError(f"codec weights file {weights} does not exist")
+        return Path(weights)
+    name = registry_name(spec.name, quality)
+    if registry.lookup(name) is not None:
+        try:
+            return registry.resolve(name)
+        except registry.WeightsError as exc:
+            raise ComneckError(str(exc)) from exc
+    if not spec.zoo:
+        raise ComneckError(
+            f"no weights for {spec.name} quality {quality}: CompressAI's zoo has none for this codec; "
+            f"import a trained file with `comneck weights import {name} FILE` or pass --weights FILE"
+        )
+    return _download_zoo(spec, quality, name)
+
+
+def _download_zoo(spec: CodecSpec, quality: int, name: str) -> Path:
+    import tempfile
+
+    from compressai.zoo.image import model_urls
+    from torch.hub import download_url_to_file
+
+    url = model_urls[spec.name]["mse"][quality]
+    # Zoo file names end in the first 8 hex digits of their sha256: torch checks that prefix.
+    hash_prefix = url.rsplit("-", 1)[-1].split(".")[0]
+    tmpdir = Path(tempfile.mkdtemp(prefix="comneck-zoo-"))
+    tmp = tmpdir / url.rsplit("/", 1)[-1]
+    try:
+        download_url_to_file(url, str(tmp), hash_prefix=hash_prefix, progress=False)
+        entry = registry.import_file(
+            name, tmp, "codec", {"codec": spec.name, "quality": quality, "source": url}, move=True
+        )
+    except Exception as exc:  # urllib raises many kinds; all mean "not available here"
+        raise ComneckError(
+            f"no weights for {spec.name} quality {quality}: not in the registry and the CompressAI zoo download "
+            f"failed ({type(exc).__name__}); download {url} on a connected machine and run "
+            f"`comneck weights import {name} FILE`, or pass --weights FILE"
+        ) from exc
+    finally:
+        import shutil
+
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return entry.path()
+
+
+def load_codec(
+    name: str, quality: int, *, weights: Path | None = None, device: torch.device | str = "cpu"
+) -> Codec:
+    """Load a codec for coding: resolve and verify its weights, build entropy tables once, place g_a/g_s."""
+    spec = get_spec(name)
+    check_quality(spec, quality)
+    path = resolve_weights(spec, quality, weights)
+    digest = bytes.fromhex(registry.file_sha256(path)[:8])
+    state, meta = _read_state(path)
+    if meta.get("format") == "comneck-codec" and meta.get("quality") not in (None, str(quality)):
+        raise ComneckError(
+            f"weights {path} were trained for {spec.name} quality {meta['quality']}, not {quality}; "
+            f"pass -q {meta['quality']}"
+        )
+    model = _build(spec, quality, state, meta, path).eval()
+    if not _tables_present(model):
+        model.update(force=True)
+    device = torch.device(device)
+    model.g_a.to(device)
+    model.g_s.to(device)
+    return Codec(spec=spec, quality=quality, model=model, digest=digest, source=path, device=device)
+
+
+def weights_info(path: Path) -> dict[str, str]:
+    """The comneck metadata of a safetensors codec file (empty for other files)."""
+    if Path(path).suffix != ".safetensors":
+        return {}
+    return _read_state(Path(path))[1]

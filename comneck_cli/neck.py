@@ -1,0 +1,272 @@
+"""The transform-neck T: quantized latents ``y_hat`` -> tokens that enter C' (block k+1 of the CLIP tower).
+
+Paper §3.3: "a linear projection, a self-attention mechanism, a feed-forward layer, and two layer norms".
+The neck is built from the same parts as a CLIP ViT's embedding and blocks, so its output has exactly the
+token interface C' expects (``(B, 1 + P, width)``, class token first, batch-first) and ``C'(T(y_hat))`` can
+be trained to match ``C(x)`` (the distillation loss of §3.4).
+
+A trained neck is stored as a safetensors file (never pickle) whose string metadata records what it was made
+for (:class:`NeckInfo`): the codec, quality and codec weights whose ``y_hat`` it reads, the CLIP model and
+weights whose C' it feeds, the split k, the training scenario, and its own constructor config.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ComneckError
+
+NECK_FORMAT = "comneck-neck"
+NECK_FORMAT_VERSION = "1"
+SCENARIOS = ("d1", "d2", "d3")
+
+
+class TransformNeck(nn.Module):
+    """T: ``y_hat (B, latent_channels, h, w)`` -> tokens ``(B, 1 + h*w, width)`` entering C'.
+
+    Each choice and why:
+
+    - ``proj``: one ``Linear(latent_channels -> width)`` applied to every latent position of the flattened
+      ``y_hat`` grid. It plays the role of C's patch embedding ``conv1``: a ``16 x 16`` ELIC latent grid of a
+      256 x 256 image becomes 256 tokens, the same count as ViT-L/14's 16 x 16 patches at 224.
+    - ``class_embedding``: a learned class token, prepended as C does, because C' pools (and LLaVA drops)
+      token 0 and its attention expects one there.
+    - ``positional_embedding``: learned, ``(1 + gh*gw) x width`` like C's. For a latent grid other than
+      ``grid`` the patch positions are bicubically interpolated (class position kept), with a warning.
+    - ``ln_pre``: the first layer norm, as C applies before its blocks.
+    - ``block``: ONE CLIP-style residual attention block, open_clip's own ``ResidualAttentionBlock`` (``ln_1``,
+      ``heads``-head self-attention, ``ln_2``, MLP ``width -> mlp_ratio*width -> width`` with QuickGELU, the
+      activation of OpenAI's CLIP weights), batch-first. Its output stands in for C's ``hidden_states[k]``.
+    - No ``ln_post``: the tokens go on into C' blocks, not to the projection.
+
+    With ELIC (320 channels) and ViT-L/14 (1024 wide, 16 heads, 16 x 16 grid) T has 13,191,168 parameters,
+    the authors' neck.
+    """
+
+    def __init__(
+        self,
+        latent_channels: int = 320,
+        width: int = 1024,
+        heads: int = 16,
+        grid: tuple[int, int] = (16, 16),
+        mlp_ratio: float = 4.0,
+    ):
+        super().__init__()
+        from open_clip.transformer import LayerNorm, QuickGELU, ResidualAttentionBlock
+
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.config = {
+            "latent_channels": int(latent_channels),
+            "width": int(width),
+            "heads": int(heads),
+            "grid": [int(grid[0]), int(grid[1])],
+            "mlp_ratio": float(mlp_ratio),
+        }
+        self.grid = (int(grid[0]), int(grid[1]))
+        scale = width**-0.5  # open_clip's init for the class and positional embeddings
+        self.proj = nn.Linear(latent_channels, width)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(1 + self.grid[0] * self.grid[1], width))
+        self.ln_pre = LayerNorm(width)
+        self.block = ResidualAttentionBlock(
+            width, heads, mlp_ratio, act_layer=QuickGELU, norm_layer=LayerNorm, batch_first=True
+        )
+        self._warned_grids: set[tuple[int, int]] = set()
+
+    def positions(self, h: int, w: int) -> Tensor:
+        """Positional embedding for an ``h x w`` latent grid: the learned one, or its bicubic resize."""
+        if (h, w) == self.grid:
+            return self.positional_embedding
+        if (h, w) not in self._warned_grids:
+            self._warned_grids.add((h, w))
+            warnings.warn(
+                f"latent grid {h}x{w} differs from the neck's {self.grid[0]}x{self.grid[1]} positional grid; "
+                "interpolating its positional embedding bicubically (features may be less accurate)",
+                stacklevel=3,
+            )
+        cls_pos, patch_pos = self.positional_embedding[:1], self.positional_embedding[1:]
+        patch_pos = patch_pos.reshape(1, *self.grid, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=(h, w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(h * w, -1)
+        return torch.cat([cls_pos, patch_pos], dim=0)
+
+    def forward(self, y_hat: Tensor) -> Tensor:
+        """``y_hat (B, C, h, w)`` -> tokens ``(B, 1 + h*w, width)``."""
+        b, c, h, w = y_hat.shape
+        if c != self.proj.in_features:
+            raise ComneckError(
+                f"the neck reads {self.proj.in_features}-channel latents but got {c} channels; "
+                "use a neck trained for this codec"
+            )
+        x = self.proj(y_hat.flatten(2).transpose(1, 2))  # (B, h*w, width)
+        cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(b, -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positions(h, w).to(x.dtype)
+        return self.block(self.ln_pre(x))
+
+
+@dataclass(frozen=True)
+class NeckInfo:
+    """What a neck was made for, stored as the neck file's safetensors string metadata.
+
+    ``codec_digest`` is the first 4 bytes (8 hex digits) of the sha256 of the codec weights whose ``y_hat``
+    the neck was trained on, as records carry it; ``k`` is the split (the neck's tokens enter block k+1);
+    ``scenario`` is the paper's d1 (codec frozen), d2 (codec retrained for humans and machines) or d3
+    (codec retrained for machines only); ``config`` is :class:`TransformNeck`'s constructor arguments.
+    """
+
+    codec: str
+    quality: int
+    codec_digest: str
+    clip_model: str
+    clip_tag: str
+    k: int
+    scenario: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        digest = _hex_digest(self.codec_digest)
+        if digest is None:
+            raise ValueError(f"codec_digest must be 8 hex digits (4 bytes), not {self.codec_digest!r}")
+        object.__setattr__(self, "codec_digest", digest)
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, not {self.scenario!r}")
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {"format": NECK_FORMAT, "format_version": NECK_FORMAT_VERSION}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            meta[f.name] = json.dumps(value, sort_keys=True) if f.name == "config" else str(value)
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], path: Path | str) -> "NeckInfo":
+        if meta.get("format") != NECK_FORMAT:
+            raise ComneckError(f"{path} is not a comneck neck file (it has no comneck-neck metadata); pass a neck file")
+        if meta.get("format_version") != NECK_FORMAT_VERSION:
+            raise ComneckError(
+                f"neck {path} has format version {meta.get('format_version')!r}, which this comneck cannot read; "
+                "upgrade comneck"
+            )
+        try:
+            return cls(
+                codec=meta["codec"],
+                quality=int(meta["quality"]),
+                codec_digest=meta["codec_digest"],
+                clip_model=meta["clip_model"],
+                clip_tag=meta["clip_tag"],
+                k=int(meta["k"]),
+                scenario=meta["scenario"],
+                config=json.loads(meta["config"]),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ComneckError(
+                f"neck {path} has damaged metadata ({type(exc).__name__}: {exc}); re-export the neck"
+            ) from exc
+
+    def check_matches(
+        self,
+        codec: str,
+        quality: int,
+        digest_hex: str | bytes,
+        clip_model: str,
+        clip_tag: str | None,
+        k: int,
+        *,
+        neck: Path | str = "this neck",
+    ) -> None:
+        """Raise :class:`ComneckError` naming the first field where the neck differs from what it is used with.
+
+        ``codec``/``quality``/``digest_hex`` describe the record's codec, ``clip_model``/``clip_tag``/``k`` the
+        CLIP tower and split the features are computed with; ``neck`` names the neck in the message.
+        """
+        fix = "use a matching neck or --neck"
+        if (codec, int(quality)) != (self.codec, self.quality):
+            raise ComneckError(
+                f"neck {neck} was trained for codec {self.codec} quality {self.quality} but the record was coded "
+                f"with {codec} quality {quality}; {fix}"
+            )
+        digest = _hex_digest(digest_hex)
+        if digest != self.codec_digest:
+            shown = digest or repr(digest_hex)
+            raise ComneckError(
+                f"neck {neck} was trained on latents of {self.codec} quality {self.quality} weights "
+                f"{self.codec_digest} but the record was coded with weights {shown}; {fix}"
+            )
+        if (clip_model, str(clip_tag)) != (self.clip_model, self.clip_tag):
+            raise ComneckError(
+                f"neck {neck} was trained for CLIP {self.clip_model}/{self.clip_tag} but features are asked of "
+                f"{clip_model}/{clip_tag}; {fix}"
+            )
+        if int(k) != self.k:
+            raise ComneckError(
+                f"neck {neck} feeds CLIP block {self.k + 1} (split k={self.k}) but the split is k={k}; {fix}"
+            )
+
+
+def _hex_digest(value: str | bytes) -> str | None:
+    text = value.hex() if isinstance(value, (bytes, bytearray)) else str(value).lower()
+    if len(text) != 8 or any(ch not in "0123456789abcdef" for ch in text):
+        return None
+    return text
+
+
+def save_neck(neck: TransformNeck, path: Path | str, info: NeckInfo) -> None:
+    """Write ``neck`` and ``info`` as one safetensors file (tensors + string metadata, no pickle).
+
+    ``info.config`` is replaced by the neck's own constructor config, so the file always rebuilds the neck
+    it holds. Written to a temporary file in the target folder, then moved into place.
+    """
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    info = NeckInfo(**{**asdict(info), "config": dict(neck.config)})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in neck.state_dict().items()}
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=info.to_metadata())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_neck(path: Path | str, device: torch.device | str = "cpu") -> tuple[TransformNeck, NeckInfo]:
+    """Read a neck file written by :func:`save_neck` -> (neck in eval mode on ``device``, its :class:`NeckInfo`)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ComneckError(f"neck file {path} does not exist; pass an existing neck file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ComneckError(
+            f"{path} is not a comneck neck file (not a valid safetensors file: {exc}); pass a neck file"
+        ) from exc
+    info = NeckInfo.from_metadata(meta, path)
+    try:
+        config = dict(info.config)
+        config["grid"] = tuple(config["grid"])
+        neck = TransformNeck(**config)
+        neck.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ComneckError(
+            f"neck {path} holds tensors that do not fit its recorded config ({first}); re-export the neck"
+        ) from exc
+    return neck.to(device).eval(), info

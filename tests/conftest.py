@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny but real CompressAI codecs, shipped photos, an isolated registry, no network."""
+
+from __future__ import annotations
+
+import socket
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+# Tiny configurations of the real architectures: same code paths, milliseconds per image.
+TINY_CODECS = {
+    "bmshj2018-hyperprior": {"N": 8, "M": 12},
+    "mbt2018-mean": {"N": 8, "M": 12},
+    "cheng2020-anchor": {"N": 8},
+    "elic2022-official": {"N": 8, "M": 24, "groups": [2, 2, 4, 8, 8]},
+}
+
+
+def skimage_photo(name: str) -> Path:
+    import skimage.data
+
+    return Path(skimage.data.__file__).parent / name
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, Path]:
+    """Photos scikit-image ships: odd sizes (chelsea 451×300), JPEG, grayscale."""
+    names = {"chelsea": "chelsea.png", "coffee": "coffee.png", "astronaut": "astronaut.png",
+             "rocket": "rocket.jpg", "camera": "camera.png", "retina": "retina.jpg"}
+    return {k: skimage_photo(v) for k, v in names.items()}
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path_factory):
+    """Every test gets its own user registry, and any attempt to reach the network fails loudly."""
+    monkeypatch.setenv("COMNECK_HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        if self.family == socket.AF_UNIX:
+            return real_connect(self, address)
+        raise OSError(f"tests must not use the network (tried {address})")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+def make_codec_file(folder: Path, name: str, seed: int = 0, quality: int = 1) -> Path:
+    """Write a tiny, randomly initialised codec of architecture ``name`` as a comneck safetensors file."""
+    import torch
+    from compressai.registry import MODELS
+
+    from comneck_cli.codecs import save_codec
+
+    torch.manual_seed(seed)
+    config = TINY_CODECS[name]
+    model = MODELS[name](**config).eval()
+    path = folder / f"{name}-s{seed}-q{quality}.safetensors"
+    save_codec(model, path, name, quality, config)
+    return path
+
+
+@pytest.fixture(scope="session")
+def codec_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("codecs")
+    return {name: make_codec_file(folder, name) for name in TINY_CODECS}
+
+
+@pytest.fixture(scope="session")
+def other_weights(tmp_path_factory) -> Path:
+    """Same architecture as codec_files['mbt2018-mean'], different weights: the digest must differ."""
+    return make_codec_file(tmp_path_factory.mktemp("other"), "mbt2018-mean", seed=1)

@@ -1,0 +1,134 @@
+"""Codec registry and entropy coding: y_hat survives the round trip bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comneck_cli import ComneckError, decode, decode_latents, encode, load_codec, read_image
+from comneck_cli.codecs import CODECS
+from comneck_cli.images import to_tensor
+from formats import PAD_MULTIPLE, latent_grids, pack, unpack
+
+from .conftest import TINY_CODECS
+
+
+@pytest.fixture(params=sorted(TINY_CODECS))
+def codec(request, codec_files):
+    return load_codec(request.param, 1, weights=codec_files[request.param])
+
+
+def _with_threads(n: int, fn, *args):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("enc_threads,dec_threads", [(1, 2), (2, 1)])
+def test_decoder_recovers_encoders_y_hat_bit_identically(codec, photos, enc_threads, dec_threads):
+    image = read_image(photos["chelsea"])  # 451×300: exercises padding
+    strings, y_hat = _with_threads(enc_threads, codec.compress, to_tensor(image, PAD_MULTIPLE))
+    record = unpack(pack(encode(image, codec)))
+    assert list(record.strings) == strings  # encoding is deterministic
+    decoded = _with_threads(dec_threads, decode_latents, record, codec)
+    assert decoded.shape == (1, codec.latent_channels, *latent_grids(*image.shape[:2])[0])
+    assert decoded.dtype == y_hat.dtype == torch.float32
+    assert torch.equal(decoded, y_hat)
+
+
+def test_elic_writes_eleven_strings(codec_files, photos):
+    codec = load_codec("elic2022-official", 1, weights=codec_files["elic2022-official"])
+    record = encode(read_image(photos["coffee"]), codec)
+    assert len(record.strings) == 11
+
+
+def test_elic_container_overhead_at_256_is_at_most_40_bytes(codec_files, photos):
+    codec = load_codec("elic2022-official", 1, weights=codec_files["elic2022-official"])
+    record = encode(read_image(photos["astronaut"])[128:384, 128:384], codec)
+    assert (record.height, record.width) == (256, 256)
+    assert record.overhead_bytes() == len(pack(record)) - sum(map(len, record.strings)) <= 40
+
+
+def test_record_from_other_weights_is_refused(codec_files, other_weights, photos):
+    a = load_codec("mbt2018-mean", 1, weights=codec_files["mbt2018-mean"])
+    b = load_codec("mbt2018-mean", 1, weights=other_weights)
+    assert a.digest != b.digest
+    record = encode(read_image(photos["rocket"]), a)
+    with pytest.raises(ComneckError, match="codec weights"):
+        decode(record, b)
+
+
+def test_record_from_other_codec_is_refused(codec_files, photos):
+    a = load_codec("mbt2018-mean", 1, weights=codec_files["mbt2018-mean"])
+    b = load_codec("bmshj2018-hyperprior", 1, weights=codec_files["bmshj2018-hyperprior"])
+    with pytest.raises(ComneckError, match="mbt2018-mean quality 1, not bmshj2018-hyperprior"):
+        decode(encode(read_image(photos["rocket"]), a), b)
+
+
+def test_decode_crops_back_to_original_size(codec_files, photos):
+    codec = load_codec("bmshj2018-hyperprior", 1, weights=codec_files["bmshj2018-hyperprior"])
+    image = read_image(photos["chelsea"])
+    out = decode(encode(image, codec), codec)
+    assert out.shape == image.shape and out.dtype == image.dtype
+
+
+def test_entropy_tables_come_from_the_file_not_rebuilt_per_image(codec_files, photos, monkeypatch):
+    codec = load_codec("mbt2018-mean", 1, weights=codec_files["mbt2018-mean"])
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("entropy tables rebuilt while coding")
+
+    monkeypatch.setattr(codec.model, "update", forbidden)
+    image = read_image(photos["camera"])
+    for _ in range(2):
+        decode(encode(image, codec), codec)
+
+
+def test_wrong_architecture_weights_give_one_sentence(codec_files):
+    with pytest.raises(ComneckError, match="hold codec 'mbt2018-mean', not 'elic2022-official'"):
+        load_codec("elic2022-official", 1, weights=codec_files["mbt2018-mean"])
+
+
+def test_quality_out_of_range_and_unknown_codec():
+    with pytest.raises(ComneckError, match="quality levels 1..4, not 9"):
+        load_codec("elic2022-official", 9)
+    with pytest.raises(ComneckError, match="unknown codec 'jpeg'"):
+        load_codec("jpeg", 1)
+
+
+def test_missing_weights_offline_names_the_file_and_the_fix():
+    with pytest.raises(ComneckError, match=r"no weights for elic2022-official quality 2.*comneck weights import elic2022-official-q2 FILE"):
+        load_codec("elic2022-official", 2)
+    # A zoo codec: the download is attempted, the network is blocked, and the message says what to do.
+    with pytest.raises(ComneckError, match=r"zoo download failed.*comneck weights import mbt2018-mean-q3 FILE"):
+        load_codec("mbt2018-mean", 3)
+
+
+def test_registered_weights_are_found_by_name(codec_files, photos):
+    import weights as registry
+
+    registry.import_file("mbt2018-mean-q1", codec_files["mbt2018-mean"], "codec")
+    codec = load_codec("mbt2018-mean", 1)
+    assert codec.digest == bytes.fromhex(registry.lookup("mbt2018-mean-q1").sha256[:8])
+
+
+def test_malicious_pickle_is_not_executed(tmp_path):
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("open(%r, 'w').write('pwned')" % str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "evil.pth.tar"
+    bad.write_bytes(pickle.dumps({"g_a.0.weight": Boom()}))
+    with pytest.raises(ComneckError, match="not a plain tensor checkpoint"):
+        load_codec("mbt2018-mean", 1, weights=bad)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_registry_covers_the_papers_codecs():
+    assert {"elic2022-official", "mbt2018-mean", "cheng2020-anchor", "bmshj2018-hyperprior"} <= set(CODECS)
+    assert CODECS["elic2022-official"].latent_channels(1) == 320

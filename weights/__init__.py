@@ -1,0 +1,168 @@
+"""The registry of named model files: manifest, ``resolve(name)`` -> verified local file.
+
+Two places hold entries, searched in this order:
+
+1. the user registry, ``$COMNECK_HOME/weights`` (default ``~/.cache/comneck/weights``), filled by
+   ``comneck weights import`` and by downloads from the CompressAI zoo;
+2. the files shipped inside this package (``weights/manifest.json`` beside this module).
+
+Every entry records the file's sha256; ``resolve`` checks it before anything loads the file, so a
+swapped or damaged file is refused instead of being unpickled or decoded into garbage. Standard
+library only: listing and resolving never import torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "Entry",
+    "WeightsError",
+    "entries",
+    "file_sha256",
+    "import_file",
+    "lookup",
+    "resolve",
+    "user_dir",
+]
+
+_SHIPPED_DIR = Path(__file__).resolve().parent
+_MANIFEST = "manifest.json"
+
+
+class WeightsError(Exception):
+    """A registry problem a user can act on (missing name, bad digest, unreadable file)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One named model file.
+
+    ``kind`` is what loads it (``codec``, ``neck``, ``clip``); ``info`` holds what it was made for
+    (codec name, quality, training data...), shown by ``comneck weights list``.
+    """
+
+    name: str
+    file: str
+    sha256: str
+    kind: str
+    info: dict[str, Any] = field(default_factory=dict)
+    origin: str = "user"
+
+    def path(self) -> Path:
+        base = _SHIPPED_DIR if self.origin == "shipped" else user_dir()
+        return base / self.file
+
+
+def user_dir() -> Path:
+    """The user registry folder (created on first write, not on read)."""
+    home = os.environ.get("COMNECK_HOME")
+    root = Path(home) if home else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "comneck"
+    return root / "weights"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks so large checkpoints do not sit in memory twice."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_manifest(folder: Path, origin: str) -> dict[str, Entry]:
+    path = folder / _MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return {name: Entry(name=name, origin=origin, **fields) for name, fields in raw.items()}
+    except (ValueError, TypeError) as exc:
+        raise WeightsError(f"weights manifest {path} is damaged ({exc}); fix or delete it") from exc
+
+
+def entries() -> dict[str, Entry]:
+    """All registered names; a user entry shadows a shipped one of the same name."""
+    merged = _read_manifest(_SHIPPED_DIR, "shipped")
+    merged.update(_read_manifest(user_dir(), "user"))
+    return merged
+
+
+def lookup(name: str) -> Entry | None:
+    return entries().get(name)
+
+
+def resolve(name: str) -> Path:
+    """The verified local file registered as ``name``.
+
+    Raises WeightsError when the name is unknown, the file is gone, or its sha256 differs from the
+    manifest (never load such a file: it may be a different model or a hostile pickle).
+    """
+    entry = lookup(name)
+    if entry is None:
+        raise WeightsError(
+            f"no weights named {name!r} are registered; add a file with `comneck weights import {name} FILE`"
+        )
+    path = entry.path()
+    if not path.is_file():
+        raise WeightsError(
+            f"weights {name!r} are registered but the file {path} is missing; "
+            f"import it again with `comneck weights import {name} FILE`"
+        )
+    digest = file_sha256(path)
+    if digest != entry.sha256:
+        raise WeightsError(
+            f"weights file {path} does not match its registered sha256 "
+            f"({digest[:12]}… instead of {entry.sha256[:12]}…); it was changed or damaged, import it again"
+        )
+    return path
+
+
+def import_file(name: str, source: Path, kind: str, info: dict[str, Any] | None = None, *, move: bool = False) -> Entry:
+    """Copy (or move) ``source`` into the user registry as ``name`` and record its sha256.
+
+    The copy and the manifest are written to temp files and renamed, so an interrupted import
+    leaves the previous state intact.
+    """
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise WeightsError(f"invalid weights name {name!r}: use letters, digits, '-', '_' and '.'")
+    source = Path(source)
+    if not source.is_file():
+        raise WeightsError(f"cannot import {source}: no such file")
+    folder = user_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(source.suffixes[-2:]) if source.name.endswith(".pth.tar") else source.suffix
+    target = folder / f"{name}{suffix}"
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".import-")
+    os.close(fd)
+    try:
+        if move:
+            shutil.move(str(source), tmp)
+        else:
+            shutil.copyfile(source, tmp)
+        digest = file_sha256(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    entry = Entry(name=name, file=target.name, sha256=digest, kind=kind, info=dict(info or {}))
+    manifest = {n: e for n, e in _read_manifest(folder, "user").items()}
+    manifest[name] = entry
+    _write_manifest(folder, manifest)
+    return entry
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Entry]) -> None:
+    raw = {n: {k: v for k, v in asdict(e).items() if k not in ("name", "origin")} for n, e in sorted(manifest.items())}
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest-")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(raw, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, folder / _MANIFEST)
