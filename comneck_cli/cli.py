@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import traceback
 import warnings
@@ -215,27 +216,190 @@ def decode(run: Run, files: tuple[str, ...], output: str | None, weights: Path |
 
 def _records(run: Run, files: tuple[str, ...]) -> list[tuple[str, str, int, int, object]]:
     """Parse every input into (label, source, record number, records in source, Record); a bad file fails alone."""
-    from formats import CnkError, iter_records
-
     jobs = []
     for source in files:
-        found = []
         try:
-            if source == STDIO:
-                found = list(iter_records(sys.stdin.buffer))
-            else:
-                with open(source, "rb") as f:
-                    found = list(iter_records(f))
-            if not found:
-                raise CnkError("no records in file (empty input)")
-        except (CnkError, OSError) as exc:
-            msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            run.fail(source, ComneckError(msg))
+            data = sys.stdin.buffer.read() if source == STDIO else Path(source).read_bytes()
+        except OSError as exc:
+            run.fail(source, ComneckError(exc.strerror or str(exc)))
             continue
-        for number, record in enumerate(found, start=1):
-            label = source if len(found) == 1 else f"{source} record {number}"
-            jobs.append((label, source, number, len(found), record))
+        jobs.extend(_parse_records(run, source, data))
     return jobs
+
+
+def _parse_records(run: Run, source: str, data: bytes) -> list[tuple[str, str, int, int, object]]:
+    import io
+
+    from formats import CnkError, iter_records
+
+    try:
+        found = list(iter_records(io.BytesIO(data)))
+        if not found:
+            raise CnkError("no records in file (empty input)")
+    except CnkError as exc:
+        run.fail(source, ComneckError(str(exc)))
+        return []
+    return [(source if len(found) == 1 else f"{source} record {n}", source, n, len(found), record)
+            for n, record in enumerate(found, start=1)]
+
+
+# --------------------------------------------------------------------------- features
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=str, allow_dash=True))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str),
+              help="A .pt, .safetensors or .npy file (all inputs stacked along dim 0), or a folder (one file "
+                   "per input, in --format).")
+@click.option("--via", type=click.Choice(["neck", "reconstruction", "uncompressed"]), default="neck",
+              show_default=True, help="neck: .cnk latents -> neck -> C' (no image decoding); reconstruction: "
+              ".cnk -> g_s -> full CLIP (baseline); uncompressed: image -> full CLIP, C(x) (upper bound).")
+@click.option("--neck", default=None, help="Neck file or registry name. Default: the registry's "
+              "CODEC-qQUALITY-neck for each record. Its CLIP model, weights tag and split k are used.")
+@click.option("--layer", type=int, default=-2, show_default=True,
+              help="Hidden state to return, Hugging Face numbering (0 = after ln_pre, i = output of block i, "
+                   "-2 = penultimate block, what LLaVA reads).")
+@click.option("--select", type=click.Choice(["patch", "cls", "all", "pooled"]), default="patch",
+              show_default=True, help="patch: tokens without CLS; cls; all tokens; pooled: the projected image "
+              "embedding (ignores --layer).")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Inputs per forward pass through the neck and CLIP.")
+@click.option("--format", "fmt", type=click.Choice(["pt", "safetensors", "npy"]), default="pt", show_default=True,
+              help="File type when -o is a folder.")
+@click.option("--weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Codec weights file for decoding the records (checked by digest).")
+@click.option("--clip", "clip_model", default="ViT-L-14", show_default=True,
+              help="open_clip model for --via reconstruction/uncompressed when no neck is given.")
+@click.option("--clip-tag", default="openai", show_default=True, help="open_clip weights tag for --clip.")
+@click.option("--clip-weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Local CLIP weights file instead of the registry / open_clip cache.")
+@common_options
+def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str | None, layer: int, select: str,
+             batch_size: int, fmt: str, weights: Path | None, clip_model: str, clip_tag: str,
+             clip_weights: Path | None) -> None:
+    """CLIP features of INPUTS (.cnk files, images with --via uncompressed, or - for stdin) for MLLMs.
+
+    The default is what LLaVA-style MLLMs read: the penultimate hidden state's patch tokens, (N, 256, 1024)
+    for ViT-L/14 at 224, straight from the compressed latents without decoding the image.
+    """
+    _quiet_imports()
+    from . import api
+    from .features import FeatureExtractor, metadata, resolve_neck, save_features
+    from .outputs import is_dir_target, numbered
+
+    device = api.resolve_device(run.device)
+    items = _feature_inputs(run, inputs, want_images=via == "uncompressed")
+    if not items:
+        return
+    cache = api.CodecCache(device, weights)
+    extractors: dict[object, FeatureExtractor] = {}
+
+    def extractor_for(record) -> FeatureExtractor:
+        if via == "neck" or neck is not None:
+            path = resolve_neck(neck, record)
+            if path not in extractors:
+                extractors[path] = FeatureExtractor.for_neck(path, clip_weights=clip_weights, device=device)
+            return extractors[path]
+        if None not in extractors:
+            extractors[None] = FeatureExtractor.for_clip(clip_model, clip_tag, clip_weights=clip_weights,
+                                                         device=device)
+        return extractors[None]
+
+    to_dir = is_dir_target(output)
+    results: list = []  # (label, target or None, tensor, meta) in input order
+    with progress(run, len(items), "features") as advance:
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            prepared = []  # (position, item, extractor, y_hat or image)
+            for position, item in enumerate(batch, start=start):
+                label, _, _, payload = item
+                try:
+                    if via == "uncompressed":
+                        prepared.append((position, item, extractor_for(None), payload))
+                        continue
+                    codec = cache.for_record(payload)
+                    ex = extractor_for(payload)
+                    if via == "neck":
+                        ex.check(payload, codec)
+                        prepared.append((position, item, ex, api.decode_latents(payload, codec)))
+                    else:
+                        prepared.append((position, item, ex, api.decode(payload, codec)))
+                except ComneckError as exc:
+                    run.fail(label, exc)
+                    advance()
+            # One forward pass per (extractor, latent grid) group.
+            groups: dict[tuple, list] = {}
+            for entry in prepared:
+                key = (id(entry[2]), tuple(entry[3].shape[-2:]) if via == "neck" else ())
+                groups.setdefault(key, []).append(entry)
+            for group in groups.values():
+                ex = group[0][2]
+                try:
+                    if via == "neck":
+                        feats = ex.from_latents([e[3] for e in group], layer, select)
+                    else:
+                        feats = ex.from_images([e[3] for e in group], layer, select)
+                except ComneckError as exc:
+                    for e in group:
+                        run.fail(e[1][0], exc)
+                        advance()
+                    continue
+                for (position, (label, stem, _, _), _, _), f in zip(group, feats):
+                    results.append((position, label, stem, f, metadata(ex, via, layer, select, label)))
+                    advance()
+    results.sort(key=lambda r: r[0])
+    if to_dir:
+        for _, label, stem, tensor, meta in results:
+            try:
+                save_features(tensor.unsqueeze(0), Path(output) / f"{stem}.{fmt}", meta, force=run.force)
+            except ComneckError as exc:
+                run.fail(label, exc)
+    elif results:
+        shapes = {tuple(r[3].shape) for r in results}
+        if len(shapes) > 1:
+            raise ComneckError(
+                f"inputs give features of different shapes {sorted(shapes)}; write them to a folder (-o DIR/)"
+            )
+        import torch
+
+        meta = dict(results[0][4], source=",".join(r[1] for r in results))
+        save_features(torch.stack([r[3] for r in results]), Path(output), meta, force=run.force)
+
+
+def _feature_inputs(run: Run, inputs: tuple[str, ...], *, want_images: bool) -> list[tuple[str, str, str, object]]:
+    """(label, output stem, kind, Record or image array) per record or image; unreadable inputs fail alone."""
+    from formats import MAGIC
+
+    from .images import read_image
+
+    items = []
+    for source in inputs:
+        stem = "stdin" if source == STDIO else Path(source).stem
+        try:
+            data = sys.stdin.buffer.read() if source == STDIO else Path(source).read_bytes()
+        except OSError as exc:
+            run.fail(source, ComneckError(exc.strerror or str(exc)))
+            continue
+        is_cnk = data.startswith(MAGIC)
+        if want_images:
+            if is_cnk:
+                run.fail(source, ComneckError("--via uncompressed needs an image, not a .cnk file"))
+                continue
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    image = read_image(data, name=source)
+                for w in caught:
+                    run.warn(str(w.message))
+            except ComneckError as exc:
+                run.fail(source, exc)
+                continue
+            items.append((source, stem, "image", image))
+            continue
+        if not is_cnk:
+            run.fail(source, ComneckError("not a .cnk file; to get features of an image use --via uncompressed"))
+            continue
+        for label, _, number, count, record in _parse_records(run, source, data):
+            items.append((label, f"{stem}_{number:04d}" if count > 1 else stem, "record", record))
+    return items
 
 
 # --------------------------------------------------------------------------- info
@@ -298,6 +462,71 @@ def _print_info_table(rows: list[dict]) -> None:
     if not console.is_terminal:  # pipes and files get every column in full, not squeezed to 80
         console.width = 200
     console.print(table)
+
+
+# --------------------------------------------------------------------------- complexity
+@main.command()
+@click.option("--codec", default="elic2022-official", show_default=True, help="Codec whose g_s is counted.")
+@click.option("-q", "--quality", type=int, default=None, help="Codec quality (sets N, M). Default: the highest.")
+@click.option("--clip", "clip_model", default="ViT-L-14", show_default=True, help="open_clip model name.")
+@click.option("--size", type=click.IntRange(64, 4096), default=256, show_default=True,
+              help="Image side in pixels; kMAC/pixel is per pixel of this image.")
+@click.option("-k", "--split", "k", type=click.IntRange(0, 64), default=2, show_default=True,
+              help="CLIP blocks the neck replaces.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def complexity(codec: str, quality: int | None, clip_model: str, size: int, k: int, as_json: bool) -> None:
+    """Parameters and kMAC/pixel of the neck, g_s and CLIP's first k blocks, counted by torch's FlopCounterMode.
+
+    Random weights (counts do not depend on them), so nothing is downloaded.
+    """
+    _quiet_imports()
+    run = Run()
+    with _guard(run):
+        rows = complexity_rows(codec, quality, clip_model, size, k)
+    if as_json:
+        click.echo(json.dumps([{"component": r.name, "params": r.params, "kmac_per_px": r.kmac_per_px}
+                               for r in rows], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{codec} + {clip_model}, {size}×{size}, k={k}")
+    table.add_column("component")
+    table.add_column("params (M)", justify="right")
+    table.add_column("kMAC/pixel", justify="right")
+    for r in rows:
+        table.add_row(r.name, f"{r.params / 1e6:.2f}", f"{r.kmac_per_px:.2f}")
+    Console().print(table)
+
+
+def complexity_rows(codec: str, quality: int | None, clip_model: str, size: int, k: int) -> list:
+    """Build the three models with random weights and count them (see comneck_cli.complexity)."""
+    import open_clip
+
+    from .codecs import check_quality, get_spec
+    from .complexity import component_costs
+    from .neck import TransformNeck
+
+    spec = get_spec(codec)
+    quality = max(spec.qualities) if quality is None else quality
+    check_quality(spec, quality)
+    if clip_model not in open_clip.list_models():
+        raise ComneckError(f"unknown CLIP model {clip_model!r}; use an open_clip model name such as ViT-L-14")
+    if size % 64:
+        raise ComneckError(f"--size must be a multiple of 64 (the codec's padding), not {size}")
+    codec_model = spec.constructor()(**spec.qualities[quality])
+    logging.disable(logging.WARNING)  # open_clip logs "initialized randomly", which is the point here
+    try:
+        clip = open_clip.create_model(clip_model, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
+    visual = clip.visual
+    grid = size // 16
+    neck = TransformNeck(
+        latent_channels=spec.latent_channels(quality), width=visual.transformer.width,
+        heads=visual.transformer.resblocks[0].attn.num_heads, grid=(grid, grid),
+    )
+    return component_costs(codec_model, clip, neck, image_size=size, k=k)
 
 
 # --------------------------------------------------------------------------- codecs & weights

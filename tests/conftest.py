@@ -73,3 +73,38 @@ def codec_files(tmp_path_factory) -> dict[str, Path]:
 def other_weights(tmp_path_factory) -> Path:
     """Same architecture as codec_files['mbt2018-mean'], different weights: the digest must differ."""
     return make_codec_file(tmp_path_factory.mktemp("other"), "mbt2018-mean", seed=1)
+
+
+TINY_CLIP = "comneck-tiny-ViT-14"  # tests/tiny_configs: 56 px, patch 14 (4×4 grid), width 64, 4 blocks
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_file(tmp_path_factory) -> Path:
+    """A tiny open_clip ViT registered with open_clip and saved as a local weights file."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    open_clip.add_model_config(Path(__file__).parent / "tiny_configs")
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_CLIP, pretrained=None)
+    path = tmp_path_factory.mktemp("clip") / "tiny-clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def neck_file(tmp_path_factory, codec_files, tiny_clip_file) -> Path:
+    """A randomly initialised neck for the tiny mbt2018-mean codec (12 channels) and the tiny CLIP, k = 2."""
+    import torch
+
+    import weights as registry
+    from comneck_cli.neck import NeckInfo, TransformNeck, save_neck
+
+    torch.manual_seed(0)
+    neck = TransformNeck(latent_channels=12, width=64, heads=4, grid=(4, 4))
+    info = NeckInfo(codec="mbt2018-mean", quality=1, codec_digest=registry.file_sha256(codec_files["mbt2018-mean"])[:8],
+                    clip_model=TINY_CLIP, clip_tag="test", k=2, scenario="d1", config=neck.config)
+    path = tmp_path_factory.mktemp("neck") / "neck.safetensors"
+    save_neck(neck, path, info)
+    return path

@@ -1,0 +1,194 @@
+"""CLIP features for MLLMs, three ways (paper Fig. 2 and §4.1):
+
+- ``neck`` (the product): ``.cnk`` -> entropy-decode ``y_hat`` -> transform-neck T -> C' -> features.
+  The image is never decoded: ``g_s`` does not run.
+- ``reconstruction`` (the paper's *Reconstruction* baseline): ``.cnk`` -> ``g_s`` -> x_hat -> full C -> features.
+- ``uncompressed`` (the upper bound): image -> full C -> features, i.e. C(x).
+
+Feature selection follows Hugging Face's hidden-state numbering (see :func:`comneck_cli.clip.select_features`);
+the default, layer -2 patch tokens, is what LLaVA and Shikra feed their projector.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import weights as registry
+from formats import Record
+
+from .api import check_record
+from .clip import ClipHead, ClipTail, load_clip, weights_entry_name
+from .codecs import Codec
+from .errors import ComneckError
+from .neck import NeckInfo, TransformNeck, load_neck
+
+VIAS = ("neck", "reconstruction", "uncompressed")
+
+
+def neck_registry_name(codec: str, quality: int) -> str:
+    """Where ``features`` looks for a neck when none is named: ``{codec}-q{quality}-neck``."""
+    return f"{codec}-q{quality}-neck"
+
+
+def resolve_neck(neck: str | Path | None, record: Record | None = None) -> Path:
+    """``--neck FILE`` or ``--neck NAME`` (registry), else the registry's neck for the record's codec."""
+    if neck is not None:
+        path = Path(neck)
+        if path.suffix == ".safetensors" or path.exists():
+            if not path.is_file():
+                raise ComneckError(f"neck file {path} does not exist")
+            return path
+        name = str(neck)
+    elif record is not None and record.codec_name is not None:
+        name = neck_registry_name(record.codec_name, record.quality)
+    else:
+        raise ComneckError("no neck given; pass --neck NAME|FILE")
+    try:
+        return registry.resolve(name)
+    except registry.WeightsError as exc:
+        raise ComneckError(
+            f"{exc}; train a neck with `comneck train neck` or pass --neck FILE" if neck is None else str(exc)
+        ) from exc
+
+
+def resolve_clip(model_name: str, tag: str | None, weights_file: Path | None = None, device="cpu") -> nn.Module:
+    """CLIP from ``weights_file``, else the registry entry ``clip-<model>-<tag>``, else open_clip's cache/hub."""
+    if weights_file is None:
+        name = weights_entry_name(model_name, tag)
+        if registry.lookup(name) is not None:
+            try:
+                weights_file = registry.resolve(name)
+            except registry.WeightsError as exc:
+                raise ComneckError(str(exc)) from exc
+    return load_clip(model_name, tag, weights_file=weights_file, device=device)
+
+
+@dataclass
+class FeatureExtractor:
+    """The loaded pieces for one (neck, CLIP) pair, reused over many inputs.
+
+    ``tail`` is C' (blocks k+1..L); ``head`` is C (patch embedding + first k blocks), used only by the
+    reference paths that start from pixels.
+    """
+
+    clip: nn.Module
+    k: int
+    device: torch.device
+    neck: TransformNeck | None = None
+    info: NeckInfo | None = None
+    neck_path: Path | None = None
+    _preprocess: object = field(default=None, repr=False)
+
+    @property
+    def tail(self) -> ClipTail:
+        if not hasattr(self, "_tail"):
+            self._tail = ClipTail(self.clip.visual, self.k)
+        return self._tail
+
+    @property
+    def head(self) -> ClipHead:
+        if not hasattr(self, "_head"):
+            self._head = ClipHead(self.clip.visual, self.k)
+        return self._head
+
+    @classmethod
+    def for_neck(cls, neck_path: Path, *, clip_weights: Path | None = None, device="cpu") -> "FeatureExtractor":
+        neck, info = load_neck(neck_path, device=device)
+        clip = resolve_clip(info.clip_model, info.clip_tag, clip_weights, device=device)
+        return cls(clip=clip, k=info.k, device=torch.device(device), neck=neck, info=info, neck_path=neck_path)
+
+    @classmethod
+    def for_clip(cls, model_name: str, tag: str | None, *, clip_weights: Path | None = None, k: int = 0,
+                 device="cpu") -> "FeatureExtractor":
+        clip = resolve_clip(model_name, tag, clip_weights, device=device)
+        return cls(clip=clip, k=k, device=torch.device(device))
+
+    def preprocess(self, image: np.ndarray) -> Tensor:
+        """open_clip's own eval transform (resize shortest side, centre crop, normalise) for one uint8 image."""
+        if self._preprocess is None:
+            from open_clip.model import get_model_preprocess_cfg
+            from open_clip.transform import PreprocessCfg, image_transform_v2
+
+            self._preprocess = image_transform_v2(PreprocessCfg(**get_model_preprocess_cfg(self.clip)), is_train=False)
+        from PIL import Image
+
+        return self._preprocess(Image.fromarray(image, "RGB"))
+
+    @torch.inference_mode()
+    def from_latents(self, y_hats: Sequence[Tensor], layer: int, select: str) -> Tensor:
+        """C'(T(y_hat)) for latents of one grid size, batched: (B, ...) features."""
+        if self.neck is None:
+            raise ComneckError("no neck loaded; pass --neck")
+        tokens = self.neck(torch.cat(list(y_hats)).to(self.device))
+        return self.tail(tokens, layer=None if select == "pooled" else layer).select(layer, select).float().cpu()
+
+    @torch.inference_mode()
+    def from_images(self, images: Sequence[np.ndarray], layer: int, select: str) -> Tensor:
+        """C(x) through the full tower, batched."""
+        x = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+        tokens = self.head(x)
+        return self.tail(tokens, layer=None if select == "pooled" else layer).select(layer, select).float().cpu()
+
+    def check(self, record: Record, codec: Codec) -> None:
+        """Refuse a record the neck was not trained for (codec, quality, or codec weights)."""
+        if self.info is None:
+            return
+        self.info.check_matches(
+            record.codec_name or f"id {record.codec_id}", record.quality, record.weights_digest,
+            self.info.clip_model, self.info.clip_tag, self.info.k, neck=self.neck_path or "this neck",
+        )
+        check_record(record, codec)
+
+
+def metadata(extractor: FeatureExtractor, via: str, layer: int, select: str, source: str) -> dict[str, str]:
+    """What a features file records about how it was made (strings, so safetensors can carry it)."""
+    visual = extractor.clip.visual
+    meta = {
+        "format": "comneck-features",
+        "via": via,
+        "layer": str(layer),
+        "select": select,
+        "source": source,
+        "clip_image_size": str(getattr(visual, "image_size", "")),
+    }
+    if extractor.info is not None:
+        meta.update(
+            clip_model=extractor.info.clip_model, clip_tag=str(extractor.info.clip_tag), k=str(extractor.info.k),
+            neck_codec=extractor.info.codec, neck_quality=str(extractor.info.quality),
+            neck_scenario=extractor.info.scenario,
+        )
+    return meta
+
+
+def save_features(tensor: Tensor, path: Path | None, meta: dict[str, str], *, force: bool = False) -> bytes | None:
+    """Serialise by extension: ``.pt`` (dict with tensor + metadata), ``.safetensors``, ``.npy``; atomic write."""
+    import io
+
+    from .outputs import write_atomic
+
+    suffix = path.suffix.lower() if path is not None else ".pt"
+    tensor = tensor.contiguous()
+    if suffix == ".pt":
+        buffer = io.BytesIO()
+        torch.save({"features": tensor, "metadata": dict(meta)}, buffer)
+        data = buffer.getvalue()
+    elif suffix == ".safetensors":
+        from safetensors.torch import save
+
+        data = save({"features": tensor}, metadata=dict(meta))
+    elif suffix == ".npy":
+        buffer = io.BytesIO()
+        np.save(buffer, tensor.numpy())
+        data = buffer.getvalue()
+    else:
+        raise ComneckError(f"cannot write features to {path}: use a .pt, .safetensors or .npy file, or a folder")
+    if path is None:
+        return data
+    write_atomic(path, data, force=force)
+    return None
