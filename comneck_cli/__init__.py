@@ -3,7 +3,7 @@
 The public Python API, re-exported lazily so that ``import comneck_cli`` (and the CLI's ``--help``)
 does not import torch::
 
-    from comneck_cli import load_codec, read_image, encode, decode, decode_latents
+    from comneck_cli import load_codec, read_image, encode, encode_batch, decode, decode_latents
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from .errors import ComneckError
 
 _EXPORTS = {
     "encode": "api",
+    "encode_batch": "api",
     "decode": "api",
     "decode_latents": "api",
     "check_record": "api",

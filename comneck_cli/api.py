@@ -11,6 +11,7 @@ The Click commands are thin wrappers over these functions::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -36,17 +37,41 @@ def resolve_device(name: str) -> torch.device:
 
 def encode(image: np.ndarray, codec: Codec, *, metadata: dict | None = None) -> Record:
     """uint8 H×W×3 -> one record: entropy-coded strings plus what a decoder needs to check them."""
-    height, width = image.shape[:2]
-    strings, _ = codec.compress(to_tensor(image, PAD_MULTIPLE))
-    return Record(
-        codec_id=codec.spec.codec_id,
-        quality=codec.quality,
-        weights_digest=codec.digest,
-        height=height,
-        width=width,
-        strings=tuple(strings),
-        metadata=metadata,
-    )
+    return encode_batch([image], codec, metadata=metadata)[0]
+
+
+def encode_batch(images: Sequence[np.ndarray], codec: Codec, *, metadata: dict | None = None) -> list[Record]:
+    """Encode several images, running g_a once per group of images that pad to the same size.
+
+    The records are identical to what :func:`encode` writes image by image, up to the float rounding of a
+    batched g_a (the strings stay decodable either way: the decoder only needs what is in the record).
+    """
+    records: list[Record | None] = [None] * len(images)
+    for indices in _same_shape_groups([_padded_shape(im.shape[:2]) for im in images]):
+        x = torch.cat([to_tensor(images[i], PAD_MULTIPLE) for i in indices])
+        for i, (strings, _) in zip(indices, codec.compress_batch(x)):
+            height, width = images[i].shape[:2]
+            records[i] = Record(
+                codec_id=codec.spec.codec_id,
+                quality=codec.quality,
+                weights_digest=codec.digest,
+                height=height,
+                width=width,
+                strings=tuple(strings),
+                metadata=metadata,
+            )
+    return records  # type: ignore[return-value]
+
+
+def _padded_shape(size: tuple[int, int]) -> tuple[int, int]:
+    return tuple(-(-s // PAD_MULTIPLE) * PAD_MULTIPLE for s in size)  # type: ignore[return-value]
+
+
+def _same_shape_groups(shapes: Sequence[tuple]) -> list[list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(i)
+    return list(groups.values())
 
 
 def check_record(record: Record, codec: Codec) -> None:
@@ -70,7 +95,11 @@ def decode_latents(record: Record, codec: Codec) -> torch.Tensor:
 
 
 def decode(record: Record, codec: Codec) -> np.ndarray:
-    """Reconstruct the image a person sees: y_hat -> g_s -> crop -> uint8 H×W×3."""
+    """Reconstruct the image a person sees: y_hat -> g_s -> crop -> uint8 H×W×3.
+
+    g_s runs one record at a time on purpose: a batched g_s (ELIC's attention blocks, cheng2020) rounds
+    differently and would make the decoded pixels depend on the batch size.
+    """
     if record.machine_only:
         raise ComneckError(
             "record was coded for machines only (scenario d3): it has no image to reconstruct; "

@@ -122,11 +122,14 @@ def main() -> None:
 @click.option("--codec", default="mbt2018-mean", show_default=True, help="Codec name (see `comneck codecs`).")
 @click.option("--weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Codec weights file to use instead of the registry / CompressAI zoo.")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Images per g_a forward pass (same-size images batch; entropy coding stays per image).")
 @click.option("-o", "--output", default=None, type=click.Path(path_type=str, allow_dash=True),
               help="Output .cnk file (all records in one stream), a folder (one file per image), or - for stdout. "
                    "Default: beside each image.")
 @common_options
-def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights: Path | None, output: str | None) -> None:
+def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights: Path | None, batch_size: int,
+           output: str | None) -> None:
     """Compress IMAGES (PNG, JPEG, WebP, TIFF, or - for stdin) into .cnk records."""
     _quiet_imports()
     from . import api
@@ -142,26 +145,43 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
 
     to_dir = is_dir_target(output)
     gathered: list[bytes] = []  # for a single output stream (file or stdout)
+
+    def target_for(name: str) -> Path | None:
+        if output is None and name != STDIO:
+            return Path(name).with_suffix(".cnk")
+        if to_dir:
+            return Path(output) / f"{'stdin' if name == STDIO else Path(name).stem}.cnk"
+        return None
+
     with progress(run, len(images), "encoding") as advance:
-        for name in images:
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    image = read_image(sys.stdin.buffer.read() if name == STDIO else Path(name),
-                                       name="stdin" if name == STDIO else name)
-                for w in caught:
-                    run.warn(str(w.message))
-                data = pack(api.encode(image, loaded))
-                if output is None and name != STDIO:
-                    write_atomic(Path(name).with_suffix(".cnk"), data, force=run.force)
-                elif to_dir:
-                    stem = "stdin" if name == STDIO else Path(name).stem
-                    write_atomic(Path(output) / f"{stem}.cnk", data, force=run.force)
-                else:
-                    gathered.append(data)
-            except ComneckError as exc:
-                run.fail(name, exc)
-            advance()
+        for start in range(0, len(images), batch_size):
+            batch = []  # (name, image) of this chunk that could be read
+            for name in images[start : start + batch_size]:
+                try:
+                    target = target_for(name)
+                    if target is not None and target.exists() and not run.force:
+                        raise ComneckError(f"{target} already exists; pass --force to overwrite it")
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        image = read_image(sys.stdin.buffer.read() if name == STDIO else Path(name),
+                                           name="stdin" if name == STDIO else name)
+                    for w in caught:
+                        run.warn(str(w.message))
+                    batch.append((name, image))
+                except ComneckError as exc:
+                    run.fail(name, exc)
+                    advance()
+            records = api.encode_batch([image for _, image in batch], loaded) if batch else []
+            for (name, _), record in zip(batch, records):
+                try:
+                    target = target_for(name)
+                    if target is None:
+                        gathered.append(pack(record))
+                    else:
+                        write_atomic(target, pack(record), force=run.force)
+                except ComneckError as exc:
+                    run.fail(name, exc)
+                advance()
     if gathered:
         if output in (None, STDIO):
             write_stdout(b"".join(gathered))

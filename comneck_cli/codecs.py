@@ -250,8 +250,18 @@ class Codec:
     @torch.inference_mode()
     def compress(self, x: Tensor) -> tuple[list[bytes], Tensor]:
         """x: (1, 3, H, W) in [0, 1], H and W multiples of PAD_MULTIPLE (64) -> (strings, y_hat on the CPU)."""
+        return self.compress_batch(x)[0]
+
+    @torch.inference_mode()
+    def compress_batch(self, x: Tensor) -> list[tuple[list[bytes], Tensor]]:
+        """x: (B, 3, H, W) -> per image (strings, y_hat (1, M, h, w)).
+
+        Only g_a sees the batch. The entropy parameters are computed image by image, exactly as the decoder
+        (which always decodes one record at a time) computes them: a batched h_s may pick other
+        convolution kernels and round differently, which would desynchronise the decoder.
+        """
         y = self.model.g_a(x.to(self.device)).float().cpu()
-        return self.spec.family.compress(self.model, y)
+        return [self.spec.family.compress(self.model, y[i : i + 1]) for i in range(y.shape[0])]
 
     @torch.inference_mode()
     def decompress_latents(self, strings: list[bytes], height: int, width: int) -> Tensor:

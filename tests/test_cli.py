@@ -198,3 +198,17 @@ def test_machine_only_records_are_refused_by_decode(good_cnk, codec_files):
 def test_python_dash_m_runs_the_cli():
     r = subprocess.run([sys.executable, "-m", "comneck_cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "encode" in r.stdout
+
+
+def test_batched_encoding_decodes_like_single(work, mbt, codec_files):
+    inputs = [work / "chelsea.png", work / "camera.png", work / "rocket.jpg"]
+    assert run("encode", *inputs, *mbt, "--batch-size", "3", "-o", work / "batch.cnk").exit_code == 0
+    assert run("encode", *inputs, *mbt, "-o", work / "single.cnk").exit_code == 0
+    from comneck_cli import decode, load_codec
+    from formats import read_file
+
+    codec = load_codec("mbt2018-mean", 1, weights=codec_files["mbt2018-mean"])
+    batch, single = read_file(work / "batch.cnk"), read_file(work / "single.cnk")
+    assert [(r.width, r.height) for r in batch] == [(451, 300), (512, 512), (640, 427)]
+    for a, b in zip(batch, single):
+        assert decode(a, codec).shape == decode(b, codec).shape
