@@ -11,7 +11,7 @@ The Click commands are thin wrappers over these functions::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from formats import Record, codec_name
 from .codecs import PAD_MULTIPLE, Codec, load_codec
 from .errors import ComneckError
 from .images import from_tensor, to_tensor
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,6 +110,24 @@ def decode(record: Record, codec: Codec) -> np.ndarray:
         )
     y_hat = decode_latents(record, codec)
     return from_tensor(codec.synthesize(y_hat), record.height, record.width, PAD_MULTIPLE)
+
+
+def split_on_oom(run_batch: Callable[[list[T]], list[R]], items: list[T], describe: Callable[[T], str]) -> list[R]:
+    """``run_batch(items)``; when CUDA runs out of memory, free the cache and retry each half.
+
+    A single item that still does not fit raises one ComneckError naming it, so a batch job reports which
+    input and which size failed instead of dying on the whole batch.
+    """
+    try:
+        return run_batch(items)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        if len(items) == 1:
+            raise ComneckError(
+                f"out of GPU memory on {describe(items[0])} even alone; use --device cpu or a smaller image"
+            ) from None
+        half = len(items) // 2
+        return split_on_oom(run_batch, items[:half], describe) + split_on_oom(run_batch, items[half:], describe)
 
 
 class CodecCache:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import signal
 import sys
 import traceback
 import warnings
@@ -33,7 +34,17 @@ class Run:
     fail_fast: bool = False
     force: bool = False
     device: str = "auto"
+    max_pixels: int | None = None
     failures: list[str] = field(default_factory=list)
+
+    def limits(self):
+        """The .cnk reader's limits: the environment's, with --max-pixels applied (one bound for images and records)."""
+        from dataclasses import replace
+
+        from formats import Limits
+
+        limits = Limits.from_env()
+        return limits if self.max_pixels is None else replace(limits, max_pixels=self.max_pixels)
 
     def warn(self, message: str) -> None:
         if not self.quiet:
@@ -62,19 +73,42 @@ def common_options(func: Callable) -> Callable:
     @click.option("--force", is_flag=True, help="Overwrite existing output files.")
     @click.option("--fail-fast", is_flag=True, help="Stop at the first input that fails instead of going on.")
     @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+    @click.option("--max-pixels", type=click.IntRange(1), default=None,
+                  help="Refuse images and records with more pixels than this (decompression-bomb protection). "
+                       "[default: $COMNECK_MAX_PIXELS or 89478485]")
     @functools.wraps(func)
-    def wrapper(*args, device, quiet, force, fail_fast, debug, **kwargs):
-        run = Run(quiet=quiet, debug=debug, fail_fast=fail_fast, force=force, device=device)
-        with _guard(run):
+    def wrapper(*args, device, quiet, force, fail_fast, debug, max_pixels, **kwargs):
+        run = Run(quiet=quiet, debug=debug, fail_fast=fail_fast, force=force, device=device, max_pixels=max_pixels)
+        with _guard(run), _terminate_as_interrupt():
             func(run, *args, **kwargs)
         run.exit()
 
     return wrapper
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` (temp-file cleanup) runs."""
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (embedded use): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def _guard(run: Run) -> Iterator[None]:
-    """Turn user-facing errors into one line and exit 1; Ctrl-C into a clear message and exit 130."""
+    """Turn user-facing errors into one line and exit 1; Ctrl-C / SIGTERM into a clear message and 130 / 143."""
     try:
         yield
     except ComneckError as exc:
@@ -82,9 +116,10 @@ def _guard(run: Run) -> Iterator[None]:
             traceback.print_exc()
         click.echo(f"comneck: error: {exc}", err=True)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        click.echo("comneck: interrupted; finished outputs are complete, no partial file was left", err=True)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as exc:
+        click.echo("comneck: interrupted; outputs already written are complete, no partial file was left",
+                   err=True)
+        raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
 
 
 @contextmanager
@@ -164,14 +199,17 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
                     with warnings.catch_warnings(record=True) as caught:
                         warnings.simplefilter("always")
                         image = read_image(sys.stdin.buffer.read() if name == STDIO else Path(name),
-                                           name="stdin" if name == STDIO else name)
+                                           name="stdin" if name == STDIO else name, max_pixels=run.max_pixels)
                     for w in caught:
                         run.warn(str(w.message))
                     batch.append((name, image))
                 except ComneckError as exc:
                     run.fail(name, exc)
                     advance()
-            records = api.encode_batch([image for _, image in batch], loaded) if batch else []
+            records = api.split_on_oom(
+                lambda part: api.encode_batch([image for _, image in part], loaded), batch,
+                lambda item: f"{item[0]} ({_size_of(item[1])})",
+            ) if batch else []
             for (name, _), record in zip(batch, records):
                 try:
                     target = target_for(name)
@@ -253,7 +291,7 @@ def _parse_records(run: Run, source: str, data: bytes) -> list[tuple[str, str, i
     from formats import CnkError, iter_records
 
     try:
-        found = list(iter_records(io.BytesIO(data)))
+        found = list(iter_records(io.BytesIO(data), run.limits()))
         if not found:
             raise CnkError("no records in file (empty input)")
     except CnkError as exc:
@@ -352,11 +390,12 @@ def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str
                 groups.setdefault(key, []).append(entry)
             for group in groups.values():
                 ex = group[0][2]
+                forward = ex.from_latents if via == "neck" else ex.from_images
                 try:
-                    if via == "neck":
-                        feats = ex.from_latents([e[3] for e in group], layer, select)
-                    else:
-                        feats = ex.from_images([e[3] for e in group], layer, select)
+                    feats = api.split_on_oom(
+                        lambda part: list(forward([e[3] for e in part], layer, select)), group,
+                        lambda e: f"{e[1][0]} ({_size_of(e[3])})",
+                    )
                 except ComneckError as exc:
                     for e in group:
                         run.fail(e[1][0], exc)
@@ -384,6 +423,13 @@ def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str
         save_features(torch.stack([r[3] for r in results]), Path(output), meta, force=run.force)
 
 
+def _size_of(data) -> str:
+    """``W×H`` of an image array, or ``latent grid W×H`` of a y_hat tensor, for error messages."""
+    if data.ndim == 4:
+        return f"latent grid {data.shape[-1]}×{data.shape[-2]}"
+    return f"{data.shape[1]}×{data.shape[0]}"
+
+
 def _feature_inputs(run: Run, inputs: tuple[str, ...], *, want_images: bool) -> list[tuple[str, str, str, object]]:
     """(label, output stem, kind, Record or image array) per record or image; unreadable inputs fail alone."""
     from formats import MAGIC
@@ -406,7 +452,7 @@ def _feature_inputs(run: Run, inputs: tuple[str, ...], *, want_images: bool) -> 
             try:
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    image = read_image(data, name=source)
+                    image = read_image(data, name=source, max_pixels=run.max_pixels)
                 for w in caught:
                     run.warn(str(w.message))
             except ComneckError as exc:

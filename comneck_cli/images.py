@@ -14,6 +14,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from formats import Limits
+
 from .errors import ComneckError
 
 # Extension -> Pillow format name for writing decoded images.
@@ -25,25 +27,49 @@ class ImageConversionWarning(UserWarning):
     """Information was dropped while turning the input into 8-bit RGB."""
 
 
-def read_image(source: Path | str | bytes | BinaryIO, name: str | None = None) -> np.ndarray:
+def read_image(
+    source: Path | str | bytes | BinaryIO, name: str | None = None, *, max_pixels: int | None = None
+) -> np.ndarray:
     """Decode an image file into uint8 RGB (H, W, 3), EXIF orientation applied.
 
     Grayscale converts losslessly; alpha, 16-bit samples and CMYK lose information and warn with
-    ``ImageConversionWarning``. A file that is not an image, or is truncated, raises ComneckError.
+    ``ImageConversionWarning``. A file that is not an image, is truncated, or has more than ``max_pixels``
+    pixels (decompression-bomb protection; default ``COMNECK_MAX_PIXELS`` or Pillow's 89,478,485) raises
+    ComneckError before its pixels are decoded.
     """
     label = name or (str(source) if isinstance(source, (str, Path)) else "input")
     data = source if not isinstance(source, bytes) else io.BytesIO(source)
+    limit = max_pixels or Limits.from_env().max_pixels
     try:
-        with Image.open(data) as img:
+        with warnings.catch_warnings():
+            # Our own check below replaces Pillow's warning; its hard error (2× the limit) stays on.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+            try:
+                img = Image.open(data)
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
+        with img:
             if img.format not in READ_FORMATS:
                 raise ComneckError(f"{label}: unsupported image format {img.format}; use PNG, JPEG, WebP or TIFF")
+            width, height = img.size
+            if width * height > limit:
+                raise ComneckError(
+                    f"{label}: image is {width}×{height} ({width * height} pixels), over the limit of {limit} "
+                    "pixels (decompression-bomb protection); if the file is trusted, raise --max-pixels"
+                )
+            if width < 1 or height < 1:
+                raise ComneckError(f"{label}: image has no pixels")
             img = ImageOps.exif_transpose(img)
             img.load()
             rgb = _to_rgb(img, label)
     except ComneckError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ComneckError(f"{label}: image is too large to decode safely ({exc})") from exc
+        raise ComneckError(
+            f"{label}: image is too large to decode safely ({exc}; decompression-bomb protection); "
+            "if the file is trusted, raise --max-pixels"
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise ComneckError(f"{label}: no such file") from exc

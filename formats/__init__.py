@@ -9,6 +9,7 @@ from __future__ import annotations
 from .codec_ids import CODEC_IDS, CODEC_NAMES, codec_name
 from .container import (
     DEFAULT_MAX_RECORD_BYTES,
+    DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SIDE,
     MAGIC,
     PAD_MULTIPLE,
@@ -29,6 +30,7 @@ __all__ = [
     "CODEC_IDS",
     "CODEC_NAMES",
     "DEFAULT_MAX_RECORD_BYTES",
+    "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_SIDE",
     "MAGIC",
     "PAD_MULTIPLE",

@@ -46,8 +46,11 @@ Y_STRIDE = 16
 Z_STRIDE = 64
 
 DEFAULT_MAX_SIDE = 65536
+# Pillow's decompression-bomb threshold: the same bound for images read and records decoded.
+DEFAULT_MAX_PIXELS = 89_478_485
 DEFAULT_MAX_RECORD_BYTES = 256 * 1024 * 1024
 ENV_MAX_SIDE = "COMNECK_MAX_SIDE"
+ENV_MAX_PIXELS = "COMNECK_MAX_PIXELS"
 ENV_MAX_RECORD_BYTES = "COMNECK_MAX_RECORD_BYTES"
 
 # Strings are read in chunks so a truncated record claiming 200 MB costs at most one chunk of memory
@@ -72,15 +75,17 @@ class Limits:
     """Upper bounds a reader enforces before it reads or allocates anything a record declares.
 
     They exist so a hostile or damaged file cannot make the reader allocate gigabytes or report an
-    absurd image size to the codec. ``Limits.from_env()`` (what the readers use when given no
-    ``Limits``) honours ``COMNECK_MAX_SIDE`` and ``COMNECK_MAX_RECORD_BYTES``.
+    absurd image size to the codec (a decoder allocates H×W×3 floats and more). ``Limits.from_env()``
+    (what the readers use when given no ``Limits``) honours ``COMNECK_MAX_SIDE``, ``COMNECK_MAX_PIXELS``
+    and ``COMNECK_MAX_RECORD_BYTES``.
     """
 
     max_side: int = DEFAULT_MAX_SIDE
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
-        for name in ("max_side", "max_record_bytes"):
+        for name in ("max_side", "max_record_bytes", "max_pixels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CnkError(f"limit {name} must be a positive integer, got {value!r}")
@@ -89,7 +94,8 @@ class Limits:
     def from_env(cls) -> Limits:
         """Defaults overridden by the environment, read now (not at import) so a caller can change them."""
         return cls(max_side=_env_int(ENV_MAX_SIDE, DEFAULT_MAX_SIDE),
-                   max_record_bytes=_env_int(ENV_MAX_RECORD_BYTES, DEFAULT_MAX_RECORD_BYTES))
+                   max_record_bytes=_env_int(ENV_MAX_RECORD_BYTES, DEFAULT_MAX_RECORD_BYTES),
+                   max_pixels=_env_int(ENV_MAX_PIXELS, DEFAULT_MAX_PIXELS))
 
 
 def _env_int(name: str, default: int) -> int:
@@ -400,6 +406,9 @@ def _read(stream: BinaryIO, limits: Limits) -> tuple[Record, int] | None:
     digest = reader.exact(DIGEST_BYTES)
     height = _read_side(reader, "height", limits)
     width = _read_side(reader, "width", limits)
+    if height * width > limits.max_pixels:
+        raise CnkError(f".cnk record declares a {width}×{height} image ({height * width} pixels), over the limit of "
+                       f"{limits.max_pixels} pixels; if the file is trusted, raise {ENV_MAX_PIXELS} or --max-pixels")
 
     count = reader.byte()
     lengths = []

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from formats import (
     CODEC_IDS,
     CODEC_NAMES,
+    DEFAULT_MAX_PIXELS,
     CnkError,
     Limits,
     Record,
@@ -351,6 +352,10 @@ records = st.builds(
 @given(records)
 def test_generated_records_round_trip(record):
     data = pack(record)
+    if record.height * record.width > DEFAULT_MAX_PIXELS:
+        with pytest.raises(CnkError, match="COMNECK_MAX_PIXELS"):
+            unpack(data)
+        return
     assert unpack(data) == record
     assert record.overhead_bytes() == len(data) - record.payload_bytes
 
@@ -411,3 +416,11 @@ def test_every_single_bit_flip_and_every_truncation_of_a_record_with_sections():
         damaged[bit // 8] ^= 1 << (bit % 8)
         with pytest.raises(CnkError):
             unpack(bytes(damaged))
+
+
+def test_pixel_limit_refuses_before_reading_strings(monkeypatch):
+    big = Record(codec_id=4, quality=1, weights_digest=DIGEST, height=20000, width=20000, strings=(b"y", b"z"))
+    with pytest.raises(CnkError, match=r"20000×20000 image .* over the limit of 89478485 pixels"):
+        unpack(pack(big))
+    monkeypatch.setenv("COMNECK_MAX_PIXELS", str(20000 * 20000))
+    assert unpack(pack(big)) == big
