@@ -62,6 +62,7 @@ def encode_batch(images: Sequence[np.ndarray], codec: Codec, *, metadata: dict |
                 width=width,
                 strings=tuple(strings),
                 metadata=metadata,
+                machine_only=codec.machine_only,
             )
     return records  # type: ignore[return-value]
 
@@ -133,7 +134,7 @@ def split_on_oom(run_batch: Callable[[list[T]], list[R]], items: list[T], descri
 class CodecCache:
     """Load each (codec, quality, weights) once per process: model loading and entropy tables dominate small jobs."""
 
-    def __init__(self, device: torch.device | str = "cpu", weights: Path | None = None) -> None:
+    def __init__(self, device: torch.device | str = "cpu", weights: Path | str | None = None) -> None:
         self.device = torch.device(device)
         self.weights = weights
         self._loaded: dict[tuple[str, int], Codec] = {}

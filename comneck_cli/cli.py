@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import click
 
 from .errors import ComneckError
+from .presets import PRESETS
 
 STDIO = "-"
 
@@ -155,15 +156,15 @@ def main() -> None:
 @click.option("-q", "--quality", type=click.IntRange(1, 255), default=3, show_default=True,
               help="Codec quality level (higher = more bits); the codec's range is checked.")
 @click.option("--codec", default="mbt2018-mean", show_default=True, help="Codec name (see `comneck codecs`).")
-@click.option("--weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="Codec weights file to use instead of the registry / CompressAI zoo.")
+@click.option("--weights", default=None,
+              help="Codec weights file or registry name (e.g. mbt2018-mean-q3-d2) instead of CODEC-qQ / the zoo.")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Images per g_a forward pass (same-size images batch; entropy coding stays per image).")
 @click.option("-o", "--output", default=None, type=click.Path(path_type=str, allow_dash=True),
               help="Output .cnk file (all records in one stream), a folder (one file per image), or - for stdout. "
                    "Default: beside each image.")
 @common_options
-def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights: Path | None, batch_size: int,
+def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights: str | None, batch_size: int,
            output: str | None) -> None:
     """Compress IMAGES (PNG, JPEG, WebP, TIFF, or - for stdin) into .cnk records."""
     _quiet_imports()
@@ -233,10 +234,10 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
 @click.option("-o", "--output", default=None, type=click.Path(path_type=str, allow_dash=True),
               help="Output image (format from the extension: .png .jpg .webp .tif), a folder, or - for PNG on "
                    "stdout. Several records to one name are numbered name_0001.png... Default: beside each file.")
-@click.option("--weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="Codec weights file; must be the one that encoded the records (checked by digest).")
+@click.option("--weights", default=None,
+              help="Codec weights file or registry name; must be what encoded the records (checked by digest).")
 @common_options
-def decode(run: Run, files: tuple[str, ...], output: str | None, weights: Path | None) -> None:
+def decode(run: Run, files: tuple[str, ...], output: str | None, weights: str | None) -> None:
     """Reconstruct images from .cnk FILES (or - for stdin) through the synthesis transform g_s."""
     _quiet_imports()
     from . import api
@@ -312,26 +313,30 @@ def _parse_records(run: Run, source: str, data: bytes) -> list[tuple[str, str, i
               ".cnk -> g_s -> full CLIP (baseline); uncompressed: image -> full CLIP, C(x) (upper bound).")
 @click.option("--neck", default=None, help="Neck file or registry name. Default: the registry's "
               "CODEC-qQUALITY-neck for each record. Its CLIP model, weights tag and split k are used.")
+@click.option("--for", "family", type=click.Choice(list(PRESETS)), default=None,
+              help="Exactly what that MLLM family reads: sets --layer/--select, and for the reference paths the "
+                   "CLIP tower, resolution and preprocessing (see the README's table).")
 @click.option("--layer", type=int, default=-2, show_default=True,
               help="Hidden state to return, Hugging Face numbering (0 = after ln_pre, i = output of block i, "
                    "-2 = penultimate block, what LLaVA reads).")
-@click.option("--select", type=click.Choice(["patch", "cls", "all", "pooled"]), default="patch",
+@click.option("--select", type=click.Choice(["patch", "cls", "all", "pooled", "projected"]), default="patch",
               show_default=True, help="patch: tokens without CLS; cls; all tokens; pooled: the projected image "
-              "embedding (ignores --layer).")
+              "embedding; projected: every last-layer token after ln_post and the projection (the last two "
+              "ignore --layer).")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
               help="Inputs per forward pass through the neck and CLIP.")
 @click.option("--format", "fmt", type=click.Choice(["pt", "safetensors", "npy"]), default="pt", show_default=True,
               help="File type when -o is a folder.")
-@click.option("--weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="Codec weights file for decoding the records (checked by digest).")
+@click.option("--weights", default=None,
+              help="Codec weights file or registry name for decoding the records (checked by digest).")
 @click.option("--clip", "clip_model", default="ViT-L-14", show_default=True,
               help="open_clip model for --via reconstruction/uncompressed when no neck is given.")
 @click.option("--clip-tag", default="openai", show_default=True, help="open_clip weights tag for --clip.")
 @click.option("--clip-weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Local CLIP weights file instead of the registry / open_clip cache.")
 @common_options
-def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str | None, layer: int, select: str,
-             batch_size: int, fmt: str, weights: Path | None, clip_model: str, clip_tag: str,
+def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str | None, family: str | None,
+             layer: int, select: str, batch_size: int, fmt: str, weights: str | None, clip_model: str, clip_tag: str,
              clip_weights: Path | None) -> None:
     """CLIP features of INPUTS (.cnk files, images with --via uncompressed, or - for stdin) for MLLMs.
 
@@ -343,6 +348,19 @@ def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str
     from .features import FeatureExtractor, metadata, resolve_neck, save_features
     from .outputs import is_dir_target, numbered
 
+    pad_to_square = False
+    if family is not None:
+        from .presets import get_preset
+
+        ctx = click.get_current_context()
+        preset = get_preset(family)
+        for name, value in (("layer", layer), ("select", select), ("clip_model", clip_model), ("clip_tag", clip_tag)):
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and \
+                    value != getattr(preset, name):
+                raise click.UsageError(f"--for {family} sets --{name.replace('_', '-')} {getattr(preset, name)}; "
+                                       f"drop --{name.replace('_', '-')} {value}")
+        layer, select, clip_model, clip_tag = preset.layer, preset.select, preset.clip_model, preset.clip_tag
+        pad_to_square = preset.pad_to_square
     device = api.resolve_device(run.device)
     items = _feature_inputs(run, inputs, want_images=via == "uncompressed")
     if not items:
@@ -355,10 +373,16 @@ def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str
             path = resolve_neck(neck, record)
             if path not in extractors:
                 extractors[path] = FeatureExtractor.for_neck(path, clip_weights=clip_weights, device=device)
+                info = extractors[path].info
+                if family is not None and info.clip_model != clip_model:
+                    raise ComneckError(f"neck {path} was trained for CLIP {info.clip_model}, but --for {family} "
+                                       f"reads {clip_model}; use a neck trained for {clip_model}")
+            extractors[path].pad_to_square = pad_to_square
             return extractors[path]
         if None not in extractors:
             extractors[None] = FeatureExtractor.for_clip(clip_model, clip_tag, clip_weights=clip_weights,
                                                          device=device)
+            extractors[None].pad_to_square = pad_to_square
         return extractors[None]
 
     to_dir = is_dir_target(output)
@@ -392,10 +416,14 @@ def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str
                 ex = group[0][2]
                 forward = ex.from_latents if via == "neck" else ex.from_images
                 try:
-                    feats = api.split_on_oom(
-                        lambda part: list(forward([e[3] for e in part], layer, select)), group,
-                        lambda e: f"{e[1][0]} ({_size_of(e[3])})",
-                    )
+                    with warnings.catch_warnings(record=True) as caught:  # e.g. the neck interpolating positions
+                        warnings.simplefilter("always")
+                        feats = api.split_on_oom(
+                            lambda part: list(forward([e[3] for e in part], layer, select)), group,
+                            lambda e: f"{e[1][0]} ({_size_of(e[3])})",
+                        )
+                    for w in caught:
+                        run.warn(str(w.message))
                 except ComneckError as exc:
                     for e in group:
                         run.fail(e[1][0], exc)
@@ -656,6 +684,11 @@ def weights_import(name: str, file: Path, kind: str | None) -> None:
         click.echo(f"comneck: error: {exc}", err=True)
         raise SystemExit(1) from None
     click.echo(f"imported {name} ({kind}) sha256 {entry.sha256[:12]}… -> {entry.path()}", err=True)
+
+
+from .train.commands import train  # noqa: E402  (the group imports torch only inside its commands)
+
+main.add_command(train)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,8 +33,8 @@ from .errors import ComneckError
 if TYPE_CHECKING:  # open_clip costs ~2.5 s to import: only functions that need it import it
     from open_clip.transformer import VisionTransformer
 
-Select = Literal["patch", "cls", "all", "pooled"]
-SELECTS: tuple[str, ...] = ("patch", "cls", "all", "pooled")
+Select = Literal["patch", "cls", "all", "pooled", "projected"]
+SELECTS: tuple[str, ...] = ("patch", "cls", "all", "pooled", "projected")
 
 
 def weights_entry_name(model_name: str, tag: str | None) -> str:
@@ -185,14 +185,20 @@ class ClipHead(nn.Module):
 @dataclass
 class ClipFeatures:
     """What C' computed: ``hidden_states`` has one entry per HF index ``0..L`` (None where not computed or
-    not kept), ``embedding`` is the projected image embedding (``encode_image``), ``k`` the split."""
+    not kept), ``embedding`` is the projected image embedding (``encode_image``), ``k`` the split,
+    ``projected`` every last-layer token through ``ln_post`` and ``proj`` when asked for."""
 
     hidden_states: tuple[Tensor | None, ...]
-    embedding: Tensor
+    embedding: Tensor | None
     k: int
+    projected: Tensor | None = None
 
     def select(self, layer: int, select: Select) -> Tensor:
         """The features an MLLM reads; see :func:`select_features`."""
+        if select == "projected":
+            if self.projected is None:
+                raise ComneckError("projected tokens were not computed; run the CLIP tail with projected=True")
+            return self.projected
         return select_features(self.hidden_states, self.embedding, layer, select, k=self.k)
 
 
@@ -289,20 +295,35 @@ class ClipTail(nn.Module):
             return x[:, 0]
         return x
 
-    def forward(self, tokens: Tensor, *, layer: int | None = None) -> ClipFeatures:
+    def project_tokens(self, x: Tensor) -> Tensor:
+        """Every token of the last hidden state through ``ln_post`` and ``proj`` (what LLaMA-Adapter reads)."""
+        x = self.ln_post(x)
+        return x if self.proj is None else x @ self.proj
+
+    def forward(
+        self, tokens: Tensor, *, layer: int | None = None, embedding: bool = True, projected: bool = False
+    ) -> ClipFeatures:
         """Tokens ``(B, 1 + P, width)`` entering block k+1 -> :class:`ClipFeatures`.
 
         With ``layer`` (HF numbering, negative allowed) only that hidden state is kept; with None every
-        state from k to L is kept. A layer inside C raises :class:`ComneckError`.
+        state from k to L is kept. A layer inside C raises :class:`ComneckError`. Without ``embedding`` (and
+        ``projected``) the blocks after ``layer`` are not run at all: LLaVA's layer -2 skips the last block.
         """
         num_states = self.num_layers + 1
         index = None if layer is None else _resolve_layer(layer, num_states, self.k)
         computed = [tokens]
-        x = self.blocks(tokens, keep=computed)
-        states: list[Tensor | None] = [None] * self.k + computed
+        run_all = embedding or projected or index is None
+        blocks = self.blocks if run_all else _Blocks(self.blocks.resblocks[: index - self.k], self.blocks.batch_first)
+        x = blocks(tokens, keep=computed)
+        states: list[Tensor | None] = [None] * self.k + computed + [None] * (num_states - self.k - len(computed))
         if index is not None:
             states = [s if i == index else None for i, s in enumerate(states)]
-        return ClipFeatures(hidden_states=tuple(states), embedding=self.pool(x), k=self.k)
+        return ClipFeatures(
+            hidden_states=tuple(states),
+            embedding=self.pool(x) if embedding else None,
+            k=self.k,
+            projected=self.project_tokens(x) if projected else None,
+        )
 
 
 def split_clip(model: nn.Module, k: int) -> tuple[ClipHead, ClipTail]:

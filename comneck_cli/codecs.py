@@ -150,7 +150,8 @@ class CodecSpec:
         return MODELS[self.name]
 
     def latent_channels(self, quality: int) -> int:
-        return self.qualities[quality]["M"]
+        config = self.qualities[quality]
+        return config.get("M", config["N"])  # cheng2020's latents have N channels
 
 
 def _nm(table: dict[int, tuple[int, int]]) -> dict[int, dict[str, int]]:
@@ -199,10 +200,6 @@ CODECS: dict[str, CodecSpec] = {
     )
 }
 
-# cheng2020's latent channels equal N.
-for _q, _cfg in CODECS["cheng2020-anchor"].qualities.items():
-    _cfg.setdefault("M", _cfg["N"])
-del _q, _cfg
 
 
 def get_spec(name: str) -> CodecSpec:
@@ -237,6 +234,7 @@ class Codec:
     digest: bytes
     source: Path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    machine_only: bool = False  # retrained for machines only (scenario d3): its records have no image to decode
 
     @property
     def name(self) -> str:
@@ -283,7 +281,9 @@ class Codec:
         return self.model.g_s(y_hat.to(self.device)).clamp_(0, 1)
 
 
-def save_codec(model: nn.Module, path: Path, codec: str, quality: int, config: dict[str, Any]) -> None:
+def save_codec(
+    model: nn.Module, path: Path, codec: str, quality: int, config: dict[str, Any], *, machine_only: bool = False
+) -> None:
     """Write a codec as a self-describing safetensors file (no pickle), entropy tables included.
 
     Storing the tables makes encoder and decoder share bit-identical CDFs instead of each
@@ -294,6 +294,8 @@ def save_codec(model: nn.Module, path: Path, codec: str, quality: int, config: d
     model.update(force=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "comneck-codec", "codec": codec, "quality": str(quality), "config": json.dumps(config)}
+    if machine_only:
+        meta["machine_only"] = "true"
     save_file(tensors, str(path), metadata=meta)
 
 
@@ -330,15 +332,15 @@ def _build(spec: CodecSpec, quality: int, state: dict[str, Tensor], meta: dict[s
             )
         config = json.loads(meta.get("config", "{}"))
     else:
-        config = dict(spec.qualities[quality])
-        state = load_pretrained(state)
-        # Zoo checkpoints carry their own N and M: read them rather than trusting the quality table.
-        if "g_a.6.weight" in state and "M" in config:
-            config = {"N": int(state["g_a.0.weight"].shape[0]), "M": int(state["g_a.6.weight"].shape[0])}
+        config = None
     try:
-        model = spec.constructor()(**config)
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, AssertionError) as exc:
+        if config is None:
+            # Zoo checkpoints carry their own N and M: CompressAI's from_state_dict reads them from the shapes.
+            model = spec.constructor().from_state_dict(load_pretrained(state))
+        else:
+            model = spec.constructor()(**config)
+            model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AssertionError, AttributeError) as exc:
         raise ComneckError(
             f"weights {path} do not fit codec {spec.name} (quality {quality}): {str(exc).splitlines()[0]}"
         ) from exc
@@ -352,12 +354,15 @@ def _tables_present(model: nn.Module) -> bool:
 
 
 def resolve_weights(spec: CodecSpec, quality: int, weights: Path | None = None) -> Path:
-    """``--weights FILE``, else the registry entry ``{codec}-q{quality}``, else the CompressAI zoo."""
+    """``--weights FILE|NAME``, else the registry entry ``{codec}-q{quality}``, else the CompressAI zoo."""
     if weights is not None:
-        if not Path(weights).is_file():
-            raise ComneckError(f"codec weights file {weights} does not exist")
-        return Path(weights)
-    name = registry_name(spec.name, quality)
+        if Path(weights).is_file():
+            return Path(weights)
+        if registry.lookup(str(weights)) is None:
+            raise ComneckError(f"codec weights {weights} are neither a file nor a registered name (`comneck weights list`)")
+        name = str(weights)
+    else:
+        name = registry_name(spec.name, quality)
     if registry.lookup(name) is not None:
         try:
             return registry.resolve(name)
@@ -401,7 +406,7 @@ def _download_zoo(spec: CodecSpec, quality: int, name: str) -> Path:
 
 
 def load_codec(
-    name: str, quality: int, *, weights: Path | None = None, device: torch.device | str = "cpu"
+    name: str, quality: int, *, weights: Path | str | None = None, device: torch.device | str = "cpu"
 ) -> Codec:
     """Load a codec for coding: resolve and verify its weights, build entropy tables once, place g_a/g_s."""
     spec = get_spec(name)
@@ -420,7 +425,8 @@ def load_codec(
     device = torch.device(device)
     model.g_a.to(device)
     model.g_s.to(device)
-    return Codec(spec=spec, quality=quality, model=model, digest=digest, source=path, device=device)
+    return Codec(spec=spec, quality=quality, model=model, digest=digest, source=path, device=device,
+                 machine_only=meta.get("machine_only") == "true")
 
 
 def weights_info(path: Path) -> dict[str, str]:

@@ -27,6 +27,7 @@ from .clip import ClipHead, ClipTail, load_clip, weights_entry_name
 from .codecs import Codec
 from .errors import ComneckError
 from .neck import NeckInfo, TransformNeck, load_neck
+from .presets import expand_to_square, mean_colour
 
 VIAS = ("neck", "reconstruction", "uncompressed")
 
@@ -83,6 +84,7 @@ class FeatureExtractor:
     neck: TransformNeck | None = None
     info: NeckInfo | None = None
     neck_path: Path | None = None
+    pad_to_square: bool = False  # LLaVA-1.5's expand2square before CLIP's own preprocessing
     _preprocess: object = field(default=None, repr=False)
 
     @property
@@ -111,13 +113,15 @@ class FeatureExtractor:
 
     def preprocess(self, image: np.ndarray) -> Tensor:
         """open_clip's own eval transform (resize shortest side, centre crop, normalise) for one uint8 image."""
-        if self._preprocess is None:
-            from open_clip.model import get_model_preprocess_cfg
-            from open_clip.transform import PreprocessCfg, image_transform_v2
-
-            self._preprocess = image_transform_v2(PreprocessCfg(**get_model_preprocess_cfg(self.clip)), is_train=False)
+        from open_clip.model import get_model_preprocess_cfg
+        from open_clip.transform import PreprocessCfg, image_transform_v2
         from PIL import Image
 
+        cfg = PreprocessCfg(**get_model_preprocess_cfg(self.clip))
+        if self._preprocess is None:
+            self._preprocess = image_transform_v2(cfg, is_train=False)
+        if self.pad_to_square:
+            image = expand_to_square(image, mean_colour(cfg.mean))
         return self._preprocess(Image.fromarray(image, "RGB"))
 
     @torch.inference_mode()
@@ -125,15 +129,19 @@ class FeatureExtractor:
         """C'(T(y_hat)) for latents of one grid size, batched: (B, ...) features."""
         if self.neck is None:
             raise ComneckError("no neck loaded; pass --neck")
-        tokens = self.neck(torch.cat(list(y_hats)).to(self.device))
-        return self.tail(tokens, layer=None if select == "pooled" else layer).select(layer, select).float().cpu()
+        return self._tail_features(self.neck(torch.cat(list(y_hats)).to(self.device)), layer, select)
 
     @torch.inference_mode()
     def from_images(self, images: Sequence[np.ndarray], layer: int, select: str) -> Tensor:
         """C(x) through the full tower, batched."""
         x = torch.stack([self.preprocess(im) for im in images]).to(self.device)
-        tokens = self.head(x)
-        return self.tail(tokens, layer=None if select == "pooled" else layer).select(layer, select).float().cpu()
+        return self._tail_features(self.head(x), layer, select)
+
+    def _tail_features(self, tokens: Tensor, layer: int, select: str) -> Tensor:
+        # Only what the selection needs: LLaVA's layer -2 never runs the last block.
+        out = self.tail(tokens, layer=None if select in ("pooled", "projected") else layer,
+                        embedding=select == "pooled", projected=select == "projected")
+        return out.select(layer, select).float().cpu()
 
     def check(self, record: Record, codec: Codec) -> None:
         """Refuse a record the neck was not trained for (codec, quality, or codec weights)."""
@@ -156,6 +164,7 @@ def metadata(extractor: FeatureExtractor, via: str, layer: int, select: str, sou
         "select": select,
         "source": source,
         "clip_image_size": str(getattr(visual, "image_size", "")),
+        "pad_to_square": str(extractor.pad_to_square),
     }
     if extractor.info is not None:
         meta.update(

@@ -132,3 +132,13 @@ def test_malicious_pickle_is_not_executed(tmp_path):
 def test_registry_covers_the_papers_codecs():
     assert {"elic2022-official", "mbt2018-mean", "cheng2020-anchor", "bmshj2018-hyperprior"} <= set(CODECS)
     assert CODECS["elic2022-official"].latent_channels(1) == 320
+
+
+def test_weights_by_registry_name(codec_files, photos):
+    import weights as registry
+
+    registry.import_file("mbt2018-mean-q1-d2", codec_files["mbt2018-mean"], "codec")
+    codec = load_codec("mbt2018-mean", 1, weights="mbt2018-mean-q1-d2")
+    assert codec.source.name.startswith("mbt2018-mean-q1-d2")
+    with pytest.raises(ComneckError, match="neither a file nor a registered name"):
+        load_codec("mbt2018-mean", 1, weights="no-such-weights")

@@ -1,0 +1,246 @@
+"""``comneck train codec``: rate-distortion training for human perception, CompressAI's way.
+
+Loss R + λ·255²·MSE(x, x̂) (``compressai.losses.RateDistortionLoss``), R in bits per pixel from the
+likelihoods of ``y_hat`` and ``z_hat``. As in CompressAI's ``examples/train.py``: Adam on every
+parameter but the entropy bottlenecks' ``quantiles`` (lr 1e-4, gradient norm clipped at 1.0), and a second
+Adam (lr 1e-3) on the ``quantiles`` alone minimising ``model.aux_loss()``, so the bottleneck's coding
+range follows its densities. The trained codec is exported with its entropy tables (``save_codec``) and
+registered as ``{codec}-q{quality}``, where ``encode``/``decode`` find it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..codecs import Codec, CodecSpec, check_quality, get_spec, registry_name
+from ..errors import ComneckError
+from . import checkpoint as ckpt
+from .data import Batches, ImageFolderCrops, steps_for
+from .export import publish, write_codec
+from .latents import latent_path, rate_bpp
+from .losses import default_lambda, rd_loss
+from .loop import (Clock, Metrics, RunConfig, Runtime, check_finite, check_length, default_run_dir, merge_resumed,
+                   progress, serialise, setup_runtime, teardown)
+
+CODEC_DEFAULTS = {"batch_size": 8, "crop": 256, "seed": 0, "lr": 1e-4, "aux_lr": 1e-3, "clip_max_norm": 1.0}
+
+
+@dataclass(kw_only=True)
+class CodecTrainConfig(RunConfig):
+    """What ``train_codec`` does; None means the default (``CODEC_DEFAULTS``, λ from ``losses.LAMBDAS``).
+
+    ``config`` overrides the codec's constructor arguments (tiny models for tests); ``init`` starts from a
+    codec file (its own constructor arguments then apply).
+    """
+
+    codec: str | None = None
+    quality: int | None = None
+    steps: int | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    aux_lr: float | None = None
+    clip_max_norm: float | None = None
+    lmbda: float | None = None
+    config: dict[str, Any] | None = None
+    init: Path | None = None
+    register: str | None = "{codec}-q{quality}"
+
+
+TRAJECTORY = ("codec", "quality", "config", "init", "lmbda", "lr", "aux_lr", "clip_max_norm", "batch_size",
+              "crop", "seed")
+
+
+@dataclass
+class TrainResult:
+    """Where a run's outputs went, how long it ran and its last logged losses."""
+
+    output: Path | None
+    registered: str | None
+    run_dir: Path
+    steps: int
+    final: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_codec(spec: CodecSpec, quality: int, config: dict[str, Any] | None,
+                init: Path | None) -> tuple[nn.Module, dict[str, Any]]:
+    """A trainable CompressAI model (float32, CPU) and its constructor arguments.
+
+    From ``init`` (a codec file, or a CompressAI zoo checkpoint) or freshly initialised from the quality
+    table updated with ``config``.
+    """
+    if init is None:
+        kwargs = {**_accepted(spec, spec.qualities[quality]), **(config or {})}
+        try:
+            return spec.constructor()(**kwargs), kwargs
+        except TypeError as exc:
+            raise ComneckError(f"--config {json.dumps(config)} does not fit {spec.name}: {exc}") from exc
+    from ..codecs import load_codec
+
+    loaded = load_codec(spec.name, quality, weights=Path(init))
+    model, kwargs = loaded.model.cpu(), constructor_config(loaded)
+    if config and any(kwargs.get(k) != v for k, v in config.items()):
+        raise ComneckError(
+            f"--config {json.dumps(config)} contradicts the architecture of --init {init} ({json.dumps(kwargs)}); "
+            "drop --config"
+        )
+    return model, kwargs
+
+
+def constructor_config(loaded: Codec) -> dict[str, Any]:
+    """The constructor arguments of a loaded codec: from a comneck file's metadata, else its N and M."""
+    from ..codecs import weights_info
+
+    meta = weights_info(loaded.source)
+    if "config" in meta:
+        return json.loads(meta["config"])
+    if hasattr(loaded.model, "N") and hasattr(loaded.model, "M"):
+        return _accepted(loaded.spec, {"N": int(loaded.model.N), "M": int(loaded.model.M)})
+    return _accepted(loaded.spec, loaded.spec.qualities[loaded.quality])
+
+
+def _accepted(spec: CodecSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop quality-table keys the constructor does not name (cheng2020 takes N only; its table also lists M)."""
+    import inspect
+
+    names = inspect.signature(spec.constructor().__init__).parameters
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """CompressAI's ``net_aux`` split: (every parameter but the bottlenecks' quantiles, the quantiles), by name."""
+    named = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    return ([p for n, p in named if not n.endswith(".quantiles")], [p for n, p in named if n.endswith(".quantiles")])
+
+
+def _resolve(cfg: CodecTrainConfig) -> dict[str, Any] | None:
+    """Fill defaults; on resume take the trajectory from the checkpoint. Returns the checkpoint state."""
+    state = None
+    if cfg.resume is not None:
+        state = ckpt.load(cfg.resume, "codec")
+        merge_resumed(cfg, state["config"], TRAJECTORY)
+        cfg.data = cfg.data or Path(state["config"]["data"])
+        cfg.run_dir = cfg.run_dir or Path(cfg.resume).parent
+    if cfg.codec is None or cfg.quality is None or cfg.data is None:
+        raise ComneckError("train codec needs --codec, -q/--quality and --data (or --resume CHECKPOINT)")
+    for name, value in CODEC_DEFAULTS.items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+    if cfg.lmbda is None:
+        cfg.lmbda = default_lambda(cfg.codec, cfg.quality)
+    if cfg.crop % 64:
+        raise ComneckError(f"--crop {cfg.crop} is not a multiple of 64, which the codec's transforms need")
+    return state
+
+
+def train_codec(cfg: CodecTrainConfig) -> TrainResult:
+    """Train (or resume training) a codec for human perception; export and register it. See the module doc."""
+    state = _resolve(cfg)
+    spec = get_spec(cfg.codec)
+    check_quality(spec, cfg.quality)
+    runtime = setup_runtime(cfg.device)
+    try:
+        return _train(cfg, spec, runtime, state)
+    finally:
+        teardown(runtime)
+
+
+def _train(cfg: CodecTrainConfig, spec: CodecSpec, runtime: Runtime, state: dict | None) -> TrainResult:
+    name = registry_name(cfg.codec, cfg.quality)
+    register = None if cfg.register is None else cfg.register.format(codec=cfg.codec, quality=cfg.quality)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, register or name)
+    dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=False)
+    batches = Batches(dataset, cfg.batch_size, cfg.seed, runtime.rank, runtime.world, cfg.workers,
+                      pin_memory=runtime.device.type == "cuda")
+    if state is not None and cfg.steps is None and cfg.epochs is None:
+        total = int(state["total"])
+    else:
+        total = steps_for(cfg.epochs, cfg.steps, batches.per_epoch)
+    check_length(state, total)
+
+    ckpt.seed_everything(cfg.seed)
+    model, model_config = build_codec(spec, cfg.quality, cfg.config, cfg.init)
+    model.to(runtime.device).train()
+    runtime.broadcast(model)
+    net_params, aux_params = split_parameters(model)
+    optimizer = torch.optim.Adam(net_params, lr=cfg.lr)
+    aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
+    start, clock = 0, Clock()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        aux_optimizer.load_state_dict(state["aux_optimizer"])
+        start, clock = int(state["step"]), Clock(float(state["seconds"]))
+        rngs = state["rng"]
+        ckpt.restore_rng(rngs[runtime.rank] if len(rngs) == runtime.world else rngs[0])
+    elif runtime.rank:
+        torch.manual_seed(cfg.seed + runtime.rank)  # different quantisation noise per rank
+
+    metrics = Metrics(run_dir / "metrics.jsonl", runtime.main, None if state is None else start)
+    totals: dict[str, float] = {}
+    counted = 0
+    final: dict[str, float] = dict(state.get("final", {})) if state else {}
+
+    def save_checkpoint(step: int) -> None:
+        rngs = runtime.gather(ckpt.capture_rng())
+        if runtime.main:
+            ckpt.save(run_dir / "checkpoint.pt", {
+                "kind": "codec", "config": serialise(cfg), "model_config": model_config, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "aux_optimizer": aux_optimizer.state_dict(), "step": step,
+                "total": total, "rng": rngs, "seconds": clock.seconds(), "world": runtime.world, "final": final,
+            })
+
+    with progress(total, start, f"train {name}", runtime.main and not cfg.quiet) as advance:
+        for step, x, _ in batches.iterate(start, total):
+            x = x.to(runtime.device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            aux_optimizer.zero_grad(set_to_none=True)
+            with runtime.autocast():
+                latents = latent_path(model, spec.family, x, "noise")
+                x_hat = model.g_s(latents.y_hat)
+            bpp = rate_bpp(latents.likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
+            loss, mse = rd_loss(bpp, x_hat, x, cfg.lmbda)
+            check_finite(loss, step + 1, "rate-distortion")
+            loss.backward()
+            runtime.average_gradients(net_params)
+            if cfg.clip_max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(net_params, cfg.clip_max_norm)
+            optimizer.step()
+            aux_loss = model.aux_loss()
+            aux_loss.backward()
+            aux_optimizer.step()
+
+            values = {"loss": loss.item(), "bpp": bpp.item(), "mse": mse.item(), "aux": aux_loss.item()}
+            for key, value in values.items():
+                totals[key] = totals.get(key, 0.0) + value
+            counted += 1
+            done = step + 1
+            advance(loss=values["loss"], bpp=values["bpp"])
+            if done % cfg.log_every == 0 or done == total:
+                final = {k: v / counted for k, v in totals.items()}
+                metrics.log({"step": done, "stage": "rd", **final, "lr": optimizer.param_groups[0]["lr"],
+                             "seconds": round(clock.seconds(), 3)})
+                totals, counted = {}, 0
+            if done % cfg.checkpoint_every == 0 and done < total:
+                save_checkpoint(done)
+    save_checkpoint(total)
+
+    output = entry = None
+    if runtime.main:
+        info = {
+            "codec": cfg.codec, "quality": cfg.quality, "trained_for": "human perception: R + λ·255²·MSE",
+            "lmbda": cfg.lmbda, "data": str(Path(cfg.data).resolve()), "steps": total, "final_losses": final,
+            "config": model_config, "init": None if cfg.init is None else str(cfg.init), "machine_only": False,
+        }
+        model.eval()
+        output, entry = publish(lambda path: write_codec(model, path, cfg.codec, cfg.quality, model_config),
+                                ".safetensors", cfg.output, register, "codec", info)
+    runtime.barrier()
+    return TrainResult(output=output, registered=entry.name if entry else None, run_dir=run_dir, steps=total,
+                       final=final)

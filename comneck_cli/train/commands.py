@@ -1,0 +1,257 @@
+"""``comneck train codec`` and ``comneck train neck``: thin Click commands over ``train_codec`` / ``train_neck``.
+
+Importing this module imports neither torch nor compressai: the commands import the training code when
+they run. Register the group with ``main.add_command(train)`` in ``comneck_cli/cli.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from functools import wraps
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ..errors import ComneckError
+
+_FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
+_DIR = click.Path(path_type=Path, exists=True, file_okay=False)
+_OUT = click.Path(path_type=Path, dir_okay=False)
+
+
+def _run_options(func: Callable) -> Callable:
+    """Options both training commands take."""
+    options = [
+        click.option("--data", type=_DIR, default=None,
+                     help="Training images: class sub-folders (ImageFolder layout) or, without cross-entropy, "
+                          "a flat folder."),
+        click.option("--classes", type=_FILE, default=None,
+                     help="Class names: one per line in sorted folder order, or 'FOLDER NAME' lines. "
+                          "Default: folder names."),
+        click.option("--batch-size", type=click.IntRange(1), default=None, show_default="8",
+                     help="Images per step (per process)."),
+        click.option("--crop", type=click.IntRange(64), default=None, show_default="256",
+                     help="Side of the random square crops, a multiple of 64 (small images are zero-padded)."),
+        click.option("--seed", type=int, default=None, show_default="0",
+                     help="Seed for initialisation, data order, crops and noise."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Where to train; under torchrun each rank takes cuda:LOCAL_RANK."),
+        click.option("--resume", type=_FILE, default=None,
+                     help="Continue the run of this checkpoint.pt (its settings apply; --steps/--epochs may "
+                          "extend it)."),
+        click.option("--run-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+                     help="Folder for checkpoint.pt and metrics.jsonl. Default: OUTPUT_STEM.run beside -o, "
+                          "else the registry's runs/ folder."),
+        click.option("--checkpoint-every", type=click.IntRange(1), default=500, show_default=True,
+                     help="Write the checkpoint every N steps (and at the end)."),
+        click.option("--log-every", type=click.IntRange(1), default=10, show_default=True,
+                     help="Append the mean losses of every N steps to metrics.jsonl."),
+        click.option("--workers", type=click.IntRange(0), default=4, show_default=True, help="Data-loading processes."),
+        click.option("--quiet", is_flag=True, help="No progress bar and no summary; errors still print."),
+        click.option("--debug", is_flag=True, help="Show tracebacks for errors."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _guarded(func: Callable) -> Callable:
+    """One-line errors (exit 1); Ctrl-C says how to resume (exit 130)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            func(*args, **kwargs)
+        except ComneckError as exc:
+            if kwargs.get("debug"):
+                traceback.print_exc()
+            click.echo(f"comneck: error: {exc}", err=True)
+            raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            click.echo("comneck: interrupted; continue from the last checkpoint with --resume RUN_DIR/checkpoint.pt",
+                       err=True)
+            raise SystemExit(130) from None
+
+    return wrapper
+
+
+def _quiet_imports() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
+
+
+def _numbers(text: str | None, kind: type, what: str) -> tuple | None:
+    """``"20"`` or ``"20,20,10"`` -> a tuple of numbers."""
+    if text is None:
+        return None
+    try:
+        return tuple(kind(part) for part in text.replace(":", ",").split(",") if part.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=what) from None
+
+
+def _json_config(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    source = Path(text).read_text(encoding="utf-8") if Path(text).is_file() else text
+    try:
+        value = json.loads(source)
+    except ValueError as exc:
+        raise click.BadParameter(f"not a JSON object or a JSON file ({exc})", param_hint="--config") from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object of constructor arguments", param_hint="--config")
+    return value
+
+
+def _summary(quiet: bool, what: str, result: Any) -> None:
+    if quiet:
+        return
+    losses = " ".join(f"{k}={v:.4g}" for k, v in result.final.items())
+    click.echo(f"comneck: trained {what}: {result.steps} steps, {losses}", err=True)
+    if result.output:
+        click.echo(f"comneck: wrote {result.output}", err=True)
+    if result.registered:
+        click.echo(f"comneck: registered {result.registered}", err=True)
+    extra = result.extra or {}
+    if extra.get("codec_output"):
+        click.echo(f"comneck: wrote retrained codec {extra['codec_output']}", err=True)
+    if extra.get("codec_registered"):
+        click.echo(f"comneck: registered retrained codec {extra['codec_registered']}", err=True)
+    click.echo(f"comneck: checkpoint and metrics.jsonl in {result.run_dir}", err=True)
+
+
+@click.group("train", context_settings={"help_option_names": ["-h", "--help"]})
+def train() -> None:
+    """Train codecs (rate-distortion) and transform-necks (scenarios d1, d2, d3)."""
+
+
+@train.command("codec")
+@click.option("--codec", default=None, help="Codec name (see `comneck codecs`).")
+@click.option("-q", "--quality", type=click.IntRange(1, 255), default=None,
+              help="Quality level (selects λ and the architecture size).")
+@click.option("--steps", type=click.IntRange(0), default=None, help="Optimizer steps to train (or --epochs).")
+@click.option("--epochs", type=click.IntRange(0), default=None, help="Passes over the data (or --steps).")
+@click.option("--lr", type=float, default=None, show_default="1e-4", help="Adam learning rate of the codec.")
+@click.option("--aux-lr", type=float, default=None, show_default="1e-3",
+              help="Adam learning rate of the bottleneck quantiles (aux loss).")
+@click.option("--clip-max-norm", type=float, default=None, show_default="1.0", help="Gradient-norm clipping (0: off).")
+@click.option("--lmbda", type=float, default=None,
+              help="λ of R + λ·255²·MSE. Default: ELIC 0.004/0.008/0.016/0.032, others CompressAI's zoo table.")
+@click.option("--config", "config_json", default=None,
+              help="Constructor arguments as JSON (or a JSON file) overriding the quality's, "
+                   "e.g. '{\"N\": 8, \"M\": 12}'.")
+@click.option("--init", type=_FILE, default=None, help="Start from this codec file instead of random weights.")
+@click.option("-o", "--output", type=_OUT, default=None, help="Write the trained codec (.safetensors) here.")
+@click.option("--register", default="{codec}-q{quality}", show_default=True,
+              help="Registry name for the trained codec (encode/decode find CODEC-qQUALITY).")
+@click.option("--no-register", is_flag=True, help="Do not add the codec to the registry (then -o is needed).")
+@_run_options
+@_guarded
+def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm, lmbda, config_json, init, output,
+                        register, no_register, debug, **run) -> None:
+    """Rate-distortion training for human perception: R + λ·255²·MSE, CompressAI style.
+
+    \b
+    Example:
+      comneck train codec --codec elic2022-official -q 2 --data imagenet8k/ --epochs 100
+    """
+    _quiet_imports()
+    from .codec import CodecTrainConfig, train_codec
+
+    cfg = CodecTrainConfig(codec=codec, quality=quality, steps=steps, epochs=epochs, lr=lr, aux_lr=aux_lr,
+                           clip_max_norm=clip_max_norm, lmbda=lmbda, config=_json_config(config_json), init=init,
+                           output=output, register=None if no_register else register, **run)
+    result = train_codec(cfg)
+    _summary(run["quiet"], f"{cfg.codec} q{cfg.quality}", result)
+
+
+@train.command("neck")
+@click.option("--scenario", type=click.Choice(["d1", "d2", "d3"]), default=None, show_default="d1",
+              help="d1: codec frozen; d2: codec retrained for people and machines; d3: encoder retrained for "
+                   "machines only.")
+@click.option("--codec", default=None, help="Codec whose y_hat the neck reads.")
+@click.option("-q", "--quality", type=click.IntRange(1, 255), default=None, help="Codec quality level.")
+@click.option("--codec-weights", type=_FILE, default=None,
+              help="Codec file to start from. Default: registry entry CODEC-qQUALITY, else the CompressAI zoo.")
+@click.option("--clip-model", default=None, show_default="ViT-L-14", help="open_clip model name of the CLIP tower.")
+@click.option("--clip-tag", default=None, show_default="openai", help="open_clip weights tag ('none': random weights).")
+@click.option("--clip-weights", type=_FILE, default=None,
+              help="Local CLIP weights file instead of the registry / download.")
+@click.option("--clip-config", type=click.Path(path_type=Path, exists=True), default=None,
+              help="An open_clip model config JSON (or folder of them) to add before loading, for custom models.")
+@click.option("-k", "--k", "k", type=click.IntRange(0), default=None, show_default="2",
+              help="The neck's tokens enter CLIP block k+1.")
+@click.option("--target", default=None, show_default="pooled",
+              help="CLIP output L_dist compares: pooled (projected embedding) or patch|cls|all:LAYER, e.g. patch:-2.")
+@click.option("--template", "templates", multiple=True,
+              help="Prompt template for class names (repeatable). [default: 'a photo of a {}.']")
+@click.option("--steps", default=None, help="Steps per stage: one number or three, e.g. 5000,5000,5000 (or --epochs).")
+@click.option("--epochs", default=None, help="Epochs per stage: one number or three (paper: 20,20,20).")
+@click.option("--lr", default=None,
+              help="Learning rate per stage, one or three numbers. [default: d1 1e-4,1e-5,1e-5; d2/d3 1e-4,1e-4,1e-5]")
+@click.option("--ce-dist", default=None, show_default="1:100",
+              help="d1 stage 2 weights of cross-entropy : distillation.")
+@click.option("--lmbda", type=float, default=None,
+              help="λ of the joint loss (d2/d3). Default: the codec quality's λ.")
+@click.option("--gamma", type=float, default=None, show_default="255²",
+              help="γ, weight of MSE(x, x̂) in d2's joint loss.")
+@click.option("--beta", type=float, default=None, show_default="255²/60",
+              help="β, weight of L_dist in d2/d3's joint loss.")
+@click.option("--aux-lr", type=float, default=None, show_default="1e-3",
+              help="Learning rate of the bottleneck quantiles in joint training.")
+@click.option("--clip-max-norm", type=float, default=None, show_default="1.0",
+              help="Codec gradient-norm clipping in joint training (0: off).")
+@click.option("--neck-width", type=click.IntRange(1), default=None, help="Neck width. Default: the CLIP tower's width.")
+@click.option("--neck-heads", type=click.IntRange(1), default=None,
+              help="Neck attention heads. Default: the CLIP tower's.")
+@click.option("--neck-init", type=_FILE, default=None, help="Start from this neck file (e.g. a d1 neck for d2/d3).")
+@click.option("-o", "--output", type=_OUT, default=None, help="Write the trained neck (.safetensors) here.")
+@click.option("--register", default="{codec}-q{quality}-neck{suffix}", show_default=True,
+              help="Registry name for the neck; {suffix} is empty for d1 (where `features` looks) and -d2/-d3 else.")
+@click.option("--no-register", is_flag=True,
+              help="Do not add the neck (or d2/d3's codec) to the registry (then -o is needed).")
+@click.option("--codec-output", type=_OUT, default=None,
+              help="d2/d3: write the retrained codec here. Default: OUTPUT_STEM.codec.safetensors beside -o.")
+@click.option("--codec-register", default="{codec}-q{quality}-{scenario}", show_default=True,
+              help="d2/d3: registry name for the retrained codec.")
+@_run_options
+@_guarded
+def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip_tag, clip_weights, clip_config, k,
+                       target, templates, steps, epochs, lr, ce_dist, lmbda, gamma, beta, aux_lr, clip_max_norm,
+                       neck_width, neck_heads, neck_init, output, register, no_register, codec_output, codec_register,
+                       debug, **run) -> None:
+    """Train a transform-neck so that C'(T(y_hat)) matches C(x), in three stages (paper §3.4-3.5, A.1).
+
+    \b
+    Examples:
+      comneck train neck --scenario d1 --codec elic2022-official -q 2 --data imagenet/train --epochs 20
+      comneck train neck --scenario d3 --codec elic2022-official -q 2 --data imagenet/train --epochs 5 -o d3.safetensors
+    """
+    _quiet_imports()
+    if clip_config is not None:
+        import open_clip
+
+        open_clip.add_model_config(clip_config)
+    from .neck import NeckTrainConfig, train_neck
+
+    cfg = NeckTrainConfig(
+        scenario=scenario, codec=codec, quality=quality, codec_weights=codec_weights, clip_model=clip_model,
+        clip_tag=clip_tag, clip_weights=clip_weights, k=k, target=target,
+        templates=tuple(templates) or None, steps=_numbers(steps, int, "--steps"),
+        epochs=_numbers(epochs, int, "--epochs"), lr=_numbers(lr, float, "--lr"),
+        ce_dist=_numbers(ce_dist, float, "--ce-dist"), lmbda=lmbda, gamma=gamma, beta=beta, aux_lr=aux_lr,
+        clip_max_norm=clip_max_norm, neck_width=neck_width, neck_heads=neck_heads, neck_init=neck_init,
+        output=output, register=None if no_register else register, codec_output=codec_output,
+        codec_register=None if no_register else codec_register, **run)
+    if cfg.ce_dist is not None and len(cfg.ce_dist) != 2:
+        raise click.BadParameter("give two weights, e.g. 1:100", param_hint="--ce-dist")
+    result = train_neck(cfg)
+    _summary(run["quiet"], f"neck {cfg.scenario} for {cfg.codec} q{cfg.quality}", result)
+
+
+if __name__ == "__main__":  # `python -m comneck_cli.train.commands ...`, e.g. under torchrun
+    train()

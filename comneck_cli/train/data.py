@@ -1,0 +1,190 @@
+"""Training data: an ImageFolder-style directory -> random square crops in [0, 1], with labels.
+
+Layout: one sub-folder per class (``DATA/tench/*.jpg``, ``DATA/goldfish/*.jpg``), class names from the
+folder names or from ``--classes FILE``; a flat folder of images (no labels) serves the stages without
+cross-entropy (``comneck train codec``, distillation-only stages).
+
+Reproducibility: the order of every epoch is a seeded permutation (``DistributedSampler`` with the run's
+seed, sharded across torchrun ranks) and every crop position is drawn from a generator seeded with
+``(seed, epoch, index)``. The batch of any global step is therefore a pure function of the seed and the
+step: a resumed run reads exactly the batches an uninterrupted one would, with any number of loader
+workers, without replaying the skipped ones.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from ..errors import ComneckError
+from ..images import ImageConversionWarning, pad_amounts, read_image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+UNLABELLED = -1
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_class_names(path: Path, folders: list[str]) -> list[str]:
+    """Class names for ``folders`` (sorted) from a text file.
+
+    Either one name per line in the folders' sorted order, or ``FOLDER NAME...`` lines (ImageNet's
+    ``LOC_synset_mapping.txt``: ``n01440764 tench, Tinca tinca``), recognised when every line starts
+    with a folder name; for such lines the name is the text up to the first comma.
+    """
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ComneckError(f"cannot read class names from {path} ({exc}); pass a UTF-8 text file") from exc
+    known = set(folders)
+    pairs = [line.split(None, 1) for line in lines]
+    if pairs and all(len(p) == 2 and p[0] in known for p in pairs):
+        mapping = {p[0]: p[1].split(",")[0].strip() for p in pairs}
+        missing = [f for f in folders if f not in mapping]
+        if missing:
+            raise ComneckError(f"class file {path} names no class for folder {missing[0]!r}; add a line for it")
+        return [mapping[f] for f in folders]
+    if len(lines) != len(folders):
+        raise ComneckError(
+            f"class file {path} has {len(lines)} names but the data folder has {len(folders)} class folders; "
+            "write one name per folder in sorted folder order, or 'FOLDER NAME' lines"
+        )
+    return lines
+
+
+class ImageFolderCrops(Dataset):
+    """Images under ``root`` -> ``(x, label)``: x a (3, crop, crop) float tensor in [0, 1].
+
+    Images smaller than the crop are zero-padded, centred, as CompressAI pads for coding. Items are
+    addressed by ``(index, seed)`` pairs from :class:`EpochSampler`; the seed fixes the crop position.
+    """
+
+    def __init__(self, root: Path, crop: int, *, classes_file: Path | None = None, labelled: bool = True):
+        root = Path(root)
+        if not root.is_dir():
+            raise ComneckError(f"training data folder {root} does not exist; pass an ImageFolder-style directory")
+        if crop < 1:
+            raise ComneckError(f"crop size {crop} is not positive; use a multiple of 64 such as 256")
+        self.root, self.crop = root, crop
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self.samples: list[tuple[Path, int]] = []
+        for label, folder in enumerate(folders):
+            self.samples += [(p, label) for p in _images_in(root / folder)]
+        if self.samples:
+            self.folders = folders
+            self.classes = (read_class_names(classes_file, folders) if classes_file
+                            else [f.replace("_", " ") for f in folders])
+        else:
+            if labelled:
+                raise ComneckError(
+                    f"training data folder {root} has no class sub-folders with images; cross-entropy needs "
+                    "one sub-folder of images per class (ImageFolder layout)"
+                )
+            self.samples = [(p, UNLABELLED) for p in _images_in(root)]
+            self.folders, self.classes = [], []
+        if not self.samples:
+            raise ComneckError(f"training data folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: tuple[int, tuple[int, ...]]) -> tuple[Tensor, int]:
+        index, seed = item
+        path, label = self.samples[index]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImageConversionWarning)
+            image = read_image(path)
+        return random_crop(image, self.crop, np.random.default_rng(seed)), label
+
+
+def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> Tensor:
+    """uint8 H×W×3 -> (3, size, size) float in [0, 1]: a uniformly placed crop, zero-padded when smaller."""
+    height, width = image.shape[:2]
+    top = int(rng.integers(0, max(height - size, 0) + 1))
+    left = int(rng.integers(0, max(width - size, 0) + 1))
+    patch = image[top : top + size, left : left + size]
+    x = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float().div_(255.0)
+    if x.shape[1:] != (size, size):
+        pad_l, pad_r, pad_t, pad_b = pad_amounts(x.shape[1], x.shape[2], size)
+        x = torch.nn.functional.pad(x, (pad_l, pad_r, pad_t, pad_b))
+    return x
+
+
+class EpochSampler(Sampler):
+    """One epoch's ``(index, crop seed)`` items for this rank, from position ``start`` on.
+
+    The order is ``DistributedSampler``'s seeded permutation for the epoch (sharded over ranks; padded so
+    every rank gets as many items), the crop seed ``(seed, epoch, index)``.
+    """
+
+    def __init__(self, size: int, *, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0):
+        self.inner = DistributedSampler(range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        self.inner.set_epoch(epoch)
+        self.seed, self.epoch, self.start = seed, epoch, start
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.start
+
+    def __iter__(self) -> Iterator[tuple[int, tuple[int, ...]]]:
+        indices = list(self.inner)[self.start :]
+        return iter([(i, (self.seed, self.epoch, i)) for i in indices])
+
+
+@dataclass
+class Batches:
+    """The batches of a run, addressed by global step: step s is batch ``s % per_epoch`` of epoch ``s // per_epoch``."""
+
+    dataset: ImageFolderCrops
+    batch_size: int
+    seed: int
+    rank: int = 0
+    world: int = 1
+    workers: int = 0
+    pin_memory: bool = False
+
+    @property
+    def per_rank(self) -> int:
+        return math.ceil(len(self.dataset) / self.world)
+
+    @property
+    def per_epoch(self) -> int:
+        """Optimizer steps per epoch (the last batch may be smaller)."""
+        return math.ceil(self.per_rank / self.batch_size)
+
+    def iterate(self, start: int, stop: int) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """Yield ``(step, x, labels)`` for global steps ``start <= step < stop``."""
+        step = start
+        while step < stop:
+            epoch, position = divmod(step, self.per_epoch)
+            sampler = EpochSampler(len(self.dataset), seed=self.seed, epoch=epoch, rank=self.rank,
+                                   world=self.world, start=position * self.batch_size)
+            # Its own generator: a DataLoader otherwise draws its worker seed from torch's global generator,
+            # which the training step's quantisation noise also draws from, and a resume would shift it.
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.workers,
+                                pin_memory=self.pin_memory, drop_last=False, generator=generator)
+            for x, labels in loader:
+                yield step, x, labels
+                step += 1
+                if step >= stop:
+                    return
+
+
+def steps_for(epochs: int | None, steps: int | None, per_epoch: int, what: str = "training") -> int:
+    """Optimizer steps from ``--epochs`` or ``--steps`` (exactly one of them)."""
+    if (epochs is None) == (steps is None):
+        raise ComneckError(f"give the length of {what} as either --epochs or --steps (exactly one)")
+    total = steps if steps is not None else epochs * per_epoch
+    if total < 0:
+        raise ComneckError(f"the length of {what} must not be negative, got {total}")
+    return total

@@ -1,0 +1,61 @@
+"""The training objectives: rate-distortion for people (CompressAI), and the paper's surrogate losses.
+
+- ``rd_loss``: R + λ·255²·MSE(x, x̂), CompressAI's ``RateDistortionLoss`` (R in bits per pixel).
+- ``distillation``: L_dist = MSE(C'(T(y_hat)), C(x)) (paper eq. 1) on the CLIP output the neck targets.
+- ``zero_shot_cross_entropy``: softmax over logit_scale × cosine(image embedding, class text embeddings)
+  against the true class (§3.4, the warm-up loss).
+- The joint objective of (d2)/(d3) (Table 1), R + λ(γ·d_recon + β·L_dist), with d_recon = MSE(x, x̂)
+  on [0, 1] pixels. Default γ = 255² makes β = 0 the codec's own RD loss (same λ); β = γ/60 is the paper's
+  γ:β = 60:1. (d3) has no reconstruction: γ = 0, the same β, so R + λ·β·L_dist.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import ComneckError
+
+# λ per quality level: CompressAI's zoo table (MSE models, q1..q8), and ELIC's as the ComNeck paper trains it.
+ZOO_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
+LAMBDAS: dict[str, Sequence[float]] = {"elic2022-official": (0.004, 0.008, 0.016, 0.032)}
+
+PIXEL_SCALE = 255.0**2
+GAMMA = PIXEL_SCALE
+BETA = PIXEL_SCALE / 60.0
+
+
+def default_lambda(codec: str, quality: int) -> float:
+    """λ for a codec's quality level (ELIC: the paper's four; others: CompressAI's zoo table)."""
+    table = LAMBDAS.get(codec, ZOO_LAMBDAS)
+    if not 1 <= quality <= len(table):
+        raise ComneckError(f"no default λ for {codec} quality {quality}; pass --lmbda")
+    return float(table[quality - 1])
+
+
+def rd_loss(bpp: Tensor, x_hat: Tensor, x: Tensor, lmbda: float) -> tuple[Tensor, Tensor]:
+    """(R + λ·255²·MSE, MSE), computed in float32."""
+    mse = F.mse_loss(x_hat.float(), x.float())
+    return bpp + lmbda * PIXEL_SCALE * mse, mse
+
+
+def distillation(student: Tensor, teacher: Tensor) -> Tensor:
+    """L_dist = MSE(C'(T(y_hat)), C(x)), float32."""
+    return F.mse_loss(student.float(), teacher.float())
+
+
+def zero_shot_cross_entropy(image_embedding: Tensor, text_embeddings: Tensor, logit_scale: Tensor | float,
+                            labels: Tensor) -> Tensor:
+    """CLIP zero-shot classification loss: logits = scale · cos(image, class text), cross-entropy vs labels."""
+    image = F.normalize(image_embedding.float(), dim=-1)
+    text = F.normalize(text_embeddings.float(), dim=-1)
+    return F.cross_entropy(torch.as_tensor(logit_scale, dtype=torch.float32) * image @ text.T, labels)
+
+
+def joint_loss(bpp: Tensor, mse: Tensor | None, dist: Tensor, lmbda: float, gamma: float, beta: float) -> Tensor:
+    """(d2)/(d3): R + λ(γ·MSE(x, x̂) + β·L_dist); ``mse`` None (d3: g_s unused) counts as zero."""
+    recon = 0.0 if mse is None else gamma * mse
+    return bpp + lmbda * (recon + beta * dist)
