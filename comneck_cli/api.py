@@ -16,9 +16,9 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from formats import Record, codec_name
+from formats import PAD_MULTIPLE, Record, codec_name
 
-from .codecs import PAD_MULTIPLE, Codec, load_codec
+from .codecs import Codec, load_codec
 from .errors import ComneckError
 from .images import from_tensor, to_tensor
 

@@ -346,7 +346,7 @@ def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str
     _quiet_imports()
     from . import api
     from .features import FeatureExtractor, metadata, resolve_neck, save_features
-    from .outputs import is_dir_target, numbered
+    from .outputs import is_dir_target
 
     pad_to_square = False
     if family is not None:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import weights as registry
-from formats import CODEC_IDS, PAD_MULTIPLE, latent_grids
+from formats import CODEC_IDS, latent_grids
 
 from .errors import ComneckError
 

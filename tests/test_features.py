@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 
 import numpy as np
@@ -14,7 +13,7 @@ from safetensors.torch import load_file
 
 from comneck_cli import api
 from comneck_cli.cli import main
-from comneck_cli.clip import ClipHead, ClipTail, load_clip
+from comneck_cli.clip import ClipTail, load_clip
 from comneck_cli.neck import load_neck
 from formats import unpack
 

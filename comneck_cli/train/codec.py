@@ -24,8 +24,8 @@ from . import checkpoint as ckpt
 from .data import Batches, ImageFolderCrops, steps_for
 from .export import publish, write_codec
 from .latents import latent_path, rate_bpp
-from .losses import default_lambda, rd_loss
-from .loop import (Clock, Metrics, RunConfig, Runtime, check_finite, check_length, default_run_dir, merge_resumed,
+from .losses import rd_loss
+from .loop import (Clock, Metrics, RunConfig, Runtime, check_finite, check_length, default_run_dir, resolve_run,
                    progress, serialise, setup_runtime, teardown)
 
 CODEC_DEFAULTS = {"batch_size": 8, "crop": 256, "seed": 0, "lr": 1e-4, "aux_lr": 1e-3, "clip_max_norm": 1.0}
@@ -121,22 +121,7 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 def _resolve(cfg: CodecTrainConfig) -> dict[str, Any] | None:
     """Fill defaults; on resume take the trajectory from the checkpoint. Returns the checkpoint state."""
-    state = None
-    if cfg.resume is not None:
-        state = ckpt.load(cfg.resume, "codec")
-        merge_resumed(cfg, state["config"], TRAJECTORY)
-        cfg.data = cfg.data or Path(state["config"]["data"])
-        cfg.run_dir = cfg.run_dir or Path(cfg.resume).parent
-    if cfg.codec is None or cfg.quality is None or cfg.data is None:
-        raise ComneckError("train codec needs --codec, -q/--quality and --data (or --resume CHECKPOINT)")
-    for name, value in CODEC_DEFAULTS.items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, value)
-    if cfg.lmbda is None:
-        cfg.lmbda = default_lambda(cfg.codec, cfg.quality)
-    if cfg.crop % 64:
-        raise ComneckError(f"--crop {cfg.crop} is not a multiple of 64, which the codec's transforms need")
-    return state
+    return resolve_run(cfg, "codec", TRAJECTORY, CODEC_DEFAULTS, "train codec")
 
 
 def train_codec(cfg: CodecTrainConfig) -> TrainResult:

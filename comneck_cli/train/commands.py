@@ -7,6 +7,7 @@ they run. Register the group with ``main.add_command(train)`` in ``comneck_cli/c
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from functools import wraps
 from pathlib import Path
@@ -48,7 +49,8 @@ def _run_options(func: Callable) -> Callable:
                      help="Write the checkpoint every N steps (and at the end)."),
         click.option("--log-every", type=click.IntRange(1), default=10, show_default=True,
                      help="Append the mean losses of every N steps to metrics.jsonl."),
-        click.option("--workers", type=click.IntRange(0), default=4, show_default=True, help="Data-loading processes."),
+        click.option("--workers", type=click.IntRange(0), default=min(4, os.cpu_count() or 1), show_default=True,
+                     help="Data-loading processes (default: up to 4, no more than the CPU count)."),
         click.option("--quiet", is_flag=True, help="No progress bar and no summary; errors still print."),
         click.option("--debug", is_flag=True, help="Show tracebacks for errors."),
     ]

@@ -113,7 +113,7 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> Tenso
     top = int(rng.integers(0, max(height - size, 0) + 1))
     left = int(rng.integers(0, max(width - size, 0) + 1))
     patch = image[top : top + size, left : left + size]
-    x = torch.from_numpy(np.ascontiguousarray(patch)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.array(patch, copy=True)).permute(2, 0, 1).float().div_(255.0)
     if x.shape[1:] != (size, size):
         pad_l, pad_r, pad_t, pad_b = pad_amounts(x.shape[1], x.shape[2], size)
         x = torch.nn.functional.pad(x, (pad_l, pad_r, pad_t, pad_b))

@@ -267,3 +267,29 @@ def merge_resumed(cfg: Any, saved: dict[str, Any], trajectory: tuple[str, ...]) 
         elif isinstance(stored, list):
             stored = tuple(stored)
         setattr(cfg, name, stored)
+
+
+def resolve_run(cfg: Any, kind: str, trajectory: tuple[str, ...], defaults: dict[str, Any], command: str):
+    """What ``train codec`` and ``train neck`` share before training: resume state, required options, defaults, λ.
+
+    On resume the trajectory (model, λ, rates, batch, crop, seed) comes from the checkpoint. Returns its state.
+    """
+    from . import checkpoint as ckpt
+    from .losses import default_lambda
+
+    state = None
+    if cfg.resume is not None:
+        state = ckpt.load(cfg.resume, kind)
+        merge_resumed(cfg, state["config"], trajectory)
+        cfg.data = cfg.data or Path(state["config"]["data"])
+        cfg.run_dir = cfg.run_dir or Path(cfg.resume).parent
+    if cfg.codec is None or cfg.quality is None or cfg.data is None:
+        raise ComneckError(f"{command} needs --codec, -q/--quality and --data (or --resume CHECKPOINT)")
+    for name, value in defaults.items():
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, value)
+    if cfg.lmbda is None:
+        cfg.lmbda = default_lambda(cfg.codec, cfg.quality)
+    if cfg.crop % 64:
+        raise ComneckError(f"--crop {cfg.crop} is not a multiple of 64, which the codec's transforms need")
+    return state

@@ -42,8 +42,8 @@ from .codec import TrainResult, constructor_config, split_parameters
 from .data import Batches, ImageFolderCrops, steps_for
 from .export import publish, write_codec
 from .latents import frozen_latents, latent_path, rate_bpp
-from .losses import BETA, GAMMA, default_lambda, distillation, joint_loss, zero_shot_cross_entropy
-from .loop import (Clock, Metrics, RunConfig, Runtime, check_finite, check_length, default_run_dir, merge_resumed,
+from .losses import BETA, GAMMA, distillation, joint_loss, zero_shot_cross_entropy
+from .loop import (Clock, Metrics, RunConfig, Runtime, check_finite, check_length, default_run_dir, resolve_run,
                    progress, serialise, setup_runtime, teardown)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -157,23 +157,9 @@ def _per_stage(values: Sequence | None, what: str) -> tuple | None:
 
 
 def _resolve(cfg: NeckTrainConfig) -> dict[str, Any] | None:
-    state = None
-    if cfg.resume is not None:
-        state = ckpt.load(cfg.resume, "neck")
-        merge_resumed(cfg, state["config"], TRAJECTORY)
-        cfg.data = cfg.data or Path(state["config"]["data"])
-        cfg.run_dir = cfg.run_dir or Path(cfg.resume).parent
-    if cfg.codec is None or cfg.quality is None or cfg.data is None:
-        raise ComneckError("train neck needs --codec, -q/--quality and --data (or --resume CHECKPOINT)")
-    for name, value in NECK_DEFAULTS.items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, value)
+    state = resolve_run(cfg, "neck", TRAJECTORY, NECK_DEFAULTS, "train neck")
     if cfg.scenario not in ("d1", "d2", "d3"):
         raise ComneckError(f"unknown scenario {cfg.scenario!r}; use d1, d2 or d3")
-    if cfg.lmbda is None:
-        cfg.lmbda = default_lambda(cfg.codec, cfg.quality)
-    if cfg.crop % 64:
-        raise ComneckError(f"--crop {cfg.crop} is not a multiple of 64, which the codec's transforms need")
     cfg.lr = _per_stage(cfg.lr, "--lr")
     cfg.templates = tuple(cfg.templates)
     cfg.ce_dist = tuple(cfg.ce_dist)
