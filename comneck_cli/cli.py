@@ -663,7 +663,7 @@ def weights_list(as_json: bool) -> None:
 @weights_group.command("import")
 @click.argument("name")
 @click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--kind", type=click.Choice(["codec", "neck", "clip"]), default=None,
+@click.option("--kind", type=click.Choice(["codec", "neck", "clip", "postprocess"]), default=None,
               help="What the file is; guessed from NAME (a codec name followed by -qN means codec).")
 def weights_import(name: str, file: Path, kind: str | None) -> None:
     """Copy FILE into the user registry as NAME, recording its sha256.
@@ -689,6 +689,10 @@ def weights_import(name: str, file: Path, kind: str | None) -> None:
 from .train.commands import train  # noqa: E402  (the group imports torch only inside its commands)
 
 main.add_command(train)
+
+from .eval.commands import eval_command  # noqa: E402  (torch-free: imports the evaluation code when it runs)
+
+main.add_command(eval_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -202,7 +202,7 @@ class ClipFeatures:
         return select_features(self.hidden_states, self.embedding, layer, select, k=self.k)
 
 
-def _resolve_layer(layer: int, num_states: int, k: int | None) -> int:
+def resolve_layer(layer: int, num_states: int, k: int | None) -> int:
     if not -num_states <= layer < num_states:
         raise ComneckError(
             f"hidden-state layer {layer} does not exist: the CLIP tower has {num_states - 1} blocks, "
@@ -247,7 +247,7 @@ def select_features(
         if embedding is None:
             raise ComneckError("the pooled embedding was not computed; run the CLIP tail to the end")
         return embedding
-    index = _resolve_layer(layer, len(hidden_states), k)
+    index = resolve_layer(layer, len(hidden_states), k)
     state = hidden_states[index]
     if state is None:
         raise ComneckError(
@@ -310,7 +310,7 @@ class ClipTail(nn.Module):
         ``projected``) the blocks after ``layer`` are not run at all: LLaVA's layer -2 skips the last block.
         """
         num_states = self.num_layers + 1
-        index = None if layer is None else _resolve_layer(layer, num_states, self.k)
+        index = None if layer is None else resolve_layer(layer, num_states, self.k)
         computed = [tokens]
         run_all = embedding or projected or index is None
         blocks = self.blocks if run_all else _Blocks(self.blocks.resblocks[: index - self.k], self.blocks.batch_first)

@@ -27,6 +27,7 @@ import weights as registry
 from formats import CODEC_IDS, latent_grids
 
 from .errors import ComneckError
+from .modelfiles import read_safetensors
 
 class Family:
     """How one kind of CompressAI model maps x to strings and strings to ``y_hat``.
@@ -301,13 +302,7 @@ def save_codec(
 
 def _read_state(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ComneckError(f"cannot read codec weights {path}: not a valid safetensors file ({exc})") from exc
+        return read_safetensors(path, "codec weights")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files

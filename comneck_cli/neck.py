@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ComneckError
+from .modelfiles import read_safetensors
 
 NECK_FORMAT = "comneck-neck"
 NECK_FORMAT_VERSION = "1"
@@ -245,19 +246,7 @@ def save_neck(neck: TransformNeck, path: Path | str, info: NeckInfo) -> None:
 
 def load_neck(path: Path | str, device: torch.device | str = "cpu") -> tuple[TransformNeck, NeckInfo]:
     """Read a neck file written by :func:`save_neck` -> (neck in eval mode on ``device``, its :class:`NeckInfo`)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ComneckError(f"neck file {path} does not exist; pass an existing neck file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ComneckError(
-            f"{path} is not a comneck neck file (not a valid safetensors file: {exc}); pass a neck file"
-        ) from exc
+    state, meta = read_safetensors(path, "neck")
     info = NeckInfo.from_metadata(meta, path)
     try:
         config = dict(info.config)

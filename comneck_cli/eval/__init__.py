@@ -1,0 +1,51 @@
+"""``comneck eval``: rate against fidelity and accuracy for the neck, the paper's baselines and traditional codecs.
+
+The paper's comparison (§4.1-4.2, A.2) on a labelled image folder, without an MLLM: every method turns an
+image into bits and the bits into CLIP features; what is measured is the rate (bpp of the real bytes), what a
+person sees (PSNR, MS-SSIM), how close the features are to C(x) (MSE, cosine) and CLIP zero-shot top-1.
+
+One module per concern:
+
+- ``data``        the image folder (ImageFolder classes or flat), ``--limit``, ``--size``;
+- ``metrics``     bpp, PSNR, MS-SSIM, feature fidelity, the zero-shot classifier, the metric table;
+- ``baselines``   traditional codecs through Pillow (JPEG, WebP, AVIF, JPEG XL) and the bpp-matching search;
+- ``postprocess`` the U-Net of the *Post-processing* baseline and its file format;
+- ``methods``     one class per method (neck, reconstruction, postprocess, uncompressed, traditional codecs);
+- ``run``         the loop over image chunks, the JSONL log behind ``--resume``;
+- ``report``      averages, BD-rates, ``points.csv/json``, ``summary.md``, one PNG per metric;
+- ``commands``    the Click command (imports neither torch nor compressai until it runs).
+
+Re-exported lazily so that importing this package does not import torch::
+
+    from comneck_cli.eval import EvalConfig, run_eval
+    result = run_eval(EvalConfig(data=Path("val/"), output=Path("report/"), qualities=(1, 2, 3, 4)))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "EvalConfig": "run",
+    "EvalResult": "run",
+    "run_eval": "run",
+    "bd_rate": "report",
+    "UNet": "postprocess",
+    "PostprocessInfo": "postprocess",
+    "save_postprocess": "postprocess",
+    "load_postprocess": "postprocess",
+}
+
+__all__ = ["METHOD_NAMES", "DEFAULT_METHODS", "DEFAULT_PROMPT", *_EXPORTS]
+
+# Names the CLI checks without importing torch; ``methods.METHODS`` is the registry they name.
+METHOD_NAMES = ("neck", "reconstruction", "postprocess", "uncompressed", "jpeg", "webp", "avif", "jxl")
+DEFAULT_METHODS = ("neck", "reconstruction", "uncompressed", "jpeg", "webp", "avif", "jxl")
+DEFAULT_PROMPT = "a photo of a {}."
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,209 @@
+"""``comneck eval``: a thin Click command over :func:`comneck_cli.eval.run.run_eval`.
+
+Importing this module imports neither torch nor compressai: the command imports the evaluation code when it
+runs. Register it with ``main.add_command(eval_command)`` in ``comneck_cli/cli.py``.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import click
+
+from ..errors import ComneckError
+from ..presets import PRESETS
+from . import DEFAULT_METHODS, DEFAULT_PROMPT, METHOD_NAMES
+
+_FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
+
+
+def parse_spec(value: str | None, option: str) -> dict:
+    """``FILE`` (every quality) or ``q1=FILE,q2=NAME`` (``1=FILE`` also) -> ``{quality or None: value}``."""
+    result: dict = {}
+    for part in (value or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, rest = part.partition("=")
+        number = key.strip().lower().removeprefix("q")
+        if sep and number.isdigit():
+            if not rest.strip():
+                raise click.BadParameter(f"{part!r} names no file; use q{number}=FILE", param_hint=option)
+            result[int(number)] = rest.strip()
+        elif None in result:
+            raise click.BadParameter(f"{part!r}: give one FILE for every quality, or qQ=FILE for each",
+                                     param_hint=option)
+        else:
+            result[None] = part
+    return result
+
+
+def _qualities(ctx, param, value: str) -> tuple[int, ...]:
+    try:
+        qualities = sorted({int(q) for q in value.split(",") if q.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use comma-separated integers such as 1,2,3,4") from None
+    if not qualities or qualities[0] < 1:
+        raise click.BadParameter(f"{value!r}: use comma-separated qualities from 1 up")
+    return tuple(qualities)
+
+
+def _methods(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    names = tuple(dict.fromkeys(n.strip() for n in value.split(",") if n.strip()))
+    unknown = [n for n in names if n not in METHOD_NAMES]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown method {unknown[0] if unknown else value!r}; use some of "
+                                 f"{', '.join(METHOD_NAMES)}")
+    return names
+
+
+@contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Callable[[], None]]:
+    """A rich progress bar on stderr, only on a terminal and without --quiet; yields ``advance()``."""
+    if not enabled or total < 1 or not sys.stderr.isatty():
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("evaluating", total=total)
+        yield lambda: bar.advance(task)
+
+
+class _Terminated(KeyboardInterrupt):
+    pass
+
+
+@click.command("eval")
+@click.option("--data", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Images: one sub-folder per class (ImageFolder; enables zero-shot accuracy) or a flat folder.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="REPORT_DIR for points.csv/json, summary.md, one PNG per metric and the points.jsonl log.")
+@click.option("--codec", default="mbt2018-mean", show_default=True, help="Learned codec (see `comneck codecs`).")
+@click.option("--qualities", default="1,2,3,4", show_default=True, callback=_qualities,
+              help="Codec qualities: one curve point each.")
+@click.option("--methods", default=None, callback=_methods,
+              show_default=f"{','.join(DEFAULT_METHODS)}, plus postprocess with --postprocess",
+              help=f"Comma-separated methods among {', '.join(METHOD_NAMES)}.")
+@click.option("--weights", default=None,
+              help="Codec weights: FILE or registry NAME, or q1=FILE,q2=NAME,... per quality. "
+                   "Default: the registry's CODEC-qQ, else the CompressAI zoo.")
+@click.option("--neck", default=None,
+              help="Neck per quality: FILE or NAME, or q1=FILE,q2=NAME,... Default: the registry's CODEC-qQ-neck.")
+@click.option("--neck-weights", default=None,
+              help="Codec weights a d2/d3 neck was trained with (its records are coded with them), as --weights. "
+                   "Default: --weights if the neck was trained on them, else a registered codec with the neck's "
+                   "digest.")
+@click.option("--postprocess", default=None,
+              help="Post-processing U-Net per quality (FILE, or q1=FILE,...) for the postprocess method.")
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Evaluate only the first N images (round-robin over the classes).")
+@click.option("--size", type=click.IntRange(0), default=256, show_default=True,
+              help="Resize the short side to S (bicubic) and centre-crop S×S before coding, as the paper's 256×256; "
+                   "0 codes images as they are.")
+@click.option("--for", "family", type=click.Choice(list(PRESETS)), default=None,
+              help="Compare exactly what that MLLM family reads: sets --layer/--select, the CLIP tower and its "
+                   "preprocessing (as `comneck features --for`).")
+@click.option("--layer", type=int, default=-2, show_default=True,
+              help="Hidden state compared with C(x), Hugging Face numbering (-2: what LLaVA reads).")
+@click.option("--select", type=click.Choice(["patch", "cls", "all", "pooled", "projected"]), default="patch",
+              show_default=True, help="Tokens compared with C(x): patch (no CLS), cls, all, pooled (the projected "
+              "embedding) or projected (every last-layer token after ln_post and the projection).")
+@click.option("--clip", "clip_model", default=None, show_default="the necks' CLIP, else ViT-L-14",
+              help="open_clip model of the reference tower C and the zero-shot text encoder.")
+@click.option("--clip-tag", default=None, show_default="the necks' tag, else openai", help="open_clip weights tag.")
+@click.option("--clip-weights", type=_FILE, default=None,
+              help="Local CLIP weights file instead of the registry / open_clip cache.")
+@click.option("--classes", type=_FILE, default=None,
+              help="Class names: one per line in sorted folder order, or 'FOLDER NAME' lines. Default: folder names.")
+@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Zero-shot prompt; {} is the class name.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Images per chunk (CLIP runs batched over a chunk).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the codec transforms, the neck, the U-Net and CLIP run; entropy coding stays on the CPU.")
+@click.option("--max-pixels", type=click.IntRange(1), default=None,
+              help="Refuse images with more pixels than this (decompression-bomb protection).")
+@click.option("--resume", is_flag=True,
+              help="Continue the evaluation in REPORT_DIR: finished points are not recomputed.")
+@click.option("--force", is_flag=True, help="Start over, discarding the evaluation already in REPORT_DIR.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no notes; errors still print.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def eval_command(data: Path, output: Path, codec: str, qualities: tuple[int, ...], methods: tuple[str, ...] | None,
+                 weights: str | None, neck: str | None, neck_weights: str | None, postprocess: str | None,
+                 limit: int | None, size: int, family: str | None, layer: int, select: str, clip_model: str | None,
+                 clip_tag: str | None,
+                 clip_weights: Path | None, classes: Path | None, prompt: str, batch_size: int, device: str,
+                 max_pixels: int | None, resume: bool, force: bool, quiet: bool, debug: bool) -> None:
+    """Compare the neck with the paper's baselines and traditional codecs: rate against PSNR, MS-SSIM, feature
+    fidelity to C(x) and CLIP zero-shot accuracy, with BD-rates against reconstruction.
+
+    Methods: neck (latents -> neck -> C'), reconstruction (g_s -> CLIP), postprocess (g_s -> U-Net -> CLIP),
+    uncompressed (C(x), the upper bound), and jpeg/webp/avif/jxl bpp-matched to the codec image by image.
+    A method that cannot run here is reported as skipped with the reason.
+    """
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
+    if methods is None:
+        methods = DEFAULT_METHODS + (("postprocess",) if postprocess else ())
+    pad_to_square = False
+    if family is not None:
+        preset = PRESETS[family]
+        ctx = click.get_current_context()
+        for name, value in (("layer", layer), ("select", select), ("clip_model", clip_model), ("clip_tag", clip_tag)):
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and \
+                    value != getattr(preset, name):
+                option = "--clip" if name == "clip_model" else f"--{name.replace('_', '-')}"
+                raise click.UsageError(f"--for {family} sets {option} {getattr(preset, name)}; drop {option} {value}")
+        layer, select, clip_model, clip_tag = preset.layer, preset.select, preset.clip_model, preset.clip_tag
+        pad_to_square = preset.pad_to_square
+
+    def say(message: str) -> None:
+        if not quiet or message.startswith("error:"):
+            click.echo(f"comneck: {message}", err=True)
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        from .run import EvalConfig, run_eval
+
+        cfg = EvalConfig(
+            data=data, output=output, codec=codec, qualities=qualities, methods=methods,
+            weights=parse_spec(weights, "--weights"), necks=parse_spec(neck, "--neck"),
+            neck_weights=parse_spec(neck_weights, "--neck-weights"),
+            postprocess=parse_spec(postprocess, "--postprocess"),
+            limit=limit, size=size, layer=layer, select=select, pad_to_square=pad_to_square,
+            clip_model=clip_model, clip_tag=clip_tag,
+            clip_weights=clip_weights, classes=classes, prompt=prompt, batch_size=batch_size, device=device,
+            resume=resume, force=force, max_pixels=max_pixels,
+        )
+        result = run_eval(cfg, progress=lambda total: _progress(total, not quiet), echo=say)
+    except ComneckError as exc:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"comneck: error: {exc}", err=True)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt as exc:
+        click.echo(f"comneck: interrupted; finished points are kept in {output / 'points.jsonl'}: rerun with --resume "
+                   "to continue", err=True)
+        raise SystemExit(143 if isinstance(exc, _Terminated) else 130) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    say(f"wrote {output / 'summary.md'}: {result.computed} point(s) computed, {result.reused} taken from the log, "
+        f"{len(result.skips)} skipped, {len(result.failures)} failed")
+    raise SystemExit(1 if result.failures else 0)

@@ -1,0 +1,401 @@
+"""The methods ``comneck eval`` compares, one class each, reached through :data:`METHODS`.
+
+Every method turns one evaluated image x into bytes (the rate), the image a person would see from them (or
+none), and the input of a CLIP path: latents for ``C'(T(·))`` or an image for the full tower C. Per learned
+quality q (point ``qQ``):
+
+- ``neck``: ``.cnk`` -> ``y_hat`` -> transform-neck T -> C' (any d1/d2/d3 neck). A person would see the same
+  codec's ``g_s`` reconstruction of the same bits; a d3 codec has none.
+- ``reconstruction`` (the paper's *Reconstruction*, the BD-rate anchor): ``.cnk`` -> ``g_s`` -> x_hat -> C.
+- ``postprocess`` (*Post-processing*): x_hat -> U-Net -> C; a person sees x_hat.
+- ``jpeg``, ``webp``, ``avif``, ``jxl``: the file whose bpp is nearest to the ``.cnk`` record's, image by image
+  (:mod:`.baselines`), decoded -> C.
+
+And one point ``lossless``: ``uncompressed``, the upper bound, whose features are C(x) itself (MSE 0, cosine 1).
+Its rate is the size of the image as a PNG file (Pillow, default compression); the report draws it as a
+horizontal line, since no rate buys more than C(x). PSNR and MS-SSIM of the original are not measured.
+
+A method or point that cannot run here (no neck or U-Net for a quality, an encoder not installed, a neck
+trained for other codec weights) becomes a :class:`Skip` with the reason, which the report lists.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import weights as registry
+from formats import PAD_MULTIPLE, pack
+
+from .. import api
+from ..clip import resolve_layer
+from ..codecs import Codec
+from ..errors import ComneckError
+from ..features import FeatureExtractor, neck_registry_name, resolve_clip, resolve_neck
+from ..images import from_tensor
+from ..neck import load_neck
+from .baselines import TRADITIONAL, ImageCodec
+from .data import Item
+
+Spec = dict  # {quality or None (every quality): file or registry name}
+
+
+def spec_for(spec: Spec, quality: int) -> str | None:
+    return spec.get(quality, spec.get(None))
+
+
+def file_digest(path: Path) -> str:
+    """First 16 hex digits of a file's sha256: how rows record which model file made them."""
+    return registry.file_sha256(Path(path))[:16]
+
+
+@dataclass
+class Point:
+    """One curve point of one method, with everything it needs loaded. ``models`` names the files it used
+    (``--resume`` recomputes rows whose models differ)."""
+
+    method: str
+    name: str
+    quality: int | None
+    models: dict[str, str]
+    codec: Codec | None = None
+    extractor: FeatureExtractor | None = None
+    unet: torch.nn.Module | None = None
+    baseline: ImageCodec | None = None
+    human_view: bool = True
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A method (``point`` None) or one of its points that does not run, and why."""
+
+    method: str
+    point: str | None
+    reason: str
+
+
+@dataclass
+class Entry:
+    """One loaded image of the current chunk: the evaluated pixels x."""
+
+    item: Item
+    image: np.ndarray
+
+
+@dataclass
+class Outcome:
+    """What a method made of one image: bytes, the image a person sees, and the CLIP path's input."""
+
+    num_bytes: int
+    view: np.ndarray | None
+    notes: list[str] = field(default_factory=list)
+    latents: Tensor | None = None  # C'(T(latents)) ...
+    clip_image: np.ndarray | None = None  # ... or C(clip_image)
+    extractor: FeatureExtractor | None = None  # None: the reference tower C
+    is_reference: bool = False  # the features are C(x) itself
+    setting: str | None = None
+
+
+class Context:
+    """Models shared by the methods (loaded once) and the coded images of the current chunk."""
+
+    def __init__(self, *, device: torch.device, codec: str, qualities: tuple[int, ...], layer: int, select: str,
+                 clip_model: str, clip_tag: str, clip_weights: Path | None, weights: Spec, necks: Spec,
+                 neck_weights: Spec, postprocess: Spec, pad_to_square: bool = False):
+        self.device = device
+        self.codec_name = codec
+        self.qualities = qualities
+        self.layer, self.select = layer, select
+        self.pad_to_square = pad_to_square
+        self.clip_model, self.clip_tag, self.clip_weights = clip_model, clip_tag, clip_weights
+        self.weights, self.necks, self.neck_weights, self.postprocess = weights, necks, neck_weights, postprocess
+        self._codecs: dict[object, Codec] = {}
+        self._clip = None
+        self._reference: FeatureExtractor | None = None
+        self._coded: dict[tuple, object] = {}
+
+    # ------------------------------------------------------------------ models
+    def codec(self, quality: int, weights: str | Path | None = None) -> Codec:
+        """The codec at ``quality``: from ``weights`` (file or registry name), else ``--weights``, else the
+        registry ``CODEC-qQ`` / CompressAI zoo."""
+        given = weights if weights is not None else spec_for(self.weights, quality)
+        key = (quality, str(given))
+        if key not in self._codecs:
+            self._codecs[key] = api.load_codec(self.codec_name, quality, weights=given, device=self.device)
+        return self._codecs[key]
+
+    @property
+    def clip(self) -> torch.nn.Module:
+        if self._clip is None:
+            self._clip = resolve_clip(self.clip_model, self.clip_tag, self.clip_weights, device=self.device)
+        return self._clip
+
+    @property
+    def reference(self) -> FeatureExtractor:
+        """The full tower C (no split) that gives C(x) and the image paths' features."""
+        if self._reference is None:
+            self._reference = FeatureExtractor(clip=self.clip, k=0, device=self.device,
+                                               pad_to_square=self.pad_to_square)
+        return self._reference
+
+    # ------------------------------------------------------------------ per-chunk coding, shared by methods
+    def new_chunk(self) -> None:
+        self._coded.clear()
+
+    def coded(self, codec: Codec, entry: Entry):
+        """(record, bytes in the record) of ``entry`` coded by ``codec``; coded once per chunk."""
+        key = ("record", codec.digest, codec.quality, entry.item.id)
+        if key not in self._coded:
+            record = api.encode(entry.image, codec)
+            self._coded[key] = (record, len(pack(record)))
+        return self._coded[key]
+
+    def latents(self, codec: Codec, entry: Entry) -> Tensor:
+        """``y_hat`` as the decoder recovers it from the record (entropy decoding only)."""
+        key = ("y_hat", codec.digest, codec.quality, entry.item.id)
+        if key not in self._coded:
+            self._coded[key] = api.decode_latents(self.coded(codec, entry)[0], codec)
+        return self._coded[key]
+
+    def decoded(self, codec: Codec, entry: Entry) -> np.ndarray:
+        """The reconstruction a person sees: ``g_s(y_hat)`` cropped and rounded to uint8 (as ``decode`` does)."""
+        key = ("x_hat", codec.digest, codec.quality, entry.item.id)
+        if key not in self._coded:
+            height, width = entry.image.shape[:2]
+            x_hat = codec.synthesize(self.latents(codec, entry))
+            self._coded[key] = from_tensor(x_hat, height, width, PAD_MULTIPLE)
+        return self._coded[key]
+
+
+def model_file(given: str | Path | None, what: str) -> Path | None:
+    """A file path as given, or the verified file of a registry name; None stays None (default lookup)."""
+    if given is None:
+        return None
+    path = Path(given)
+    if path.is_file():
+        return path
+    if path.suffix in (".safetensors", ".pt", ".pth", ".tar") or "/" in str(given):
+        raise ComneckError(f"{what} file {given} does not exist")
+    try:
+        return registry.resolve(str(given))
+    except registry.WeightsError as exc:
+        raise ComneckError(f"{what} {given!r}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------- methods
+class Method:
+    """One compared method: :meth:`plan` its points (or skips), :meth:`run` it on one image at one point."""
+
+    name: ClassVar[str]
+    what: ClassVar[str]
+
+    def plan(self, ctx: Context) -> tuple[list[Point], list[Skip]]:
+        points, skips = [], []
+        for quality in ctx.qualities:
+            try:
+                points.append(self.plan_quality(ctx, quality))
+            except ComneckError as exc:
+                skips.append(Skip(self.name, f"q{quality}", str(exc)))
+        return points, skips
+
+    def plan_quality(self, ctx: Context, quality: int) -> Point:
+        raise NotImplementedError
+
+    def run(self, ctx: Context, point: Point, entry: Entry) -> Outcome:
+        raise NotImplementedError
+
+
+class Reconstruction(Method):
+    name = "reconstruction"
+    what = "y_hat -> g_s -> x_hat -> full CLIP tower (the paper's Reconstruction; BD-rate anchor)"
+
+    def plan_quality(self, ctx, quality):
+        codec = ctx.codec(quality)
+        if codec.machine_only:
+            raise ComneckError(f"codec weights {codec.source} were retrained for machines only (d3): g_s does not "
+                               "reconstruct images; pass the codec's original weights with --weights")
+        return Point(self.name, f"q{quality}", quality, {"codec": codec.digest.hex()}, codec=codec)
+
+    def run(self, ctx, point, entry):
+        _, size = ctx.coded(point.codec, entry)
+        x_hat = ctx.decoded(point.codec, entry)
+        return Outcome(size, x_hat, clip_image=x_hat)
+
+
+class Neck(Method):
+    name = "neck"
+    what = "y_hat -> transform-neck T -> C' (g_s never runs); people see g_s of the same bits"
+
+    def plan_quality(self, ctx, quality):
+        given = spec_for(ctx.necks, quality)
+        name = neck_registry_name(ctx.codec_name, quality)
+        try:
+            path = resolve_neck(given if given is not None else name)
+        except ComneckError as exc:
+            if given is not None:
+                raise
+            raise ComneckError(f"no neck for quality {quality}: none given (--neck q{quality}=FILE) and {exc}; "
+                               "train one with `comneck train neck`") from exc
+        neck, info = load_neck(path, device=ctx.device)
+        if (info.codec, info.quality) != (ctx.codec_name, quality):
+            raise ComneckError(f"neck {path} was trained for {info.codec} quality {info.quality}, not {ctx.codec_name} "
+                               f"quality {quality}; pass the neck of this codec and quality")
+        codec = ctx.codec(quality)
+        if info.codec_digest != codec.digest.hex():
+            codec = self._retrained_codec(ctx, quality, info, path, codec)
+        info.check_matches(codec.name, codec.quality, codec.digest, ctx.clip_model, ctx.clip_tag, info.k, neck=path)
+        if ctx.select not in ("pooled", "projected"):  # a layer inside C does not exist here: say so once
+            resolve_layer(ctx.layer, len(ctx.clip.visual.transformer.resblocks) + 1, info.k)
+        human = info.scenario != "d3" and not codec.machine_only
+        extractor = FeatureExtractor(clip=ctx.clip, k=info.k, device=ctx.device, neck=neck, info=info, neck_path=path)
+        return Point(self.name, f"q{quality}", quality, {"codec": codec.digest.hex(), "neck": file_digest(path)},
+                     codec=codec, extractor=extractor, human_view=human, detail=f"{info.scenario}, k={info.k}")
+
+    @staticmethod
+    def _retrained_codec(ctx: Context, quality: int, info, path: Path, codec: Codec) -> Codec:
+        """The codec a d2/d3 neck was trained with: ``--neck-weights``, else a registered codec with its digest."""
+        given = spec_for(ctx.neck_weights, quality)
+        if given is not None:
+            retrained = ctx.codec(quality, given)
+            if retrained.digest.hex() != info.codec_digest:
+                raise ComneckError(
+                    f"--neck-weights for quality {quality} ({retrained.source}) have digest {retrained.digest.hex()}, "
+                    f"but neck {path} was trained on codec weights {info.codec_digest}; pass the codec the neck was "
+                    "trained with"
+                )
+            return retrained
+        for entry in registry.entries().values():
+            if entry.kind == "codec" and entry.sha256.startswith(info.codec_digest):
+                return ctx.codec(quality, entry.name)
+        raise ComneckError(
+            f"neck {path} reads latents of {info.codec} quality {info.quality} weights {info.codec_digest} "
+            f"(scenario {info.scenario}), but the codec at quality {quality} has weights {codec.digest.hex()} and no "
+            f"registered codec has digest {info.codec_digest}; pass --neck-weights q{quality}=FILE"
+        )
+
+    def run(self, ctx, point, entry):
+        _, size = ctx.coded(point.codec, entry)
+        y_hat = ctx.latents(point.codec, entry)
+        if point.human_view:
+            return Outcome(size, ctx.decoded(point.codec, entry), latents=y_hat, extractor=point.extractor)
+        return Outcome(size, None, ["a machine-only (d3) codec has no reconstruction for people"],
+                       latents=y_hat, extractor=point.extractor)
+
+
+class Postprocess(Method):
+    name = "postprocess"
+    what = "y_hat -> g_s -> U-Net -> full CLIP tower (the paper's Post-processing); people see g_s's output"
+
+    def plan(self, ctx):
+        from .postprocess import postprocess_registry_name
+
+        names = [postprocess_registry_name(ctx.codec_name, q) for q in ctx.qualities]
+        if not ctx.postprocess and not any(registry.lookup(name) for name in names):
+            return [], [Skip(self.name, None, "no post-processing U-Net given: pass --postprocess FILE (or "
+                                              "q1=FILE,...) trained with `comneck train postprocess`, or register "
+                                              f"one as {names[0]}")]
+        return super().plan(ctx)
+
+    def plan_quality(self, ctx, quality):
+        from .postprocess import load_postprocess, postprocess_registry_name, unet_cost
+
+        given = spec_for(ctx.postprocess, quality)
+        name = postprocess_registry_name(ctx.codec_name, quality)
+        if given is None and registry.lookup(name) is None:
+            raise ComneckError(f"no U-Net for quality {quality}: none given (--postprocess q{quality}=FILE) and none "
+                               f"registered as {name}")
+        path = model_file(given if given is not None else name, "U-Net")
+        unet, info = load_postprocess(path, device=ctx.device)
+        codec = ctx.codec(quality)
+        if (info.codec, info.quality, info.codec_digest) != (codec.name, quality, codec.digest.hex()):
+            raise ComneckError(
+                f"U-Net {path} was trained on reconstructions of {info.codec} quality {info.quality} weights "
+                f"{info.codec_digest}, not {codec.name} quality {quality} weights {codec.digest.hex()}; pass the "
+                "matching U-Net"
+            )
+        if (info.clip_model, info.clip_tag) != (ctx.clip_model, str(ctx.clip_tag)):
+            raise ComneckError(f"U-Net {path} was trained for CLIP {info.clip_model}/{info.clip_tag}, but the "
+                               f"evaluation uses {ctx.clip_model}/{ctx.clip_tag}; pass the matching U-Net or --clip")
+        cost = unet_cost(unet, 64, 64)  # fully convolutional: MACs per pixel do not depend on the size
+        return Point(self.name, f"q{quality}", quality, {"codec": codec.digest.hex(), "unet": file_digest(path)},
+                     codec=codec, unet=unet,
+                     detail=f"U-Net {cost.params / 1e6:.2f} M parameters, {cost.kmac_per_px(64, 64):.1f} kMAC/px")
+
+    def run(self, ctx, point, entry):
+        _, size = ctx.coded(point.codec, entry)
+        x_hat = ctx.decoded(point.codec, entry)
+        height, width = x_hat.shape[:2]
+        with torch.inference_mode():
+            x = torch.from_numpy(np.ascontiguousarray(x_hat)).permute(2, 0, 1).unsqueeze(0).float().div(255)
+            y = point.unet(x.to(ctx.device))
+        adapted = from_tensor(y, height, width, 1)
+        return Outcome(size, x_hat, clip_image=adapted)
+
+
+class Uncompressed(Method):
+    name = "uncompressed"
+    what = "x -> full CLIP tower: C(x), the upper bound (rate: the image as a PNG file)"
+
+    def plan(self, ctx):
+        return [Point(self.name, "lossless", None, {})], []
+
+    def run(self, ctx, point, entry):
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(entry.image, "RGB").save(buffer, format="PNG")
+        return Outcome(len(buffer.getvalue()), None, ["lossless: PSNR and MS-SSIM of the original are not measured"],
+                       clip_image=entry.image, is_reference=True, setting="PNG")
+
+
+class Traditional(Method):
+    """A Pillow codec, its quality chosen per image to match the bpp of the learned codec at q."""
+
+    def __init__(self, codec: ImageCodec):
+        self.codec = codec
+        self.name = codec.name
+        self.what = f"{codec.title} (Pillow) at the bpp of the .cnk record, image by image -> full CLIP tower"
+
+    def plan(self, ctx):
+        reason = self.codec.unavailable()
+        if reason is not None:
+            return [], [Skip(self.name, None, reason)]
+        return super().plan(ctx)
+
+    def plan_quality(self, ctx, quality):
+        import PIL
+
+        codec = ctx.codec(quality)
+        return Point(self.name, f"q{quality}", quality, {"target": codec.digest.hex(), "pillow": PIL.__version__},
+                     codec=codec, baseline=self.codec)
+
+    def run(self, ctx, point, entry):
+        _, target_bytes = ctx.coded(point.codec, entry)
+        height, width = entry.image.shape[:2]
+        setting, data, note = point.baseline.match_bpp(entry.image, 8.0 * target_bytes / (height * width))
+        decoded = point.baseline.decode(data)
+        return Outcome(len(data), decoded, [note] if note else [], clip_image=decoded, setting=f"quality={setting}")
+
+
+METHODS: dict[str, type[Method] | Method] = {
+    "neck": Neck,
+    "reconstruction": Reconstruction,
+    "postprocess": Postprocess,
+    "uncompressed": Uncompressed,
+    **{name: Traditional(codec) for name, codec in TRADITIONAL.items()},
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        found = METHODS[name]
+    except KeyError:
+        raise ComneckError(f"unknown method {name!r}; use some of {', '.join(METHODS)}") from None
+    return found() if isinstance(found, type) else found
