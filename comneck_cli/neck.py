@@ -132,6 +132,7 @@ class NeckInfo:
     k: int
     scenario: str
     config: dict[str, Any] = field(default_factory=dict)
+    targets: str = ""  # what the distillation matched, e.g. "pooled:1,layer-2/patch:1" (empty in older files)
 
     def __post_init__(self):
         digest = _hex_digest(self.codec_digest)
@@ -167,6 +168,7 @@ class NeckInfo:
                 k=int(meta["k"]),
                 scenario=meta["scenario"],
                 config=json.loads(meta["config"]),
+                targets=meta.get("targets", ""),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ComneckError(

@@ -297,7 +297,7 @@ def test_importing_the_train_commands_does_not_import_torch():
     code = ("import sys; from comneck_cli.train.commands import train; "
             "assert 'torch' not in sys.modules and 'compressai' not in sys.modules; print(sorted(train.commands))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['codec', 'neck']"
+    assert out.stdout.strip() == "['codec', 'neck', 'postprocess']"
 
 
 @pytest.mark.slow

@@ -78,6 +78,7 @@ def test_d1_cross_entropy_and_distillation_decrease(trained_codec, image_folder,
     neck, info = load_neck(result.output)
     codec = load_codec(CODEC, 8, weights=trained_codec)
     assert info.scenario == "d1" and info.codec_digest == codec.digest.hex() and info.k == 2
+    assert info.targets == "pooled:1"  # the authors' only target, recorded in the neck file
     assert (info.clip_model, info.clip_tag) == (TINY_CLIP, "None")
     assert neck.config["grid"] == [4, 4] and neck.config["latent_channels"] == TINY_CODECS[CODEC]["M"]
     # A record the codec writes passes the neck's own compatibility check.
@@ -110,7 +111,7 @@ def test_trained_neck_beats_an_untrained_one(trained_codec, image_folder, tmp_pa
     codec = load_codec(CODEC, 8, weights=trained_codec)
     with torch.no_grad():
         y_hat = frozen_latents(codec.model, codec.spec.family, x)
-        teacher = Teacher(clip, head, tail, Target())(x)
+        (teacher,) = Teacher(clip, head, tail, Target())(x)
         trained, _ = load_neck(result.output)
         fresh = TransformNeck(**{**trained.config, "grid": tuple(trained.config["grid"])})
         errors = [torch.nn.functional.mse_loss(tail(n(y_hat)).embedding, teacher).item() for n in (trained, fresh)]
@@ -220,7 +221,7 @@ def test_token_targets_must_fit_the_teachers_grid(trained_codec, image_folder, t
     assert Target.parse("patch:-2") == Target("patch", -2) and str(Target.parse("pooled")) == "pooled"
     with pytest.raises(ComneckError, match="unknown distillation target"):
         Target.parse("hidden:3")
-    with pytest.raises(ComneckError, match="use --crop 64 or --target pooled"):
+    with pytest.raises(ComneckError, match="use --crop 64 or a pooled or cls target"):
         train_neck(neck_config("d1", trained_codec, image_folder, tmp_path, crop=128, target="patch:-1"))
     # A hidden-state target that fits trains.
     result = train_neck(neck_config("d1", trained_codec, image_folder, tmp_path, target="patch:-1", steps=(1, 1, 1)))

@@ -3,7 +3,8 @@
 One module per concern: ``data`` (ImageFolder crops, reproducible order), ``latents`` (each codec family's
 training-time path to y_hat and its likelihoods), ``losses``, ``checkpoint`` (resumable state),
 ``loop`` (devices, torchrun ranks, progress, metrics), ``export`` (files and registry entries),
-``codec`` and ``neck`` (the two runs), ``commands`` (the Click group).
+``codec``, ``neck`` and ``postprocess`` (the three runs: the post-processing U-Net is the paper's baseline),
+``commands`` (the Click group).
 
 Re-exported lazily, so that importing this package (and the CLI) does not import torch::
 
@@ -25,6 +26,8 @@ _EXPORTS = {
     "Stage": "neck",
     "default_stages": "neck",
     "Target": "neck",
+    "PostprocessTrainConfig": "postprocess",
+    "train_postprocess": "postprocess",
 }
 
 __all__ = list(_EXPORTS)

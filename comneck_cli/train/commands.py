@@ -1,4 +1,5 @@
-"""``comneck train codec`` and ``comneck train neck``: thin Click commands over ``train_codec`` / ``train_neck``.
+"""``comneck train codec``, ``train neck`` and ``train postprocess``: thin Click commands over ``train_codec`` /
+``train_neck`` / ``train_postprocess``.
 
 Importing this module imports neither torch nor compressai: the commands import the training code when
 they run. Register the group with ``main.add_command(train)`` in ``comneck_cli/cli.py``.
@@ -128,7 +129,7 @@ def _summary(quiet: bool, what: str, result: Any) -> None:
 
 @click.group("train", context_settings={"help_option_names": ["-h", "--help"]})
 def train() -> None:
-    """Train codecs (rate-distortion) and transform-necks (scenarios d1, d2, d3)."""
+    """Train codecs (rate-distortion), transform-necks (scenarios d1, d2, d3) and the post-processing U-Net."""
 
 
 @train.command("codec")
@@ -188,7 +189,11 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
 @click.option("-k", "--k", "k", type=click.IntRange(0), default=None, show_default="2",
               help="The neck's tokens enter CLIP block k+1.")
 @click.option("--target", default=None, show_default="pooled",
-              help="CLIP output L_dist compares: pooled (projected embedding) or patch|cls|all:LAYER, e.g. patch:-2.")
+              help="CLIP output L_dist compares: pooled (projected embedding), projected (all tokens after ln_post "
+                   "and proj), layerN/patch|cls|all (e.g. layer-2/patch; also patch:-2) or an MLLM family (llava).")
+@click.option("--targets", default=None,
+              help="Several CLIP outputs, L_dist their weighted sum of MSEs: NAME:WEIGHT,... with NAME as for "
+                   "--target, e.g. 'pooled:1,layer-2/patch:1' or 'llava:1,llama-adapter:0.5,clip-embedding:1'.")
 @click.option("--template", "templates", multiple=True,
               help="Prompt template for class names (repeatable). [default: 'a photo of a {}.']")
 @click.option("--steps", default=None, help="Steps per stage: one number or three, e.g. 5000,5000,5000 (or --epochs).")
@@ -223,9 +228,9 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
 @_run_options
 @_guarded
 def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip_tag, clip_weights, clip_config, k,
-                       target, templates, steps, epochs, lr, ce_dist, lmbda, gamma, beta, aux_lr, clip_max_norm,
-                       neck_width, neck_heads, neck_init, output, register, no_register, codec_output, codec_register,
-                       debug, **run) -> None:
+                       target, targets, templates, steps, epochs, lr, ce_dist, lmbda, gamma, beta, aux_lr,
+                       clip_max_norm, neck_width, neck_heads, neck_init, output, register, no_register,
+                       codec_output, codec_register, debug, **run) -> None:
     """Train a transform-neck so that C'(T(y_hat)) matches C(x), in three stages (paper §3.4-3.5, A.1).
 
     \b
@@ -242,7 +247,7 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
 
     cfg = NeckTrainConfig(
         scenario=scenario, codec=codec, quality=quality, codec_weights=codec_weights, clip_model=clip_model,
-        clip_tag=clip_tag, clip_weights=clip_weights, k=k, target=target,
+        clip_tag=clip_tag, clip_weights=clip_weights, k=k, target=target, targets=targets,
         templates=tuple(templates) or None, steps=_numbers(steps, int, "--steps"),
         epochs=_numbers(epochs, int, "--epochs"), lr=_numbers(lr, float, "--lr"),
         ce_dist=_numbers(ce_dist, float, "--ce-dist"), lmbda=lmbda, gamma=gamma, beta=beta, aux_lr=aux_lr,
@@ -253,6 +258,63 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
         raise click.BadParameter("give two weights, e.g. 1:100", param_hint="--ce-dist")
     result = train_neck(cfg)
     _summary(run["quiet"], f"neck {cfg.scenario} for {cfg.codec} q{cfg.quality}", result)
+
+
+@train.command("postprocess")
+@click.option("--codec", default=None, help="Codec whose reconstructions x_hat the U-Net reads (frozen).")
+@click.option("-q", "--quality", type=click.IntRange(1, 255), default=None, help="Codec quality level.")
+@click.option("--weights", "--codec-weights", "weights", type=_FILE, default=None,
+              help="Codec file (as `eval --weights`). Default: registry entry CODEC-qQUALITY, else the CompressAI zoo.")
+@click.option("--clip-model", default=None, show_default="ViT-L-14", help="open_clip model name of the CLIP tower.")
+@click.option("--clip-tag", default=None, show_default="openai", help="open_clip weights tag ('none': random weights).")
+@click.option("--clip-weights", type=_FILE, default=None,
+              help="Local CLIP weights file instead of the registry / download.")
+@click.option("--clip-config", type=click.Path(path_type=Path, exists=True), default=None,
+              help="An open_clip model config JSON (or folder of them) to add before loading, for custom models.")
+@click.option("--target", default=None, show_default="pooled",
+              help="CLIP output L_dist compares, as for `train neck --target` (pooled, projected, patch:-2, ...).")
+@click.option("--template", "templates", multiple=True,
+              help="Prompt template for class names (repeatable). [default: 'a photo of a {}.']")
+@click.option("--steps", default=None, help="Steps per stage: one number or three, e.g. 5000,5000,5000 (or --epochs).")
+@click.option("--epochs", default=None, help="Epochs per stage: one number or three.")
+@click.option("--lr", default=None, show_default="1e-4,1e-5,1e-5",
+              help="Learning rate per stage, one or three numbers.")
+@click.option("--ce-dist", default=None, show_default="1:100", help="Stage 2 weights of cross-entropy : distillation.")
+@click.option("--base", type=click.IntRange(1), default=None, show_default="64",
+              help="U-Net channels at the top level.")
+@click.option("--depth", type=click.IntRange(1), default=None, show_default="4", help="U-Net down/up-sampling levels.")
+@click.option("-o", "--output", type=_OUT, default=None, help="Write the trained U-Net (.safetensors) here.")
+@click.option("--register", default="{codec}-q{quality}-postprocess", show_default=True,
+              help="Registry name for the U-Net (`eval --methods postprocess` finds CODEC-qQUALITY-postprocess).")
+@click.option("--no-register", is_flag=True, help="Do not add the U-Net to the registry (then -o is needed).")
+@_run_options
+@_guarded
+def train_postprocess_command(codec, quality, weights, clip_model, clip_tag, clip_weights, clip_config, target,
+                              templates, steps, epochs, lr, ce_dist, base, depth, output, register, no_register, debug,
+                              **run) -> None:
+    """Train the Post-processing baseline: x_hat -> U-Net -> CLIP, the neck's d1 loss and stages (paper §4.1).
+
+    \b
+    Example:
+      comneck train postprocess --codec elic2022-official -q 2 --data imagenet/train --epochs 20,20,20
+    """
+    _quiet_imports()
+    if clip_config is not None:
+        import open_clip
+
+        open_clip.add_model_config(clip_config)
+    from .postprocess import PostprocessTrainConfig, train_postprocess
+
+    cfg = PostprocessTrainConfig(
+        codec=codec, quality=quality, weights=weights, clip_model=clip_model, clip_tag=clip_tag,
+        clip_weights=clip_weights, target=target, templates=tuple(templates) or None,
+        steps=_numbers(steps, int, "--steps"), epochs=_numbers(epochs, int, "--epochs"), lr=_numbers(lr, float, "--lr"),
+        ce_dist=_numbers(ce_dist, float, "--ce-dist"), base=base, depth=depth, output=output,
+        register=None if no_register else register, **run)
+    if cfg.ce_dist is not None and len(cfg.ce_dist) != 2:
+        raise click.BadParameter("give two weights, e.g. 1:100", param_hint="--ce-dist")
+    result = train_postprocess(cfg)
+    _summary(run["quiet"], f"post-processing U-Net for {cfg.codec} q{cfg.quality}", result)
 
 
 if __name__ == "__main__":  # `python -m comneck_cli.train.commands ...`, e.g. under torchrun

@@ -1,7 +1,8 @@
 """The training objectives: rate-distortion for people (CompressAI), and the paper's surrogate losses.
 
 - ``rd_loss``: R + λ·255²·MSE(x, x̂), CompressAI's ``RateDistortionLoss`` (R in bits per pixel).
-- ``distillation``: L_dist = MSE(C'(T(y_hat)), C(x)) (paper eq. 1) on the CLIP output the neck targets.
+- ``distillation``: L_dist = MSE(C'(T(y_hat)), C(x)) (paper eq. 1) on the CLIP output the neck targets;
+  ``weighted_distillation``: Σ_i w_i · MSE over several outputs i (one neck for several MLLM families).
 - ``zero_shot_cross_entropy``: softmax over logit_scale × cosine(image embedding, class text embeddings)
   against the true class (§3.4, the warm-up loss).
 - The joint objective of (d2)/(d3) (Table 1), R + λ(γ·d_recon + β·L_dist), with d_recon = MSE(x, x̂)
@@ -45,6 +46,18 @@ def rd_loss(bpp: Tensor, x_hat: Tensor, x: Tensor, lmbda: float) -> tuple[Tensor
 def distillation(student: Tensor, teacher: Tensor) -> Tensor:
     """L_dist = MSE(C'(T(y_hat)), C(x)), float32."""
     return F.mse_loss(student.float(), teacher.float())
+
+
+def weighted_distillation(students: Sequence[Tensor], teachers: Sequence[Tensor],
+                          weights: Sequence[float]) -> tuple[Tensor, list[Tensor]]:
+    """(Σ_i w_i · MSE(student_i, teacher_i), [each MSE]), float32; one target of weight 1 is ``distillation``."""
+    if not len(students) == len(teachers) == len(weights) > 0:
+        raise ValueError(f"{len(students)} student, {len(teachers)} teacher outputs and {len(weights)} weights")
+    parts = [distillation(s, t) for s, t in zip(students, teachers)]
+    total = weights[0] * parts[0]
+    for weight, part in zip(weights[1:], parts[1:]):
+        total = total + weight * part
+    return total, parts
 
 
 def zero_shot_cross_entropy(image_embedding: Tensor, text_embeddings: Tensor, logit_scale: Tensor | float,

@@ -15,11 +15,14 @@ During joint training y_hat is rounded straight-through around the predicted mea
 will write) and R comes from CompressAI's noisy proxy; the codec's net parameters take Adam with the stage's
 lr and gradient-norm clipping at 1.0, the bottlenecks' quantiles their own Adam on ``aux_loss``.
 
-Losses: L_dist = MSE(C'(T(y_hat)), C(x)) on the CLIP output the neck targets (default the projected image
-embedding, as the authors' code does; ``--target patch:-2`` and the like pick a hidden state); the teacher
-sees the crop resized to the CLIP's image size (bicubic) and normalised with its mean and std. The
-cross-entropy is CLIP zero-shot classification: logit_scale × cosine(image embedding of C'(T(y_hat)),
-class-name text embeddings from the prompt templates), against the folder's class.
+Losses: L_dist = Σ_i w_i · MSE(C'(T(y_hat))_i, C(x)_i) over the CLIP outputs i the neck targets (default one:
+the projected image embedding, as the authors' code does). ``--target layer-2/patch`` picks another single
+output; ``--targets "pooled:1,layer-2/patch:1,llama-adapter:0.5"`` a weighted list, so one neck serves several
+MLLM families (a family name stands for what ``presets.PRESETS`` says it reads). The teacher C(x) runs once per
+batch, keeping every state the targets need; it sees the crop resized to the CLIP's image size (bicubic) and
+normalised with its mean and std. The cross-entropy is CLIP zero-shot classification: logit_scale ×
+cosine(image embedding of C'(T(y_hat)), class-name text embeddings from the prompt templates), against the
+folder's class.
 
 The neck's optimizer is Adam, betas (0.9, 0.999), eps 1e-8, no weight decay, kept across stages (the
 learning rate steps at stage boundaries).
@@ -27,6 +30,8 @@ learning rate steps at stage boundaries).
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,12 +42,13 @@ from torch import Tensor, nn
 
 from ..codecs import check_quality, get_spec, registry_name
 from ..errors import ComneckError
+from ..presets import PRESETS
 from . import checkpoint as ckpt
 from .codec import TrainResult, constructor_config, split_parameters
 from .data import Batches, ImageFolderCrops, steps_for
 from .export import publish, write_codec
 from .latents import frozen_latents, latent_path, rate_bpp
-from .losses import BETA, GAMMA, distillation, joint_loss, zero_shot_cross_entropy
+from .losses import BETA, GAMMA, joint_loss, weighted_distillation, zero_shot_cross_entropy
 from .loop import (Clock, Metrics, RunConfig, Runtime, check_finite, check_length, default_run_dir, resolve_run,
                    progress, serialise, setup_runtime, teardown)
 
@@ -69,31 +75,123 @@ def default_stages(scenario: str, ce_dist: tuple[float, float] = (1.0, 100.0)) -
     return (Stage("dist", 1e-4), Stage("joint", 1e-4, joint=True), Stage("dist", 1e-5))
 
 
+HIDDEN_SELECTS = ("patch", "cls", "all")  # of one hidden state (before ln_post)
+TOKEN_SELECTS = ("patch", "all", "projected")  # compared token by token: the neck's grid must be the teacher's
+_LAYER_FORM = re.compile(r"layer(-?\d+)/(\w+)")
+SELECTION_FORMS = "pooled, projected, layerN/patch|cls|all (e.g. layer-2/patch)"
+
+
 @dataclass(frozen=True)
 class Target:
-    """The CLIP output L_dist compares: ``pooled`` (projected image embedding) or SELECT:LAYER of a hidden state."""
+    """One CLIP output L_dist compares: ``pooled`` (projected image embedding), ``projected`` (every last-layer
+    token through ``ln_post`` and ``proj``), or ``patch``/``cls``/``all`` of hidden state ``layer`` (HF numbering)."""
 
     select: str = "pooled"
     layer: int = -1
 
     @classmethod
     def parse(cls, text: str) -> "Target":
-        from ..clip import SELECTS
+        """``pooled``, ``projected``, ``layerN/patch|cls|all``, or the older ``SELECT[:LAYER]`` (``patch:-2``)."""
+        target = cls.parse_or_none(text)
+        if target is None:
+            raise ComneckError(f"unknown distillation target {text.strip()!r}; use {SELECTION_FORMS}")
+        return target
 
-        select, _, layer = text.partition(":")
-        if select not in SELECTS:
-            raise ComneckError(
-                f"unknown distillation target {text!r}; use pooled, or patch|cls|all:LAYER such as patch:-2"
-            )
+    @classmethod
+    def parse_or_none(cls, text: str) -> "Target | None":
+        """As :meth:`parse`, but None for a name that is no selection (a malformed one still raises)."""
+        text = text.strip()
+        match = _LAYER_FORM.fullmatch(text)
+        if match:
+            select, layer = match[2], match[1]
+            if select not in HIDDEN_SELECTS:
+                raise ComneckError(f"distillation target {text!r} selects {select!r}; after layerN/ use patch, cls "
+                                   "or all, e.g. layer-2/patch")
+        else:
+            select, _, layer = text.partition(":")
+            if select not in HIDDEN_SELECTS + ("pooled", "projected"):
+                return None
+        if select in ("pooled", "projected"):
+            return cls(select, -1)  # both come from the last block: no layer to choose
         try:
             return cls(select, int(layer) if layer else -1)
         except ValueError:
             raise ComneckError(
-                f"distillation target {text!r} has a layer that is not a number; write e.g. patch:-2"
+                f"distillation target {text!r} has a layer that is not a number; write e.g. layer-2/patch"
             ) from None
 
+    @property
+    def hidden(self) -> bool:
+        return self.select in HIDDEN_SELECTS
+
     def __str__(self) -> str:
-        return "pooled" if self.select == "pooled" else f"{self.select}:{self.layer}"
+        return self.select if self.select in ("pooled", "projected") else f"layer{self.layer}/{self.select}"
+
+
+@dataclass(frozen=True)
+class WeightedTarget:
+    """One term of L_dist: its target, weight, and the MLLM family it was named by (None: named directly)."""
+
+    target: Target
+    weight: float = 1.0
+    family: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.family or self.target}:{self.weight:g}"
+
+
+def _named_target(name: str, clip_model: str | None, clip_tag: str | None) -> WeightedTarget:
+    """A family name (through ``presets.PRESETS``, whose tower must be the one trained against) or a Target."""
+    preset = PRESETS.get(name)
+    if preset is None:
+        target = Target.parse_or_none(name)
+        if target is None:
+            raise ComneckError(f"unknown distillation target {name!r}; use {SELECTION_FORMS} or an MLLM family "
+                               f"({', '.join(PRESETS)})")
+        return WeightedTarget(target)
+    if clip_model is not None and (preset.clip_model, preset.clip_tag) != (clip_model.replace("/", "-"), clip_tag):
+        raise ComneckError(
+            f"distillation target {name!r} reads CLIP {preset.clip_model}/{preset.clip_tag}, but this neck trains "
+            f"against {clip_model}/{clip_tag}; train it with --clip-model {preset.clip_model} --clip-tag "
+            f"{preset.clip_tag}, or name the features it reads (layer{preset.layer}/{preset.select})"
+        )
+    target = Target(preset.select, preset.layer if preset.select in HIDDEN_SELECTS else -1)
+    return WeightedTarget(target, 1.0, name)
+
+
+def parse_targets(text: str, clip_model: str | None = None,
+                  clip_tag: str | None = None) -> tuple[WeightedTarget, ...]:
+    """``--targets``: comma-separated ``NAME[:WEIGHT]`` (weight 1 when left out), NAME a selection
+    (:data:`SELECTION_FORMS`) or a ``presets.PRESETS`` family, whose tower must be ``clip_model``/``clip_tag``
+    when they are given."""
+    items = [item.strip() for item in text.split(",")]
+    if not any(items):
+        raise ComneckError(
+            f"--targets {text!r} names no target; write NAME:WEIGHT pairs separated by commas, such as "
+            "pooled:1,layer-2/patch:1")
+    terms: list[WeightedTarget] = []
+    for item in items:
+        if not item:
+            raise ComneckError(f"--targets {text!r} has an empty item; separate NAME:WEIGHT pairs with single commas")
+        name, colon, weight_text = item.rpartition(":") if ":" in item else (item, "", "")
+        name = name.strip()
+        if name in HIDDEN_SELECTS:
+            raise ComneckError(f"--targets item {item!r} is ambiguous (SELECT:LAYER or NAME:WEIGHT?); write "
+                               f"layer{weight_text.strip() or '-1'}/{name}:WEIGHT instead")
+        try:
+            weight = float(weight_text) if colon else 1.0
+        except ValueError:
+            raise ComneckError(f"the weight {weight_text.strip()!r} of --targets item {item!r} is not a number; "
+                               f"write NAME:WEIGHT such as {name}:1") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise ComneckError(f"the weight of --targets item {item!r} must be a positive number, not {weight_text!r}")
+        term = _named_target(name, clip_model, clip_tag)
+        twin = next((t for t in terms if t.target == term.target), None)
+        if twin is not None:
+            raise ComneckError(f"--targets names {term.target} twice ({twin.family or twin.target} and {name}); "
+                               "give it once, with the summed weight")
+        terms.append(WeightedTarget(term.target, weight, term.family))
+    return tuple(terms)
 
 
 @dataclass(kw_only=True)
@@ -118,6 +216,7 @@ class NeckTrainConfig(RunConfig):
     clip_weights: Path | None = None
     k: int | None = None
     target: str | None = None
+    targets: str | None = None
     templates: tuple[str, ...] | None = None
     steps: tuple[int, ...] | None = None
     epochs: tuple[int, ...] | None = None
@@ -136,16 +235,16 @@ class NeckTrainConfig(RunConfig):
     codec_register: str | None = "{codec}-q{quality}-{scenario}"
 
 
-NECK_DEFAULTS = {"scenario": "d1", "clip_model": "ViT-L-14", "clip_tag": "openai", "k": 2, "target": "pooled",
+NECK_DEFAULTS = {"scenario": "d1", "clip_model": "ViT-L-14", "clip_tag": "openai", "k": 2,
                  "templates": DEFAULT_TEMPLATES,
                  "ce_dist": (1.0, 100.0), "gamma": GAMMA, "beta": BETA, "aux_lr": 1e-3, "clip_max_norm": 1.0,
                  "batch_size": 8, "crop": 256, "seed": 0}
 TRAJECTORY = ("codec", "quality", "scenario", "codec_weights", "clip_model", "clip_tag", "clip_weights", "k",
-              "target", "templates", "lr", "ce_dist", "lmbda", "gamma", "beta", "aux_lr", "clip_max_norm",
-              "neck_width", "neck_heads", "neck_init", "batch_size", "crop", "seed", "classes")
+              "target", "targets", "templates", "lr", "ce_dist", "lmbda", "gamma", "beta", "aux_lr",
+              "clip_max_norm", "neck_width", "neck_heads", "neck_init", "batch_size", "crop", "seed", "classes")
 
 
-def _per_stage(values: Sequence | None, what: str) -> tuple | None:
+def per_stage(values: Sequence | None, what: str) -> tuple | None:
     if values is None:
         return None
     values = tuple(values)
@@ -156,15 +255,37 @@ def _per_stage(values: Sequence | None, what: str) -> tuple | None:
     return values
 
 
+def stage_lengths(cfg: Any, state: dict[str, Any] | None, per_epoch: int) -> tuple[int, ...]:
+    """Steps of the three stages: the resumed run's, or from --steps/--epochs (one value, or one per stage)."""
+    if state is not None and cfg.steps is None and cfg.epochs is None:
+        return tuple(int(n) for n in state["stage_steps"])
+    epochs, steps = per_stage(cfg.epochs, "--epochs"), per_stage(cfg.steps, "--steps")
+    return tuple(steps_for(None if epochs is None else epochs[i], None if steps is None else steps[i],
+                           per_epoch, f"stage {i + 1}") for i in range(3))
+
+
 def _resolve(cfg: NeckTrainConfig) -> dict[str, Any] | None:
     state = resolve_run(cfg, "neck", TRAJECTORY, NECK_DEFAULTS, "train neck")
     if cfg.scenario not in ("d1", "d2", "d3"):
         raise ComneckError(f"unknown scenario {cfg.scenario!r}; use d1, d2 or d3")
-    cfg.lr = _per_stage(cfg.lr, "--lr")
+    cfg.lr = per_stage(cfg.lr, "--lr")
     cfg.templates = tuple(cfg.templates)
     cfg.ce_dist = tuple(cfg.ce_dist)
-    Target.parse(cfg.target)
+    targets_of(cfg)
     return state
+
+
+def targets_of(cfg: NeckTrainConfig) -> tuple[WeightedTarget, ...]:
+    """L_dist's weighted targets: ``--targets``, else ``--target`` (a checkpoint from before ``--targets`` has only
+    that) as the one-element list, else the projected embedding."""
+    if cfg.targets is not None and cfg.target is not None:
+        raise ComneckError(f"--target {cfg.target} and --targets {cfg.targets} both given; put every target in "
+                           "--targets")
+    tag = clip_tag(cfg)
+    if cfg.targets is not None:
+        return parse_targets(cfg.targets, cfg.clip_model, tag)
+    term = _named_target((cfg.target or "pooled").strip(), cfg.clip_model, tag)
+    return (WeightedTarget(term.target, 1.0, term.family),)
 
 
 def stages_of(cfg: NeckTrainConfig) -> tuple[Stage, ...]:
@@ -210,9 +331,10 @@ def clip_tag(cfg: NeckTrainConfig) -> str | None:
 
 
 class Teacher(nn.Module):
-    """C(x) on the uncompressed crop: resize to the CLIP's image size (bicubic), normalise, run the tower."""
+    """C(x) on the uncompressed crop: resize to the CLIP's image size (bicubic), normalise, run the tower once
+    and return each target's tensor."""
 
-    def __init__(self, clip: nn.Module, head: nn.Module, tail: nn.Module, target: Target):
+    def __init__(self, clip: nn.Module, head: nn.Module, tail: nn.Module, targets: Target | Sequence[Target]):
         super().__init__()
         visual = clip.visual
         cfg = getattr(visual, "preprocess_cfg", {}) or {}
@@ -222,7 +344,8 @@ class Teacher(nn.Module):
         self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         self.register_buffer("mean", torch.tensor(cfg.get("mean", OPENAI_DATASET_MEAN)).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.get("std", OPENAI_DATASET_STD)).view(1, 3, 1, 1))
-        self.head, self.tail, self.target = head, tail, target
+        self.head, self.tail = head, tail
+        self.targets = (targets,) if isinstance(targets, Target) else tuple(targets)
 
     def preprocess(self, x: Tensor) -> Tensor:
         if tuple(x.shape[-2:]) != self.size:
@@ -230,8 +353,18 @@ class Teacher(nn.Module):
         return (x - self.mean) / self.std
 
     @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        return select_target(self.tail(self.head(self.preprocess(x)), layer=self.target.layer), self.target)
+    def forward(self, x: Tensor) -> list[Tensor]:
+        features = self.tail(self.head(self.preprocess(x)), **tail_request(self.targets))
+        return [select_target(features, t) for t in self.targets]
+
+
+def tail_request(targets: Sequence[Target], embedding: bool = False) -> dict[str, Any]:
+    """``ClipTail.forward`` arguments computing every target in one pass: the one hidden state needed (all of
+    them when several layers are), the pooled embedding and the projected tokens only where asked for."""
+    layers = {t.layer for t in targets if t.hidden}
+    return {"layer": layers.pop() if len(layers) == 1 else (None if layers else -1),
+            "embedding": embedding or any(t.select == "pooled" for t in targets),
+            "projected": any(t.select == "projected" for t in targets)}
 
 
 def select_target(features, target: Target) -> Tensor:
@@ -263,17 +396,14 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
     register = None if cfg.register is None else cfg.register.format(**_names(cfg))
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, register or name)
     stages_cfg = stages_of(cfg)
-    target = Target.parse(cfg.target)
+    terms = targets_of(cfg)
+    targets = [t.target for t in terms]
+    weights = [t.weight for t in terms]
     needs_labels = any(s.ce > 0 for s in stages_cfg)
     dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=needs_labels)
     batches = Batches(dataset, cfg.batch_size, cfg.seed, runtime.rank, runtime.world, cfg.workers,
                       pin_memory=device.type == "cuda")
-    if state is not None and cfg.steps is None and cfg.epochs is None:
-        lengths = tuple(int(n) for n in state["stage_steps"])
-    else:
-        epochs, steps = _per_stage(cfg.epochs, "--epochs"), _per_stage(cfg.steps, "--steps")
-        lengths = tuple(steps_for(None if epochs is None else epochs[i], None if steps is None else steps[i],
-                                  batches.per_epoch, f"stage {i + 1}") for i in range(3))
+    lengths = stage_lengths(cfg, state, batches.per_epoch)
     bounds = [sum(lengths[: i + 1]) for i in range(3)]
     total = bounds[-1]
     check_length(state, total)
@@ -293,15 +423,22 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
     ckpt.seed_everything(cfg.seed)
     clip = load_training_clip(cfg, device)
     head, tail = split_clip(clip, cfg.k)
-    teacher = Teacher(clip, head, tail, target).to(device)
+    teacher = Teacher(clip, head, tail, targets).to(device)
     grid = (cfg.crop // 16, cfg.crop // 16)
-    if target.select in ("patch", "all"):
-        want = (teacher.size[0] // clip.visual.patch_size[0], teacher.size[1] // clip.visual.patch_size[1])
-        if want != grid:
-            raise ComneckError(
-                f"--target {target} compares tokens, but the teacher has a {want[0]}×{want[1]} patch grid and the "
-                f"neck a {grid[0]}×{grid[1]} latent grid; use --crop {want[0] * 16} or --target pooled"
-            )
+    from ..clip import resolve_layer
+
+    for term in terms:
+        if term.target.hidden:  # a state inside C, or past the tower's end: say so before training starts
+            resolve_layer(term.target.layer, tail.num_layers + 1, cfg.k)
+        if term.target.select in TOKEN_SELECTS:
+            want = (teacher.size[0] // clip.visual.patch_size[0], teacher.size[1] // clip.visual.patch_size[1])
+            if want != grid:
+                raise ComneckError(
+                    f"distillation target {term.family or term.target} compares tokens, but the teacher has a "
+                    f"{want[0]}×{want[1]} patch grid and the neck a {grid[0]}×{grid[1]} latent grid; use --crop "
+                    f"{want[0] * 16} or a pooled or cls target"
+                )
+    student_request = tail_request(targets, embedding=True)  # the embedding also feeds the cross-entropy
     if cfg.neck_init is not None:
         neck, _ = load_neck(cfg.neck_init, device)
     else:
@@ -399,15 +536,18 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
                     latents = latent_path(model, family, x, "ste")
                     y_hat = latents.y_hat
                     x_hat = model.g_s(y_hat) if cfg.scenario == "d2" else None
-                features = tail(neck(y_hat), layer=-1 if target.select == "pooled" else target.layer)
+                features = tail(neck(y_hat), **student_request)
             loss = torch.zeros((), device=device)
             if stage.ce > 0:
                 ce = zero_shot_cross_entropy(features.embedding, classes, logit_scale, labels)
                 loss = loss + stage.ce * ce
                 values["ce"] = ce.item()
             if teacher_out is not None:
-                dist = distillation(select_target(features, target), teacher_out)
+                dist, parts = weighted_distillation([select_target(features, t) for t in targets], teacher_out,
+                                                    weights)
                 values["dist"] = dist.item()
+                if len(parts) > 1:
+                    values.update({f"dist[{t}]": part.item() for t, part in zip(targets, parts)})
             if stage.joint:
                 bpp = rate_bpp(latents.likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
                 mse = None if x_hat is None else F.mse_loss(x_hat.float(), x)
@@ -450,7 +590,7 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
     exported: dict[str, Any] = {"codec_output": None, "codec_registered": None, "codec_digest": start_digest}
     output = registered = None
     if runtime.main:
-        output, registered, exported = _export(cfg, neck, codec, model_config, target, lengths, final)
+        output, registered, exported = _export(cfg, neck, codec, model_config, terms, lengths, final)
     runtime.barrier()
     return TrainResult(output=output, registered=registered, run_dir=run_dir, steps=total, final=final,
                        extra={**exported, "stage_steps": lengths})
@@ -462,8 +602,9 @@ def _names(cfg: NeckTrainConfig) -> dict[str, Any]:
     return {"codec": cfg.codec, "quality": cfg.quality, "scenario": cfg.scenario, "suffix": suffix}
 
 
-def _export(cfg: NeckTrainConfig, neck: nn.Module, codec, model_config: dict[str, Any], target: Target,
-            lengths: tuple[int, ...], final: dict[str, float]) -> tuple[Path | None, str | None, dict[str, Any]]:
+def _export(cfg: NeckTrainConfig, neck: nn.Module, codec, model_config: dict[str, Any],
+            terms: Sequence[WeightedTarget], lengths: tuple[int, ...],
+            final: dict[str, float]) -> tuple[Path | None, str | None, dict[str, Any]]:
     """Write d2/d3's retrained codec first (the neck records its file's digest), then the neck."""
     import weights as registry
 
@@ -492,9 +633,11 @@ def _export(cfg: NeckTrainConfig, neck: nn.Module, codec, model_config: dict[str
 
     tag = str(clip_tag(cfg))
     neck_info = NeckInfo(codec=cfg.codec, quality=cfg.quality, codec_digest=digest, clip_model=cfg.clip_model,
-                         clip_tag=tag, k=cfg.k, scenario=cfg.scenario, config=dict(neck.config))
+                         clip_tag=tag, k=cfg.k, scenario=cfg.scenario, config=dict(neck.config),
+                         targets=",".join(f"{t.target}:{t.weight:g}" for t in terms))
     info = {**common, "codec_digest": digest, "clip_model": cfg.clip_model, "clip_tag": tag, "k": cfg.k,
-            "target": str(target), "trained_for": f"scenario {cfg.scenario}",
+            "targets": [{"target": str(t.target), "weight": t.weight, "family": t.family} for t in terms],
+            "trained_for": f"scenario {cfg.scenario}",
             "codec_weights": codec_entry.name if codec_entry else str(codec_file or codec.source)}
     output, entry = publish(lambda path: save_neck(neck.eval(), path, neck_info), ".safetensors", cfg.output,
                             None if cfg.register is None else cfg.register.format(**fmt), "neck", info)
