@@ -170,7 +170,7 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
     _quiet_imports()
     from . import api
     from .codecs import get_spec, check_quality
-    from .images import read_image
+    from .images import read_image, size_label
     from .outputs import is_dir_target, write_atomic, write_stdout
 
     spec = get_spec(codec)
@@ -209,7 +209,7 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
                     advance()
             records = api.split_on_oom(
                 lambda part: api.encode_batch([image for _, image in part], loaded), batch,
-                lambda item: f"{item[0]} ({_size_of(item[1])})",
+                lambda item: f"{item[0]} ({size_label(item[1])})",
             ) if batch else []
             for (name, _), record in zip(batch, records):
                 try:
@@ -346,21 +346,10 @@ def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str
     _quiet_imports()
     from . import api
     from .features import FeatureExtractor, metadata, resolve_neck, save_features
+    from .images import size_label
     from .outputs import is_dir_target
 
-    pad_to_square = False
-    if family is not None:
-        from .presets import get_preset
-
-        ctx = click.get_current_context()
-        preset = get_preset(family)
-        for name, value in (("layer", layer), ("select", select), ("clip_model", clip_model), ("clip_tag", clip_tag)):
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and \
-                    value != getattr(preset, name):
-                raise click.UsageError(f"--for {family} sets --{name.replace('_', '-')} {getattr(preset, name)}; "
-                                       f"drop --{name.replace('_', '-')} {value}")
-        layer, select, clip_model, clip_tag = preset.layer, preset.select, preset.clip_model, preset.clip_tag
-        pad_to_square = preset.pad_to_square
+    layer, select, clip_model, clip_tag, pad_to_square = apply_preset(family, layer, select, clip_model, clip_tag)
     device = api.resolve_device(run.device)
     items = _feature_inputs(run, inputs, want_images=via == "uncompressed")
     if not items:
@@ -420,7 +409,7 @@ def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str
                         warnings.simplefilter("always")
                         feats = api.split_on_oom(
                             lambda part: list(forward([e[3] for e in part], layer, select)), group,
-                            lambda e: f"{e[1][0]} ({_size_of(e[3])})",
+                            lambda e: f"{e[1][0]} ({size_label(e[3])})",
                         )
                     for w in caught:
                         run.warn(str(w.message))
@@ -451,11 +440,21 @@ def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str
         save_features(torch.stack([r[3] for r in results]), Path(output), meta, force=run.force)
 
 
-def _size_of(data) -> str:
-    """``W×H`` of an image array, or ``latent grid W×H`` of a y_hat tensor, for error messages."""
-    if data.ndim == 4:
-        return f"latent grid {data.shape[-1]}×{data.shape[-2]}"
-    return f"{data.shape[1]}×{data.shape[0]}"
+def apply_preset(family: str | None, layer: int, select: str, clip_model: str, clip_tag: str
+                 ) -> tuple[int, str, str, str, bool]:
+    """``--for FAMILY``: the family's layer, selection, tower and padding; a contradicting explicit option is a
+    usage error. Returns (layer, select, clip_model, clip_tag, pad_to_square)."""
+    if family is None:
+        return layer, select, clip_model, clip_tag, False
+    from .presets import get_preset
+
+    ctx = click.get_current_context()
+    preset = get_preset(family)
+    for name, value in (("layer", layer), ("select", select), ("clip_model", clip_model), ("clip_tag", clip_tag)):
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and value != getattr(preset, name):
+            flag = "--" + name.replace("_", "-")
+            raise click.UsageError(f"--for {family} sets {flag} {getattr(preset, name)}; drop {flag} {value}")
+    return preset.layer, preset.select, preset.clip_model, preset.clip_tag, preset.pad_to_square
 
 
 def _feature_inputs(run: Run, inputs: tuple[str, ...], *, want_images: bool) -> list[tuple[str, str, str, object]]:
@@ -693,6 +692,10 @@ main.add_command(train)
 from .eval.commands import eval_command  # noqa: E402  (torch-free: imports the evaluation code when it runs)
 
 main.add_command(eval_command)
+
+from .batch import batch as batch_group  # noqa: E402  (torch-free: imports models inside the workers)
+
+main.add_command(batch_group)
 
 
 if __name__ == "__main__":  # pragma: no cover

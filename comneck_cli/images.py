@@ -114,6 +114,13 @@ def _warn(label: str, what: str) -> None:
     warnings.warn(f"{label}: {what}", ImageConversionWarning, stacklevel=3)
 
 
+def size_label(data) -> str:
+    """``W×H`` of an image array, or ``latent grid W×H`` of a (1, M, h, w) y_hat tensor, for error messages."""
+    if data.ndim == 4:
+        return f"latent grid {data.shape[-1]}×{data.shape[-2]}"
+    return f"{data.shape[1]}×{data.shape[0]}"
+
+
 def pad_amounts(height: int, width: int, multiple: int) -> tuple[int, int, int, int]:
     """(left, right, top, bottom) centred zero padding up to a multiple, as CompressAI pads."""
     out_h = (height + multiple - 1) // multiple * multiple

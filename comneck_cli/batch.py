@@ -1,0 +1,984 @@
+"""``comneck batch encode|decode|features``: whole folders or path lists, on this machine or a Ray cluster.
+
+The plan (which inputs, which outputs, in which chunks) is made once, on the driver. Each chunk of up to
+``--batch-size`` inputs then goes through :meth:`Job.run`, the only implementation of the per-input work:
+
+- ``--engine local`` calls it in this process, chunk after chunk;
+- ``--engine ray`` hands the chunks to Ray Data (``ray.data.from_items``) and ``map_batches`` them through
+  :class:`Worker`, a callable class that loads the models once per actor (GPU or CPU) and writes each output
+  from the actor. The driver only reads back one small row per input: done, skipped or failed, and why.
+
+Because the chunks are cut by the driver, in sorted order, whatever the engine, the same inputs share a
+batched ``g_a`` in both engines and the outputs are byte-identical. A finished output is recognised by its
+content (a ``.cnk`` parses and its record matches the codec, quality, weights and image size; an image
+decodes completely at the record's size; a features file loads with the same settings) and skipped; a stale
+or truncated one is redone. Failures are recorded per input in ``OUTPUT/errors.jsonl`` and the rest goes on.
+
+Importing this module does not import torch or Ray; :class:`Job` imports them where it loads models.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import click
+
+from .errors import ComneckError
+from .presets import PRESETS
+
+STDIO = "-"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
+CNK_SUFFIX = ".cnk"
+ERRORS_FILE = "errors.jsonl"
+DECODE_FORMATS = {"png": ".png", "webp": ".webp", "tif": ".tif", "jpg": ".jpg"}
+RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install 'comneck[ray]'"
+
+
+# --------------------------------------------------------------------------- planning (driver side)
+@dataclass(frozen=True)
+class Item:
+    """One input: ``source`` is absolute (workers may run elsewhere), ``label`` is the path as the user gave it,
+    ``relative`` is the POSIX path mirrored under ``--output`` (``a/b.png`` -> ``OUT/a/b.cnk``)."""
+
+    source: str
+    label: str
+    relative: str
+
+
+def plan_inputs(spec: str, suffixes: Sequence[str], output: Path, relative_to: Path | None = None,
+                stdin: Iterable[str] | None = None) -> tuple[list[Item], list[dict[str, str]]]:
+    """Items in sorted order, and the entries refused while planning (``{"path", "reason"}``).
+
+    ``spec`` is a folder (walked recursively for ``suffixes``; hidden entries and ``output`` itself are left
+    out), a text file listing paths (one a line, relative to ``relative_to``, default the current folder), or
+    ``-`` for such a list on stdin.
+    """
+    if spec == STDIO:
+        return _listed((stdin if stdin is not None else sys.stdin), relative_to)
+    path = Path(spec)
+    if path.is_dir():
+        return _walk(path, suffixes, output), []
+    if not path.exists():
+        raise ComneckError(f"--input {spec} does not exist; give a folder, a text file listing paths, or -")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise ComneckError(f"--input {spec} is neither a folder nor a text file listing paths; for single "
+                           f"files use `comneck encode|decode|features`")
+    return _listed(text.splitlines(), relative_to)
+
+
+def _walk(root: Path, suffixes: Sequence[str], output: Path) -> list[Item]:
+    root_abs = Path(os.path.abspath(root))
+    skip = Path(os.path.abspath(output))
+    found = []
+    for folder, dirs, files in os.walk(root_abs):
+        here = Path(folder)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and here / d != skip)
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(tuple(suffixes)):
+                source = here / name
+                relative = source.relative_to(root_abs).as_posix()
+                found.append(Item(str(source), str(root / relative), relative))
+    return sorted(found, key=lambda item: item.relative)
+
+
+def _listed(lines: Iterable[str], relative_to: Path | None) -> tuple[list[Item], list[dict[str, str]]]:
+    base = Path(os.path.abspath(relative_to if relative_to is not None else Path.cwd()))
+    items, refused, seen = [], [], set()
+    for line in lines:
+        entry = line.rstrip("\r\n")
+        if not entry.strip() or entry.lstrip().startswith("#"):
+            continue
+        source = Path(os.path.abspath(entry))
+        if source in seen:
+            continue
+        seen.add(source)
+        try:
+            relative = source.relative_to(base).as_posix()
+        except ValueError:
+            refused.append({"path": entry, "reason": f"not under {base}, which output paths mirror; "
+                                                     f"pass --relative-to a folder that holds it"})
+            continue
+        items.append(Item(str(source), entry, relative))
+    return sorted(items, key=lambda item: item.relative), refused
+
+
+def chunks(items: Sequence[Item], size: int) -> list[list[Item]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+# --------------------------------------------------------------------------- per-input steps
+# The steps the single-machine commands (cli.py) and both batch engines share. Kept free of Click and of
+# output planning so that cli.encode/decode/features can call them too.
+
+def read_image_file(source: str | Path | bytes, name: str, max_pixels: int | None = None) -> tuple[Any, list[str]]:
+    """``images.read_image`` with its conversion warnings returned as messages instead of printed."""
+    from .images import read_image
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = read_image(source, name=name, max_pixels=max_pixels)
+    return image, [str(w.message) for w in caught]
+
+
+def encode_images(images: Sequence[Any], codec, names: Sequence[str] | None = None) -> list[bytes]:
+    """Packed ``.cnk`` records of uint8 H×W×3 images; ``g_a`` runs once per group of same padded size, and a
+    batch that runs out of GPU memory is split (``api.split_on_oom``; ``names`` label the one that fails)."""
+    from formats import pack
+
+    from . import api
+
+    if not images:
+        return []
+    labelled = list(zip(names or [f"image {i + 1}" for i in range(len(images))], images))
+    records = api.split_on_oom(lambda part: api.encode_batch([im for _, im in part], codec), labelled,
+                               lambda item: f"{item[0]} ({item[1].shape[1]}×{item[1].shape[0]})")
+    return [pack(record) for record in records]
+
+
+def decode_record_bytes(record, cache, fmt: str) -> bytes:
+    """One record -> ``g_s`` -> image file bytes in Pillow format ``fmt`` (``PNG``, ``WEBP``...)."""
+    from . import api
+    from .images import encode_image_bytes
+
+    return encode_image_bytes(api.decode(record, cache.for_record(record)), fmt)
+
+
+class FeatureRunner:
+    """The models of one ``features`` invocation and the per-input steps: prepare (entropy-decode or decode),
+    then one batched forward per (extractor, latent grid) group, exactly as ``comneck features`` batches."""
+
+    def __init__(self, *, via: str, neck: str | None, layer: int, select: str, clip_model: str,
+                 clip_tag: str | None, clip_weights: Path | None, weights: Path | str | None, device,
+                 family: str | None = None, pad_to_square: bool = False) -> None:
+        from . import api
+
+        self.via, self.neck, self.layer, self.select = via, neck, layer, select
+        self.clip_model, self.clip_tag, self.clip_weights, self.device = clip_model, clip_tag, clip_weights, device
+        self.family, self.pad_to_square = family, pad_to_square
+        self.cache = api.CodecCache(device, weights)
+        self._extractors: dict[object, Any] = {}
+
+    def extractor_for(self, record=None):
+        from .features import FeatureExtractor, resolve_neck
+
+        if self.via == "neck" or self.neck is not None:
+            path = resolve_neck(self.neck, record)
+            if path not in self._extractors:
+                extractor = FeatureExtractor.for_neck(path, clip_weights=self.clip_weights, device=self.device)
+                if self.family is not None and extractor.info.clip_model != self.clip_model:
+                    raise ComneckError(f"neck {path} was trained for CLIP {extractor.info.clip_model}, but --for "
+                                       f"{self.family} reads {self.clip_model}; use a neck trained for "
+                                       f"{self.clip_model}")
+                extractor.pad_to_square = self.pad_to_square
+                self._extractors[path] = extractor
+            return self._extractors[path]
+        if None not in self._extractors:
+            extractor = FeatureExtractor.for_clip(self.clip_model, self.clip_tag, clip_weights=self.clip_weights,
+                                                  device=self.device)
+            extractor.pad_to_square = self.pad_to_square
+            self._extractors[None] = extractor
+        return self._extractors[None]
+
+    def prepare(self, payload) -> tuple[Any, Any]:
+        """A Record (or an image for ``uncompressed``) -> (extractor, y_hat or image); raises ComneckError."""
+        from . import api
+
+        if self.via == "uncompressed":
+            return self.extractor_for(None), payload
+        codec = self.cache.for_record(payload)
+        extractor = self.extractor_for(payload)
+        if self.via == "neck":
+            extractor.check(payload, codec)
+            return extractor, api.decode_latents(payload, codec)
+        return extractor, api.decode(payload, codec)
+
+    def compute(self, prepared: Sequence[tuple[Any, Any]],
+                names: Sequence[str] | None = None) -> tuple[list[Any], list[str]]:
+        """Features (one tensor per input, no batch dim) or the ComneckError of its group, in input order, and
+        the warnings the forward passes gave (the neck interpolating its positions, say)."""
+        from . import api
+        from .images import size_label
+
+        names = names or [f"input {i + 1}" for i in range(len(prepared))]
+        out: list[Any] = [None] * len(prepared)
+        groups: dict[tuple, list[int]] = {}
+        for i, (extractor, x) in enumerate(prepared):
+            key = (id(extractor), tuple(x.shape[-2:]) if self.via == "neck" else ())
+            groups.setdefault(key, []).append(i)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for indices in groups.values():
+                extractor = prepared[indices[0]][0]
+                forward = extractor.from_latents if self.via == "neck" else extractor.from_images
+                try:
+                    feats = api.split_on_oom(lambda part: list(forward([prepared[i][1] for i in part], self.layer,
+                                                                       self.select)),
+                                             indices, lambda i: f"{names[i]} ({size_label(prepared[i][1])})")
+                except ComneckError as exc:
+                    feats = [exc] * len(indices)
+                for i, f in zip(indices, feats):
+                    out[i] = f
+        return out, list(dict.fromkeys(str(w.message) for w in caught))
+
+    def metadata(self, extractor, source: str) -> dict[str, str]:
+        from .features import metadata
+
+        return metadata(extractor, self.via, self.layer, self.select, source)
+
+
+# --------------------------------------------------------------------------- output checks (resume)
+def _image_size(path: str) -> tuple[int, int]:
+    """(height, width) after EXIF orientation, from the header only."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        width, height = img.size
+        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            width, height = height, width
+    return height, width
+
+
+def cnk_output_ok(target: Path, codec, source: str) -> bool:
+    """One record, written by this codec, quality and weights, for an image of the source's size."""
+    from formats import CnkError, read_file
+
+    if not target.is_file():
+        return False
+    try:
+        records = read_file(target)
+        size = _image_size(source)
+    except (CnkError, OSError, ValueError, SyntaxError):
+        return False
+    if len(records) != 1:
+        return False
+    r = records[0]
+    return ((r.codec_id, r.quality, r.weights_digest) == (codec.spec.codec_id, codec.quality, codec.digest)
+            and (r.height, r.width) == size)
+
+
+def image_output_ok(target: Path, height: int, width: int) -> bool:
+    """Decodes completely (a truncated file does not) at the record's size."""
+    from PIL import Image
+
+    if not target.is_file():
+        return False
+    try:
+        with Image.open(target) as img:
+            img.load()
+            return img.size == (width, height)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def features_output_ok(target: Path, expected: dict[str, str]) -> bool:
+    """Loads completely, holds one input's features, and (for .pt / .safetensors) was made with the same
+    settings: every metadata field but ``source`` equal. ``.npy`` carries no metadata: loading is all."""
+    if not target.is_file():
+        return False
+    want = {k: v for k, v in expected.items() if k != "source"}
+    try:
+        suffix = target.suffix.lower()
+        if suffix == ".pt":
+            import torch
+
+            saved = torch.load(target, weights_only=True, map_location="cpu")
+            tensor, meta = saved["features"], saved["metadata"]
+        elif suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(target), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensor = f.get_tensor("features")
+        else:
+            import numpy as np
+
+            tensor, meta = np.load(target, allow_pickle=False), want
+    except Exception:  # any unreadable, truncated or foreign file is simply redone  # noqa: BLE001
+        return False
+    return tuple(tensor.shape[:1]) == (1,) and {k: meta.get(k) for k in want} == want
+
+
+# --------------------------------------------------------------------------- the per-chunk work
+def _reason(exc: BaseException, *names: str) -> str:
+    """The error sentence without a leading ``path:`` (the record already names the path)."""
+    from formats import CnkError
+
+    text = str(exc)
+    if not isinstance(exc, (ComneckError, CnkError)):
+        text = f"unexpected {type(exc).__name__}: {text}"
+    for name in names:
+        if name and text.startswith(f"{name}: "):
+            return text[len(name) + 2 :]
+    return text
+
+
+@dataclass
+class Job:
+    """Settings of one batch command; picklable, so Ray can ship it to each worker before :meth:`open`.
+
+    ``run`` returns one outcome per input: ``{"path", "status" (done|skipped|failed), "reason", "warnings"}``.
+    """
+
+    output: str
+    force: bool = False
+    device: str = "auto"
+    debug: bool = False
+    max_pixels: int | None = None
+    suffixes = IMAGE_SUFFIXES  # what a folder --input is searched for
+    command, label = "", ""  # the subcommand, and the progress bar's label
+
+    def open(self) -> None:
+        """Load the models (once per process / Ray actor)."""
+        _quiet_imports()
+
+    def limits(self):
+        """The .cnk reader's limits on this worker: its environment's, with --max-pixels applied."""
+        from dataclasses import replace
+
+        from formats import Limits
+
+        limits = Limits.from_env()
+        return limits if self.max_pixels is None else replace(limits, max_pixels=self.max_pixels)
+
+    def run(self, items: Sequence[Item]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def target(self, item: Item, suffix: str, number: int | None = None) -> Path:
+        stem = Path(item.relative).with_suffix("")
+        name = f"{stem.name}_{number:04d}{suffix}" if number is not None else f"{stem.name}{suffix}"
+        return Path(self.output) / stem.parent / name
+
+    def _outcome(self, item: Item, status: str, reason: str = "", notes: Sequence[str] = (), tb: str = "") -> dict:
+        return {"path": item.label, "status": status, "reason": reason, "warnings": list(notes), "traceback": tb}
+
+    def _failed(self, item: Item, exc: BaseException, notes: Sequence[str] = ()) -> dict:
+        tb = "".join(traceback.format_exception(exc)) if self.debug else ""
+        return self._outcome(item, "failed", _reason(exc, item.label, item.source), notes, tb)
+
+
+@dataclass
+class EncodeJob(Job):
+    codec: str = "mbt2018-mean"
+    quality: int = 3
+    weights: str | None = None
+    command, label = "encode", "encoding"
+
+    def open(self) -> None:
+        super().open()
+        from . import api
+
+        self._codec = api.load_codec(self.codec, self.quality, weights=self.weights,
+                                     device=api.resolve_device(self.device))
+
+    def run(self, items):
+        from .outputs import write_atomic
+
+        outcomes: dict[int, dict] = {}
+        todo = []  # (position, item, image, warnings)
+        for position, item in enumerate(items):
+            try:
+                if not self.force and cnk_output_ok(self.target(item, CNK_SUFFIX), self._codec, item.source):
+                    outcomes[position] = self._outcome(item, "skipped")
+                    continue
+                image, notes = read_image_file(item.source, item.label, self.max_pixels)
+                todo.append((position, item, image, notes))
+            except Exception as exc:  # noqa: BLE001 - recorded per input, the chunk goes on
+                outcomes[position] = self._failed(item, exc)
+        try:
+            packed = encode_images([image for _, _, image, _ in todo], self._codec,
+                                   [item.label for _, item, _, _ in todo])
+        except Exception as exc:  # noqa: BLE001 - g_a of the whole group failed (e.g. out of memory)
+            packed = [exc] * len(todo)
+        for (position, item, _, notes), data in zip(todo, packed):
+            try:
+                if isinstance(data, BaseException):
+                    raise data
+                write_atomic(self.target(item, CNK_SUFFIX), data, force=True)
+                outcomes[position] = self._outcome(item, "done", notes=notes)
+            except Exception as exc:  # noqa: BLE001
+                outcomes[position] = self._failed(item, exc, notes)
+        return [outcomes[i] for i in range(len(items))]
+
+
+def _read_records(item: Item, limits) -> list:
+    from formats import CnkError, read_file
+
+    try:
+        return read_file(item.source, limits)
+    except CnkError as exc:
+        raise ComneckError(str(exc)) from None
+
+
+@dataclass
+class DecodeJob(Job):
+    weights: str | None = None
+    fmt: str = "png"
+    suffixes = (CNK_SUFFIX,)
+    command, label = "decode", "decoding"
+
+    def open(self) -> None:
+        super().open()
+        from . import api
+
+        self._cache = api.CodecCache(api.resolve_device(self.device), self.weights)
+        self._limits = self.limits()
+
+    def targets(self, item: Item, count: int) -> list[Path]:
+        suffix = DECODE_FORMATS[self.fmt]
+        if count == 1:
+            return [self.target(item, suffix)]
+        return [self.target(item, suffix, n) for n in range(1, count + 1)]
+
+    def run(self, items):
+        from .images import WRITE_FORMATS
+        from .outputs import write_atomic
+
+        outcomes = []
+        for item in items:
+            try:
+                records = _read_records(item, self._limits)
+                pending = [(t, r) for t, r in zip(self.targets(item, len(records)), records)
+                           if self.force or not image_output_ok(t, r.height, r.width)]
+                if not pending:
+                    outcomes.append(self._outcome(item, "skipped"))
+                    continue
+                for target, record in pending:
+                    data = decode_record_bytes(record, self._cache, WRITE_FORMATS[DECODE_FORMATS[self.fmt]])
+                    write_atomic(target, data, force=True)
+                outcomes.append(self._outcome(item, "done"))
+            except Exception as exc:  # noqa: BLE001
+                outcomes.append(self._failed(item, exc))
+        return outcomes
+
+
+@dataclass
+class FeaturesJob(Job):
+    via: str = "neck"
+    neck: str | None = None
+    layer: int = -2
+    select: str = "patch"
+    fmt: str = "pt"
+    weights: str | None = None
+    clip_model: str = "ViT-L-14"
+    clip_tag: str | None = "openai"
+    clip_weights: str | None = None
+    family: str | None = None
+    pad_to_square: bool = False
+    suffixes = (CNK_SUFFIX,)
+    command, label = "features", "features"
+
+    def __post_init__(self) -> None:
+        if self.via == "uncompressed":
+            self.suffixes = IMAGE_SUFFIXES
+
+    def open(self) -> None:
+        super().open()
+        from . import api
+
+        self._runner = FeatureRunner(
+            via=self.via, neck=self.neck, layer=self.layer, select=self.select, clip_model=self.clip_model,
+            clip_tag=self.clip_tag, clip_weights=Path(self.clip_weights) if self.clip_weights else None,
+            weights=self.weights, device=api.resolve_device(self.device), family=self.family,
+            pad_to_square=self.pad_to_square,
+        )
+        self._limits = self.limits()
+
+    def run(self, items):
+        from .features import save_features
+
+        runner = self._runner
+        suffix = f".{self.fmt}"
+        failed: dict[int, dict] = {}
+        # Every output of the chunk: (position of its input, target, label, payload).
+        units: list[tuple[int, Path, str, Any]] = []
+        notes: dict[int, list[str]] = {}
+        for position, item in enumerate(items):
+            try:
+                if self.via == "uncompressed":
+                    image, notes[position] = read_image_file(item.source, item.label, self.max_pixels)
+                    units.append((position, self.target(item, suffix), item.relative, image))
+                    continue
+                records = _read_records(item, self._limits)
+                many = len(records) > 1
+                for n, record in enumerate(records, start=1):
+                    label = f"{item.relative} record {n}" if many else item.relative
+                    units.append((position, self.target(item, suffix, n if many else None), label, record))
+            except Exception as exc:  # noqa: BLE001
+                failed[position] = self._failed(item, exc)
+        pending, prepared = [], []  # units to compute, and their (extractor, y_hat or image)
+        for u, (position, target, label, payload) in enumerate(units):
+            if position in failed:
+                continue
+            try:
+                extractor = runner.extractor_for(None if self.via == "uncompressed" else payload)
+                if not self.force and features_output_ok(target, runner.metadata(extractor, label)):
+                    continue
+                prepared.append(runner.prepare(payload))
+                pending.append(u)
+            except Exception as exc:  # noqa: BLE001
+                failed[position] = self._failed(items[position], exc, notes.get(position, ()))
+        results, forward_notes = runner.compute(prepared, [units[u][2] for u in pending]) if prepared else ([], [])
+        if forward_notes:  # e.g. the neck interpolating its positions: said once, with the chunk's first input
+            notes.setdefault(units[pending[0]][0], []).extend(forward_notes)
+        done = set()
+        for u, (extractor, _), result in zip(pending, prepared, results):
+            position, target, label, _ = units[u]
+            if position in failed:
+                continue
+            try:
+                if isinstance(result, BaseException):
+                    raise result
+                save_features(result.unsqueeze(0), target, runner.metadata(extractor, label), force=True)
+                done.add(position)
+            except Exception as exc:  # noqa: BLE001
+                failed[position] = self._failed(items[position], exc, notes.get(position, ()))
+        outcomes = []
+        for position, item in enumerate(items):
+            if position in failed:
+                outcomes.append(failed[position])
+            else:
+                status = "done" if position in done else "skipped"
+                outcomes.append(self._outcome(item, status, notes=notes.get(position, ())))
+        return outcomes
+
+
+# --------------------------------------------------------------------------- engines
+class Worker:
+    """Ray Data callable class: one per actor. Loads the models once, then runs each row (one chunk of the
+    driver's plan) through :meth:`Job.run`, writing the outputs from the actor.
+
+    A model that fails to load is reported as a ``setup`` row rather than raised: Ray would otherwise retry
+    the actor and bury the reason in its logs. The driver turns that row into one error sentence.
+    """
+
+    def __init__(self, job: Job) -> None:
+        self.job, self.setup_error = job, ""
+        try:
+            job.open()
+        except Exception as exc:  # noqa: BLE001 - reported by the driver, see the class docstring
+            self.setup_error = _reason(exc) if not job.debug else "".join(traceback.format_exception(exc))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        rows: list[dict] = []
+        for chunk in batch["chunk"]:
+            items = [Item(*entry) for entry in json.loads(str(chunk))]
+            if self.setup_error:
+                rows.append({"path": "", "status": "setup", "reason": self.setup_error, "warnings": [],
+                             "traceback": ""})
+                continue
+            rows.extend(self.job.run(items))
+        columns = {key: np.array([str(r[key]) if key != "warnings" else json.dumps(r[key]) for r in rows],
+                                 dtype=object) for key in ("path", "status", "reason", "warnings", "traceback")}
+        return columns
+
+
+def run_local(job: Job, plan: list[list[Item]]) -> Iterator[dict]:
+    """This process, chunk after chunk: the same Job.run a Ray worker calls."""
+    job.open()
+    for chunk in plan:
+        yield from job.run(chunk)
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None
+    workers: int | None = None
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+
+
+def run_ray(job: Job, plan: list[list[Item]], options: RayOptions, debug: bool = False) -> Iterator[dict]:
+    """Ray Data over the plan's chunks; a fixed pool of actors, each with ``num_gpus`` GPUs and ``num_cpus``
+    CPUs. Starts a Ray instance on this machine unless one is running in this process, ``--address`` names a
+    cluster, or ``RAY_ADDRESS`` is set."""
+    try:
+        import ray
+        import ray.data  # noqa: F401 - fail here, with the install hint, not inside a worker
+    except ImportError:
+        raise ComneckError(RAY_MISSING) from None
+    started = False
+    if not ray.is_initialized():
+        address = options.address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict[str, Any] = {"logging_level": logging.INFO if debug else logging.ERROR,
+                                  "log_to_driver": debug}
+        if address is None:
+            kwargs["include_dashboard"] = False
+        else:
+            _probe(address)
+        try:
+            ray.init(address=options.address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ComneckError(f"cannot start or reach Ray at {address or 'this machine'} "
+                               f"({str(exc).splitlines()[0]}); start a cluster with `ray start --head` or leave "
+                               f"out --address") from None
+        started = True
+    try:
+        if ray.util.client.ray.is_connected():
+            yield from _through_client(ray, job, plan, options, debug)
+        else:
+            yield from _map_chunks(job, plan, options, debug)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _map_chunks(job: Job, plan: list[list[Item]], options: RayOptions, debug: bool) -> Iterator[dict]:
+    """The Ray Data pipeline itself: from_items(chunks) -> map_batches(Worker) on a fixed actor pool."""
+    import ray
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the command draws one bar for the whole job
+    context.print_on_execution_start = False
+    if not debug:
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+    workers = options.workers or _pool_size(ray.cluster_resources(), options)
+    workers = max(1, min(workers, len(plan)))
+    rows = [{"chunk": json.dumps([[i.source, i.label, i.relative] for i in chunk])} for chunk in plan]
+    dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), max(200, 16 * workers)))
+    results = dataset.map_batches(
+        Worker,
+        fn_constructor_kwargs={"job": job},
+        batch_size=1,  # one row is one chunk of the plan: batches never depend on Ray's block layout
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=options.num_cpus,
+        num_gpus=options.num_gpus,
+    )
+    for row in results.iter_rows():
+        if row["status"] == "setup":
+            raise ComneckError(f"a Ray worker could not load the models: {row['reason']}")
+        yield {"path": row["path"], "status": row["status"], "reason": row["reason"],
+               "warnings": json.loads(row["warnings"]), "traceback": row["traceback"]}
+
+
+class _ClusterDriver:
+    """Runs :func:`_map_chunks` on the cluster for a Ray Client (``ray://``) connection, whose client side
+    cannot run Ray Data's executor; the client polls it for outcomes. A threaded actor: ``poll`` answers
+    while ``run`` works."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[dict] = []
+        self.finished, self.error = False, ""
+
+    def run(self, job: Job, plan: list[list[Item]], options: RayOptions, debug: bool) -> None:
+        try:
+            for outcome in _map_chunks(job, plan, options, debug):
+                self.outcomes.append(outcome)
+        except Exception as exc:  # noqa: BLE001 - handed to the client, which raises it
+            self.error = str(exc) if isinstance(exc, ComneckError) else f"{type(exc).__name__}: {exc}"
+        finally:
+            self.finished = True
+
+    def poll(self, start: int) -> tuple[list[dict], bool, str]:
+        finished = self.finished  # read first: when True, every outcome is already in the list
+        return self.outcomes[start:], finished, self.error
+
+
+def _through_client(ray, job: Job, plan: list[list[Item]], options: RayOptions, debug: bool) -> Iterator[dict]:
+    import time
+
+    driver = ray.remote(num_cpus=0, max_concurrency=2)(_ClusterDriver).remote()
+    try:
+        driver.run.remote(job, plan, options, debug)
+        seen = 0
+        while True:
+            new, finished, error = ray.get(driver.poll.remote(seen))
+            seen += len(new)
+            yield from new
+            if finished:
+                break
+            time.sleep(0.5)
+        if error:
+            raise ComneckError(error)
+    finally:
+        ray.kill(driver)
+
+
+def _probe(address: str) -> None:
+    """Ray retries an unreachable HOST:PORT for minutes: check that something listens there first."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+    except OSError as exc:
+        raise ComneckError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); check --address "
+                           f"or RAY_ADDRESS, or leave both out to run Ray on this machine") from None
+
+
+def _pool_size(resources: dict[str, float], options: RayOptions) -> int:
+    """As many workers as the cluster holds: its CPUs / CPUs per worker, and with GPUs its GPUs / GPUs per
+    worker, whichever is fewer (a fixed pool waits for every actor to be placed)."""
+    workers = int(resources.get("CPU", 1) // options.num_cpus)
+    if options.num_gpus > 0:
+        gpus = resources.get("GPU", 0)
+        if gpus < options.num_gpus:
+            raise ComneckError(f"--num-gpus-per-worker {options.num_gpus:g} but the Ray cluster has {gpus:g} "
+                               f"GPUs; lower it, or use 0 for CPU workers")
+        workers = min(workers, int(gpus // options.num_gpus))
+    return max(1, workers)
+
+
+# --------------------------------------------------------------------------- reporting
+class Report:
+    """Tallies outcomes, prints one line per failure, writes ``errors.jsonl`` and the summary line."""
+
+    def __init__(self, run, output: Path, command: str) -> None:
+        self.run, self.output, self.command = run, output, command
+        self.advance: Callable[[], None] = lambda: None  # set to the progress bar's
+        self.counts = {"done": 0, "skipped": 0, "failed": 0}
+        self.errors: list[dict[str, str]] = []
+        self._warned: set[str] = set()  # a warning about the models (not one input) is printed once per job
+
+    def add(self, outcome: dict) -> None:
+        status = outcome["status"]
+        self.counts[status] += 1
+        for note in outcome.get("warnings", ()):
+            if note not in self._warned:
+                self._warned.add(note)
+                self.run.warn(note)
+        if status == "failed":
+            self.errors.append({"path": outcome["path"], "reason": outcome["reason"]})
+            if outcome.get("traceback"):
+                click.echo(outcome["traceback"], err=True, nl=False)
+            click.echo(f"comneck: error: {outcome['path']}: {outcome['reason']}", err=True)
+        self.advance()
+
+    def finish(self) -> None:
+        """Write (or, after a clean run, remove) errors.jsonl, then the summary line."""
+        from .outputs import write_atomic
+
+        path = self.output / ERRORS_FILE
+        if self.errors:
+            text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.errors)
+            write_atomic(path, text.encode(), force=True)
+        else:
+            path.unlink(missing_ok=True)
+        c = self.counts
+        line = f"comneck: batch {self.command}: {c['done']} done, {c['skipped']} skipped, {c['failed']} failed"
+        if self.errors:
+            line += f"; see {path}"
+        if self.errors or not self.run.quiet:
+            click.echo(line, err=True)
+
+
+# --------------------------------------------------------------------------- Click
+def _quiet_imports() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
+
+
+def batch_options(func: Callable) -> Callable:
+    """Options every batch command takes: input, output, engine and Ray settings, and the common ones."""
+
+    @click.option("--input", "input_spec", required=True, type=click.Path(path_type=str, allow_dash=True),
+                  help="A folder (searched recursively), a text file listing paths (one a line), or - for such "
+                       "a list on stdin.")
+    @click.option("--output", required=True, type=click.Path(path_type=Path, file_okay=False),
+                  help="Folder for the outputs; they mirror the inputs' relative paths (a/b.png -> OUT/a/b.cnk).")
+    @click.option("--relative-to", type=click.Path(path_type=Path, file_okay=False), default=None,
+                  help="For a list: the folder whose relative paths the outputs mirror. Default: the current folder.")
+    @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                  help="local: this process; ray: a Ray cluster (pip install 'comneck[ray]').")
+    @click.option("--address", default=None,
+                  help="Ray only: auto (the cluster this machine belongs to), HOST:PORT (its head), or "
+                       "ray://HOST:PORT (Ray Client). Default: RAY_ADDRESS, else a Ray instance on this machine.")
+    @click.option("--workers", type=click.IntRange(1), default=None,
+                  help="Ray only: worker actors. Default: what the cluster holds (GPUs or CPUs per worker).")
+    @click.option("--num-gpus-per-worker", "num_gpus", type=click.FloatRange(0), default=None,
+                  help="Ray only: GPUs per worker; a fraction (0.25) shares a GPU between workers. [default: 0]")
+    @click.option("--num-cpus-per-worker", "num_cpus", type=click.FloatRange(0, min_open=True), default=None,
+                  help="Ray only: CPUs per worker (torch threads, entropy coding). [default: 1]")
+    @click.option("--batch-size", type=click.IntRange(1, 1024), default=8, show_default=True,
+                  help="Inputs per chunk: one g_a / neck forward pass, and the unit of work a worker takes.")
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                  help="Where the models run; with Ray, auto means cuda when the worker has GPUs, else cpu.")
+    @click.option("--quiet", is_flag=True, help="No progress bar, no warnings, no summary unless something failed.")
+    @click.option("--force", is_flag=True, help="Redo every output, even those already finished and valid.")
+    @click.option("--debug", is_flag=True, help="Tracebacks for errors; Ray's own logs.")
+    @click.option("--max-pixels", type=click.IntRange(1), default=None,
+                  help="Refuse images and records with more pixels than this (decompression-bomb protection). "
+                       "[default: $COMNECK_MAX_PIXELS or 89478485]")
+    @functools.wraps(func)
+    def wrapper(*, input_spec, output, relative_to, engine, address, workers, num_gpus, num_cpus, batch_size,
+                device, quiet, force, debug, max_pixels, **kwargs):
+        from .cli import Run, _guard, _terminate_as_interrupt
+
+        ray_only = {"--address": address, "--workers": workers, "--num-gpus-per-worker": num_gpus,
+                    "--num-cpus-per-worker": num_cpus}
+        if engine == "local":
+            given = [name for name, value in ray_only.items() if value is not None]
+            if given:
+                raise click.UsageError(f"{', '.join(given)} only apply to --engine ray")
+        options = RayOptions(address=address, workers=workers, num_gpus=num_gpus or 0.0,
+                             num_cpus=num_cpus if num_cpus is not None else 1.0)
+        if engine == "ray":
+            if device == "cuda" and options.num_gpus == 0:
+                raise click.UsageError("--device cuda with --engine ray needs --num-gpus-per-worker above 0")
+            # Ray hides unassigned GPUs from a worker only when it assigns some: pin CPU workers to the CPU.
+            device = "cpu" if options.num_gpus == 0 else ("cuda" if device == "auto" else device)
+        run = Run(quiet=quiet, debug=debug, force=force, device=device, max_pixels=max_pixels)
+        with _guard(run), _terminate_as_interrupt():
+            job = func(run, **kwargs)
+            job.output, job.force, job.device = str(Path(os.path.abspath(output))), force, device
+            job.debug, job.max_pixels = debug, max_pixels
+            _execute(run, job, input_spec, output, relative_to, engine, options, batch_size)
+        run.exit()
+
+    return wrapper
+
+
+def _execute(run, job: Job, input_spec: str, output: Path, relative_to: Path | None, engine: str,
+             options: RayOptions, batch_size: int) -> None:
+    from .cli import progress
+
+    if relative_to is not None and (input_spec != STDIO and Path(input_spec).is_dir()):
+        raise click.UsageError("--relative-to applies to a list of paths; a folder --input is mirrored from itself")
+    items, refused = plan_inputs(input_spec, job.suffixes, output, relative_to)
+    items, clashes = _without_clashes(job, items)
+    refused += clashes
+    if not items and not refused:
+        raise ComneckError(f"no inputs: {input_spec} holds no {' / '.join(job.suffixes)} files")
+    if engine == "ray" and not _ray_available():
+        raise ComneckError(RAY_MISSING)
+    output.mkdir(parents=True, exist_ok=True)
+    plan = chunks(items, batch_size)
+    report = Report(run, output, job.command)
+    try:
+        with progress(run, len(items) + len(refused), job.label) as advance:
+            report.advance = advance
+            for entry in refused:
+                report.add({"path": entry["path"], "status": "failed", "reason": entry["reason"]})
+            if plan:
+                outcomes = run_local(job, plan) if engine == "local" else run_ray(job, plan, options, run.debug)
+                for outcome in outcomes:
+                    report.add(outcome)
+    except KeyboardInterrupt:
+        report.finish()  # what failed so far is recorded; finished outputs are complete and will be skipped
+        raise
+    # A setup error (models that do not load) propagates without a summary: no input was tried.
+    report.finish()
+    run.failures.extend(e["path"] for e in report.errors)
+
+
+def _without_clashes(job: Job, items: list[Item]) -> tuple[list[Item], list[dict[str, str]]]:
+    """Two inputs that would write the same output (a/b.png and a/b.jpg): the second is refused."""
+    suffix = ".x"  # the stem decides the name; any suffix compares the same
+    first: dict[Path, Item] = {}
+    kept, refused = [], []
+    for item in items:
+        key = job.target(item, suffix)
+        if key in first:
+            refused.append({"path": item.label, "reason": f"would write the same output as {first[key].label}; "
+                                                          f"rename one of them"})
+            continue
+        first[key] = item
+        kept.append(item)
+    return kept, refused
+
+
+def _ray_available() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.data") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@click.group("batch", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def batch() -> None:
+    """Whole folders or path lists: one output per input under --output, resumable, locally or on Ray.
+
+    Finished outputs are checked and skipped, stale or truncated ones redone; failures go to
+    OUTPUT/errors.jsonl and the rest goes on. Exit status 1 if any input failed.
+    """
+
+
+@batch.command("encode")
+@click.option("-q", "--quality", type=click.IntRange(1, 255), default=3, show_default=True,
+              help="Codec quality level (higher = more bits); the codec's range is checked.")
+@click.option("--codec", default="mbt2018-mean", show_default=True, help="Codec name (see `comneck codecs`).")
+@click.option("--weights", default=None,
+              help="Codec weights file or registry name instead of CODEC-qQ / the zoo (on Ray: a file every "
+                   "worker can read, or a name in every worker's registry).")
+@batch_options
+def batch_encode(run, quality: int, codec: str, weights: str | None) -> Job:
+    """Compress every image (PNG, JPEG, WebP, TIFF) into OUTPUT/<relative path>.cnk."""
+    _quiet_imports()
+    from .codecs import check_quality, get_spec
+
+    check_quality(get_spec(codec), quality)
+    return EncodeJob(output="", codec=codec, quality=quality, weights=_file_or_name(weights))
+
+
+@batch.command("decode")
+@click.option("--weights", default=None,
+              help="Codec weights file or registry name; must be what encoded the records (checked by digest).")
+@click.option("--format", "fmt", type=click.Choice(list(DECODE_FORMATS)), default="png", show_default=True,
+              help="Image file type of the reconstructions.")
+@batch_options
+def batch_decode(run, weights: str | None, fmt: str) -> Job:
+    """Reconstruct every .cnk through g_s into OUTPUT/<relative path>.png (name_0001.png... for streams)."""
+    return DecodeJob(output="", weights=_file_or_name(weights), fmt=fmt)
+
+
+@batch.command("features")
+@click.option("--via", type=click.Choice(["neck", "reconstruction", "uncompressed"]), default="neck",
+              show_default=True, help="neck: .cnk latents -> neck -> C'; reconstruction: .cnk -> g_s -> full CLIP; "
+                                      "uncompressed: images -> full CLIP.")
+@click.option("--neck", default=None, help="Neck file or registry name. Default: the registry's "
+                                           "CODEC-qQUALITY-neck for each record.")
+@click.option("--for", "family", type=click.Choice(list(PRESETS)), default=None,
+              help="Exactly what that MLLM family reads: sets --layer/--select, and for the reference paths the "
+                   "CLIP tower, resolution and preprocessing (as `comneck features --for`).")
+@click.option("--layer", type=int, default=-2, show_default=True,
+              help="Hidden state, Hugging Face numbering (-2 = penultimate block, what LLaVA reads).")
+@click.option("--select", type=click.Choice(["patch", "cls", "all", "pooled", "projected"]), default="patch",
+              show_default=True, help="patch tokens, cls, all tokens, pooled (projected embedding), or projected "
+                                      "(every last-layer token after ln_post and the projection).")
+@click.option("--format", "fmt", type=click.Choice(["pt", "safetensors", "npy"]), default="pt", show_default=True,
+              help="File type of each input's features.")
+@click.option("--weights", default=None,
+              help="Codec weights file or registry name for decoding the records (checked by digest).")
+@click.option("--clip", "clip_model", default="ViT-L-14", show_default=True,
+              help="open_clip model for --via reconstruction/uncompressed when no neck is given.")
+@click.option("--clip-tag", default="openai", show_default=True, help="open_clip weights tag for --clip.")
+@click.option("--clip-weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Local CLIP weights file instead of the registry / open_clip cache.")
+@batch_options
+def batch_features(run, via: str, neck: str | None, family: str | None, layer: int, select: str, fmt: str,
+                   weights: str | None, clip_model: str, clip_tag: str, clip_weights: Path | None) -> Job:
+    """CLIP features of every .cnk (images with --via uncompressed) into OUTPUT/<relative path>.<format>."""
+    from .cli import apply_preset
+
+    layer, select, clip_model, clip_tag, pad_to_square = apply_preset(family, layer, select, clip_model, clip_tag)
+    return FeaturesJob(output="", via=via, neck=_file_or_name(neck), layer=layer, select=select, fmt=fmt,
+                       weights=_file_or_name(weights), clip_model=clip_model, clip_tag=clip_tag,
+                       clip_weights=_file_or_name(clip_weights), family=family, pad_to_square=pad_to_square)
+
+
+def _file_or_name(value: str | Path | None) -> str | None:
+    """A path that exists becomes absolute (Ray workers may run in another folder); a registry name stays."""
+    if value is None:
+        return None
+    return os.path.abspath(value) if Path(value).exists() else str(value)
