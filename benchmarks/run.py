@@ -83,14 +83,15 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def measure(fns: dict[str, Callable[[], Any]], repeat: int, budget: float, *, warmup: bool = True
-            ) -> tuple[dict[str, Any], dict[str, dict]]:
+def measure(fns: dict[str, Callable[[], Any]], repeat: int, budget: float, *, warmup: bool = True,
+            min_runs: int = 3) -> tuple[dict[str, Any], dict[str, dict]]:
     """Time each function in interleaved rounds; return the first call's outputs and per-function stats.
 
     With ``warmup`` each function is called once untimed first (its time is kept as ``first_s``: what a
     one-image CLI run pays); use it for the first call of a code path or tensor size, skip it for paths
     already exercised. Then up to ``repeat`` rounds, stopping once ``budget`` seconds of timed calls are
-    spent (at least one round). Interleaving keeps a comparison fair on a machine whose load drifts.
+    spent but not before ``min_runs`` rounds (so that one stalled call cannot be the median), nor more than
+    ``repeat``. Interleaving keeps a comparison fair on a machine whose load drifts.
     """
     outputs, first = {}, {}
     if warmup:
@@ -100,7 +101,8 @@ def measure(fns: dict[str, Callable[[], Any]], repeat: int, budget: float, *, wa
             first[key] = time.perf_counter() - start
     times: dict[str, list[float]] = {k: [] for k in fns}
     spent = 0.0
-    while not times[next(iter(fns))] or (len(times[next(iter(fns))]) < repeat and spent < budget):
+    first_key = next(iter(fns))
+    while len(times[first_key]) < min(min_runs, repeat) or (len(times[first_key]) < repeat and spent < budget):
         for key, fn in fns.items():
             start = time.perf_counter()
             out = fn()
@@ -234,11 +236,12 @@ def child_codec(args: argparse.Namespace) -> dict:
         api.encode_batch(images, codec)  # warm-up: first batch-8 tensors
         # The same 8 images one by one and as one batch, in interleaved rounds: a fair ratio on a drifting load.
         out, b8 = measure({"batch1_x8": lambda: [api.encode(im, codec) for im in images],
-                           "batch8": lambda: api.encode_batch(images, codec)}, **run, warmup=False)
+                           "batch8": lambda: api.encode_batch(images, codec)}, **run, warmup=False, min_runs=1)
         assert len(out["batch8"]) == BATCH
         _, parts = measure({"g_a_b1_x8": lambda: [g_a(x) for x in xs], "g_a_b8": lambda: g_a(x8),
                             "entropy_encode": entropy_encode,
-                            "entropy_decode": lambda: api.decode_latents(record, codec)}, **run, warmup=False)
+                            "entropy_decode": lambda: api.decode_latents(record, codec)}, **run, warmup=False,
+                           min_runs=1)
         row["batch8"] = {**b8, **parts, **batch_summary(b8, parts)}
         rss["batch8"] = peak_rss_mib()
 
@@ -627,6 +630,8 @@ def main() -> None:
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--h2h", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeat < 1 or args.budget < 0:
+        parser.error("--repeat must be at least 1 and --budget not negative")
     if args.smoke:
         args.repeat = 1
     if args.threads is None:
