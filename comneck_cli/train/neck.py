@@ -255,6 +255,21 @@ def per_stage(values: Sequence | None, what: str) -> tuple | None:
     return values
 
 
+def load_frozen_codec(name: str, quality: int, weights: Any, state: dict[str, Any] | None, device: torch.device,
+                      option: str) -> tuple[Any, nn.Module]:
+    """The run's codec and its model frozen on ``device``; a resumed run must get the weights it trained on."""
+    from ..codecs import load_codec
+
+    codec = load_codec(name, quality, weights=weights)
+    digest = codec.digest.hex()
+    if state is not None and state["start_digest"] != digest:
+        raise ComneckError(
+            f"the codec weights {codec.source} (digest {digest}) are not the ones this run trained on "
+            f"({state['start_digest']}); pass the run's codec with {option}"
+        )
+    return codec, codec.model.to(device).eval().requires_grad_(False)
+
+
 def stage_lengths(cfg: Any, state: dict[str, Any] | None, per_epoch: int) -> tuple[int, ...]:
     """Steps of the three stages: the resumed run's, or from --steps/--epochs (one value, or one per stage)."""
     if state is not None and cfg.steps is None and cfg.epochs is None:
@@ -388,7 +403,6 @@ def text_embeddings(clip: nn.Module, model_name: str, classes: Sequence[str], te
 
 def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainResult:
     from ..clip import split_clip
-    from ..codecs import load_codec
     from ..neck import TransformNeck, load_neck
 
     device = runtime.device
@@ -409,14 +423,8 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
     check_length(state, total)
 
     # The codec: the human-perception codec to start from (frozen throughout d1).
-    codec = load_codec(cfg.codec, cfg.quality, weights=cfg.codec_weights)
+    codec, model = load_frozen_codec(cfg.codec, cfg.quality, cfg.codec_weights, state, device, "--codec-weights")
     start_digest = codec.digest.hex()
-    if state is not None and state["start_digest"] != start_digest:
-        raise ComneckError(
-            f"the codec weights {codec.source} (digest {start_digest}) are not the ones this run started from "
-            f"({state['start_digest']}); pass the run's original codec with --codec-weights"
-        )
-    model = codec.model.to(device).eval().requires_grad_(False)
     model_config = constructor_config(codec)
     family = codec.spec.family
 

@@ -38,7 +38,8 @@ from .latents import frozen_latents
 from .losses import distillation, zero_shot_cross_entropy
 from .loop import (Clock, Metrics, RunConfig, Runtime, check_finite, check_length, default_run_dir, progress,
                    resolve_run, serialise, setup_runtime, teardown)
-from .neck import (ADAM, DEFAULT_TEMPLATES, Stage, Target, Teacher, clip_tag, default_stages, load_training_clip,
+from .neck import (ADAM, DEFAULT_TEMPLATES, Stage, Target, Teacher, clip_tag, default_stages, load_frozen_codec,
+                   load_training_clip,
                    per_stage, select_target, stage_lengths, text_embeddings)
 
 
@@ -119,7 +120,6 @@ def reconstruct(model: nn.Module, family, x: Tensor) -> Tensor:
 
 def _train(cfg: PostprocessTrainConfig, runtime: Runtime, state: dict | None) -> TrainResult:
     from ..clip import split_clip
-    from ..codecs import load_codec
     from ..eval.postprocess import UNet, postprocess_registry_name
 
     device = runtime.device
@@ -140,14 +140,8 @@ def _train(cfg: PostprocessTrainConfig, runtime: Runtime, state: dict | None) ->
     total = bounds[-1]
     check_length(state, total)
 
-    codec = load_codec(cfg.codec, cfg.quality, weights=cfg.weights)
+    codec, model = load_frozen_codec(cfg.codec, cfg.quality, cfg.weights, state, device, "--weights")
     digest = codec.digest.hex()
-    if state is not None and state["start_digest"] != digest:
-        raise ComneckError(
-            f"the codec weights {codec.source} (digest {digest}) are not the ones this run trained on "
-            f"({state['start_digest']}); pass the run's codec with --weights"
-        )
-    model = codec.model.to(device).eval().requires_grad_(False)
     family = codec.spec.family
 
     ckpt.seed_everything(cfg.seed)
