@@ -15,6 +15,7 @@ from .errors import ComneckError
 
 _EXPORTS = {
     "encode": "api",
+    "encode_to_bpp": "api",
     "encode_batch": "api",
     "decode": "api",
     "decode_latents": "api",

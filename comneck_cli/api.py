@@ -18,7 +18,7 @@ import torch
 
 from formats import PAD_MULTIPLE, Record, codec_name
 
-from .codecs import Codec, load_codec
+from .codecs import RATE_STEPS, Codec, load_codec
 from .errors import ComneckError
 from .images import from_tensor, to_tensor
 
@@ -53,18 +53,49 @@ def encode_batch(images: Sequence[np.ndarray], codec: Codec, *, metadata: dict |
     for indices in _same_shape_groups([_padded_shape(im.shape[:2]) for im in images]):
         x = torch.cat([to_tensor(images[i], PAD_MULTIPLE) for i in indices])
         for i, (strings, _) in zip(indices, codec.compress_batch(x)):
-            height, width = images[i].shape[:2]
-            records[i] = Record(
-                codec_id=codec.spec.codec_id,
-                quality=codec.quality,
-                weights_digest=codec.digest,
-                height=height,
-                width=width,
-                strings=tuple(strings),
-                metadata=metadata,
-                machine_only=codec.machine_only,
-            )
+            records[i] = _record(images[i], codec, strings, metadata)
     return records  # type: ignore[return-value]
+
+
+def encode_to_bpp(image: np.ndarray, codec: Codec, target: float, *, tolerance: float = 0.05,
+                  metadata: dict | None = None) -> Record:
+    """Encode at the rate R whose record (container included) lands on ``target`` bits per pixel.
+
+    Bisects R over the variable-rate codec's range, re-coding the same g_a output (the transform runs once).
+    Returns the first record within ``tolerance`` (relative) of the target, else the closest one found; a
+    target outside what the codec reaches gives the end of the range, and the caller can read its bpp.
+    """
+    from .codecs import RATE_STEPS, check_rate
+
+    check_rate(codec.spec, min(codec.spec.qualities))  # refuses fixed-rate codecs with the usual message
+    if not target > 0:
+        raise ComneckError(f"--bpp-target must be positive, not {target:g}")
+    y = codec.analyze(to_tensor(image, PAD_MULTIPLE))
+    lo, hi = float(min(codec.spec.qualities)), float(max(codec.spec.qualities))
+    best = None
+    for _ in range(24):  # 24 halvings of a 7-level range reach the 1/1000 grid the record stores
+        at = codec.at_rate((lo + hi) / 2)
+        record = _record(image, at, at.code(y)[0], metadata)
+        if best is None or abs(record.bits_per_pixel - target) < abs(best.bits_per_pixel - target):
+            best = record
+        if abs(record.bits_per_pixel - target) <= tolerance * target or hi - lo < 1 / RATE_STEPS:
+            break
+        lo, hi = (at.rate, hi) if record.bits_per_pixel < target else (lo, at.rate)
+    if abs(best.bits_per_pixel - target) <= tolerance * target:
+        return best
+    for end in (min(codec.spec.qualities), max(codec.spec.qualities)):  # never a midpoint: the target may lie beyond
+        at = codec.at_rate(end)
+        record = _record(image, at, at.code(y)[0], metadata)
+        if abs(record.bits_per_pixel - target) <= abs(best.bits_per_pixel - target):
+            best = record
+    return best
+
+
+def _record(image: np.ndarray, codec: Codec, strings: Sequence[bytes], metadata: dict | None) -> Record:
+    height, width = image.shape[:2]
+    return Record(codec_id=codec.spec.codec_id, quality=codec.quality, weights_digest=codec.digest, height=height,
+                  width=width, strings=tuple(strings), metadata=metadata, machine_only=codec.machine_only,
+                  rate=None if codec.rate is None else round(codec.rate * RATE_STEPS))
 
 
 def _padded_shape(size: tuple[int, int]) -> tuple[int, int]:
@@ -81,7 +112,13 @@ def _same_shape_groups(shapes: Sequence[tuple]) -> list[list[int]]:
 def check_record(record: Record, codec: Codec) -> None:
     """Refuse a record that the loaded codec did not write (other codec, quality or weights)."""
     name = codec_name(record.codec_id) or f"unknown codec id {record.codec_id}"
-    if record.codec_id != codec.spec.codec_id or record.quality != codec.quality:
+    if codec.spec.variable_rate and record.codec_id == codec.spec.codec_id:
+        if record.rate is None:
+            raise ComneckError(f"record of variable-rate codec {name} has no rate section; the file is damaged")
+        if record.rate != round(codec.rate * RATE_STEPS):
+            raise ComneckError(f"record was coded at rate {record.rate / RATE_STEPS:g}, not {codec.rate:g}; "
+                               "use codec.at_rate(record rate) or CodecCache.for_record")
+    elif record.codec_id != codec.spec.codec_id or record.quality != codec.quality:
         raise ComneckError(
             f"record was coded with {name} quality {record.quality}, not {codec.name} quality {codec.quality}"
         )
@@ -140,13 +177,21 @@ class CodecCache:
         self._loaded: dict[tuple[str, int], Codec] = {}
 
     def get(self, name: str, quality: int) -> Codec:
-        key = (name, quality)
+        from .codecs import get_spec
+
+        variable = get_spec(name).variable_rate
+        key = (name, 0 if variable else quality)  # a variable-rate model serves every rate
         if key not in self._loaded:
             self._loaded[key] = load_codec(name, quality, weights=self.weights, device=self.device)
-        return self._loaded[key]
+        return self._loaded[key].at_rate(quality) if variable else self._loaded[key]
 
     def for_record(self, record: Record) -> Codec:
         name = codec_name(record.codec_id)
         if name is None:
             raise ComneckError(f"record uses codec id {record.codec_id}, which this comneck does not know; upgrade comneck")
-        return self.get(name, record.quality)
+        codec = self.get(name, record.quality)
+        if record.rate is None:
+            return codec
+        if not codec.spec.variable_rate:
+            raise ComneckError(f"record of fixed-rate codec {name} carries a rate section; the file is damaged")
+        return codec.at_rate(record.rate / RATE_STEPS)

@@ -158,14 +158,19 @@ def main() -> None:
 @click.option("--codec", default="mbt2018-mean", show_default=True, help="Codec name (see `comneck codecs`).")
 @click.option("--weights", default=None,
               help="Codec weights file or registry name (e.g. mbt2018-mean-q3-d2) instead of CODEC-qQ / the zoo.")
+@click.option("--rate", type=float, default=None,
+              help="Variable-rate codecs: any rate R between the lowest and highest level (e.g. 3.4); overrides -q.")
+@click.option("--bpp-target", type=float, default=None,
+              help="Variable-rate codecs: search each image's rate so the record has this many bits per pixel "
+                   "(within 5%; the container is counted).")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Images per g_a forward pass (same-size images batch; entropy coding stays per image).")
 @click.option("-o", "--output", default=None, type=click.Path(path_type=str, allow_dash=True),
               help="Output .cnk file (all records in one stream), a folder (one file per image), or - for stdout. "
                    "Default: beside each image.")
 @common_options
-def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights: str | None, batch_size: int,
-           output: str | None) -> None:
+def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights: str | None, rate: float | None,
+           bpp_target: float | None, batch_size: int, output: str | None) -> None:
     """Compress IMAGES (PNG, JPEG, WebP, TIFF, or - for stdin) into .cnk records."""
     _quiet_imports()
     from . import api
@@ -173,11 +178,27 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
     from .images import read_image, size_label
     from .outputs import is_dir_target, write_atomic, write_stdout
 
+    from .codecs import check_rate
+
     spec = get_spec(codec)
     check_quality(spec, quality)
+    if rate is not None and bpp_target is not None:
+        raise ComneckError("pass --rate or --bpp-target, not both")
+    for value in (rate, bpp_target):
+        if value is not None:
+            check_rate(spec, min(spec.qualities) if value is bpp_target else value)
+    if bpp_target is not None and not bpp_target > 0:
+        raise ComneckError(f"--bpp-target must be positive, not {bpp_target:g}")
     device = api.resolve_device(run.device)
     loaded = api.load_codec(codec, quality, weights=weights, device=device)
+    if rate is not None:
+        loaded = loaded.at_rate(rate)
     from formats import pack
+
+    def encode_part(part: list) -> list:
+        if bpp_target is None:
+            return api.encode_batch([image for _, image in part], loaded)
+        return [api.encode_to_bpp(image, loaded, bpp_target) for _, image in part]
 
     to_dir = is_dir_target(output)
     gathered: list[bytes] = []  # for a single output stream (file or stdout)
@@ -208,7 +229,7 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
                     run.fail(name, exc)
                     advance()
             records = api.split_on_oom(
-                lambda part: api.encode_batch([image for _, image in part], loaded), batch,
+                encode_part, batch,
                 lambda item: f"{item[0]} ({size_label(item[1])})",
             ) if batch else []
             for (name, _), record in zip(batch, records):
@@ -517,6 +538,7 @@ def info(files: tuple[str, ...], as_json: bool, debug: bool) -> None:
                         "codec": record.codec_name or f"unknown ({record.codec_id})",
                         "codec_id": record.codec_id,
                         "quality": record.quality,
+                        "rate": None if record.rate is None else record.rate / 1000,
                         "weights_digest": record.weights_digest.hex(),
                         "height": record.height,
                         "width": record.width,
@@ -549,7 +571,7 @@ def _print_info_table(rows: list[dict]) -> None:
         table.add_column(col, justify="right" if col not in ("file", "codec") else "left")
     for r in rows:
         table.add_row(r["file"], str(r["record"]), r["codec"] + (" (machine)" if r["machine_only"] else ""),
-                      str(r["quality"]), f"{r['width']}×{r['height']}", str(len(r["strings"])),
+                      str(r["quality"] if r["rate"] is None else f"{r['rate']:g}"), f"{r['width']}×{r['height']}", str(len(r["strings"])),
                       str(r["payload_bytes"]), str(r["overhead_bytes"]), f"{r['bpp']:.4f}", r["weights_digest"])
     console = Console()
     if not console.is_terminal:  # pipes and files get every column in full, not squeezed to 80

@@ -15,7 +15,7 @@ desynchronises the rANS decoder (CompressAI issues 279, 309, 340).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,10 +36,13 @@ class Family:
     ``decompress`` must rebuild exactly that ``y_hat`` from the strings alone.
     """
 
-    def compress(self, model: nn.Module, y: Tensor) -> tuple[list[bytes], Tensor]:
+    variable_rate = False
+
+    def compress(self, model: nn.Module, y: Tensor, gain: Tensor | None = None) -> tuple[list[bytes], Tensor]:
         raise NotImplementedError
 
-    def decompress(self, model: nn.Module, strings: list[bytes], grid: tuple[int, int]) -> Tensor:
+    def decompress(self, model: nn.Module, strings: list[bytes], grid: tuple[int, int],
+                   gain: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
     def string_count(self, model: nn.Module) -> int:
@@ -59,13 +62,13 @@ class Family:
 class ScaleHyperprior(Family):
     """bmshj2018-hyperprior: zero-mean Gaussian, scales from h_s(z_hat); y_hat = round(y)."""
 
-    def compress(self, model, y):
+    def compress(self, model, y, gain=None):
         z_string, z_hat = self.side_info(model, model.h_a(torch.abs(y)))
         indexes = model.gaussian_conditional.build_indexes(model.h_s(z_hat))
         y_string = model.gaussian_conditional.compress(y, indexes)[0]
         return [y_string, z_string], model.gaussian_conditional.quantize(y, "dequantize")
 
-    def decompress(self, model, strings, grid):
+    def decompress(self, model, strings, grid, gain=None):
         z_hat = self.decode_side_info(model, strings[1], grid)
         indexes = model.gaussian_conditional.build_indexes(model.h_s(z_hat))
         return model.gaussian_conditional.decompress([strings[0]], indexes, z_hat.dtype)
@@ -74,14 +77,14 @@ class ScaleHyperprior(Family):
 class MeanScaleHyperprior(Family):
     """mbt2018-mean: Gaussian with means and scales from h_s(z_hat); y_hat = round(y - mu) + mu."""
 
-    def compress(self, model, y):
+    def compress(self, model, y, gain=None):
         z_string, z_hat = self.side_info(model, model.h_a(y))
         scales, means = model.h_s(z_hat).chunk(2, 1)
         indexes = model.gaussian_conditional.build_indexes(scales)
         y_string = model.gaussian_conditional.compress(y, indexes, means=means)[0]
         return [y_string, z_string], model.gaussian_conditional.quantize(y, "dequantize", means)
 
-    def decompress(self, model, strings, grid):
+    def decompress(self, model, strings, grid, gain=None):
         z_hat = self.decode_side_info(model, strings[1], grid)
         scales, means = model.h_s(z_hat).chunk(2, 1)
         indexes = model.gaussian_conditional.build_indexes(scales)
@@ -93,7 +96,7 @@ class Autoregressive(Family):
 
     kernel = 5
 
-    def compress(self, model, y):
+    def compress(self, model, y, gain=None):
         z_string, z_hat = self.side_info(model, model.h_a(y))
         params = model.h_s(z_hat)
         pad = (self.kernel - 1) // 2
@@ -101,7 +104,7 @@ class Autoregressive(Family):
         y_string = model._compress_ar(y_hat, params, y.shape[2], y.shape[3], self.kernel, pad)
         return [y_string, z_string], F.pad(y_hat, (-pad, -pad, -pad, -pad))
 
-    def decompress(self, model, strings, grid):
+    def decompress(self, model, strings, grid, gain=None):
         z_hat = self.decode_side_info(model, strings[1], grid)
         params = model.h_s(z_hat)
         pad = (self.kernel - 1) // 2
@@ -116,11 +119,11 @@ class LatentCodecModel(Family):
     Its latent codec yields one string per (group, pass), then z: 5 groups give 11 strings.
     """
 
-    def compress(self, model, y):
+    def compress(self, model, y, gain=None):
         out = model.latent_codec.compress(y)
         return [s[0] for s in out["strings"]], out["y_hat"]
 
-    def decompress(self, model, strings, grid):
+    def decompress(self, model, strings, grid, gain=None):
         shape = {
             "y": [torch.Size([g, *grid]) for g in model.groups],
             "hyper": torch.Size([grid[0] // 4, grid[1] // 4]),
@@ -129,6 +132,67 @@ class LatentCodecModel(Family):
 
     def string_count(self, model):
         return 2 * len(model.groups) + 1
+
+
+class VariableRate(Family):
+    """mbt2018-mean-vbr (Kamisli et al., DCC 2024): one model for every rate.
+
+    A gain g (the inverse quantisation step) scales the centred latent before rounding:
+    q = round(g·y - g·mu), coded with scales g·sigma; ``y_hat = sign(q)·(|q| + offset)/g + mu``, where a small
+    network (``QuantABCD``) predicts the reconstruction offset from (g·sigma, g) and the offset is zero where
+    q = 0. g may be a scalar or a map broadcastable over y (1, 1, h, w) for spatially varying steps.
+    Encoder and decoder both derive y_hat from q with :meth:`dequantize`, so they agree bit for bit.
+    """
+
+    variable_rate = True
+
+    def compress(self, model, y, gain=None):
+        gain = _gain_tensor(gain)
+        z_string, z_hat = self.side_info(model, model.h_a(y))
+        scales, means = model.h_s(z_hat).chunk(2, 1)
+        gc = model.gaussian_conditional
+        indexes = gc.build_indexes(scales * gain)
+        y_string = gc.compress(y * gain, indexes, means=means * gain)[0]
+        q = torch.round(y * gain - means * gain)  # the symbols gc.compress just wrote
+        return [y_string, z_string], self.dequantize(model, q, scales, means, gain)
+
+    def decompress(self, model, strings, grid, gain=None):
+        gain = _gain_tensor(gain)
+        z_hat = self.decode_side_info(model, strings[1], grid)
+        scales, means = model.h_s(z_hat).chunk(2, 1)
+        gc = model.gaussian_conditional
+        q = gc.decompress([strings[0]], gc.build_indexes(scales * gain), z_hat.dtype)
+        return self.dequantize(model, q, scales, means, gain)
+
+    @staticmethod
+    def dequantize(model: nn.Module, q: Tensor, scales: Tensor, means: Tensor, gain: Tensor) -> Tensor:
+        """Integer symbols q -> y_hat, with the learned quantisation-reconstruction offsets."""
+        stdev = model.gaussian_conditional.lower_bound_scale(scales * gain)
+        stdev_and_gain = torch.stack((stdev, gain.expand_as(stdev)), dim=4)
+        offsets = -model.QuantABCD(stdev_and_gain).squeeze(4)
+        offsets = torch.where(q.abs() < 1e-4, torch.zeros_like(offsets), offsets)
+        return torch.sign(q) * (q.abs() + offsets) / gain + means
+
+
+def _gain_tensor(gain: Tensor | float | None) -> Tensor:
+    if gain is None:
+        raise ValueError("a variable-rate codec needs a gain")
+    gain = torch.as_tensor(gain, dtype=torch.float32)
+    return gain.reshape(1, 1, 1, 1) if gain.numel() == 1 else gain
+
+
+def rate_gain(model: nn.Module, rate: float) -> Tensor:
+    """Rate parameter R in [1, L] (L = the model's trained levels; R = q reproduces level q) -> gain.
+
+    Between levels the gain is interpolated linearly in log space, so rate (and bpp) move smoothly. Computed in
+    float64 and rounded once to float32, so encoder and decoder derive the same gain from the stored R.
+    """
+    gains = model.Gain.detach().double().abs().log()
+    position = min(max(float(rate) - 1.0, 0.0), len(gains) - 1.0)
+    low = int(position)
+    high = min(low + 1, len(gains) - 1)
+    frac = position - low
+    return torch.exp(gains[low] * (1 - frac) + gains[high] * frac).float().reshape(1)
 
 
 @dataclass(frozen=True)
@@ -144,6 +208,10 @@ class CodecSpec:
     @property
     def codec_id(self) -> int:
         return CODEC_IDS[self.name]
+
+    @property
+    def variable_rate(self) -> bool:
+        return self.family.variable_rate
 
     def constructor(self) -> Callable[..., nn.Module]:
         from compressai.registry import MODELS
@@ -198,6 +266,14 @@ CODECS: dict[str, CodecSpec] = {
             zoo=False,
             notes="the ComNeck paper's codec; no zoo weights",
         ),
+        CodecSpec(
+            "mbt2018-mean-vbr",
+            VariableRate(),
+            # One file for every level; -q q is rate q, --rate picks any point in between.
+            {q: {"N": 192, "M": 320} for q in range(1, 9)},
+            zoo=False,
+            notes="variable rate: one model, any --rate in 1..8",
+        ),
     )
 }
 
@@ -216,9 +292,28 @@ def check_quality(spec: CodecSpec, quality: int) -> None:
         raise ComneckError(f"codec {spec.name} has quality levels {lo}..{hi}, not {quality}")
 
 
-def registry_name(codec: str, quality: int) -> str:
-    """The weights-registry name of a codec's quality level, e.g. ``mbt2018-mean-q3``."""
+def registry_name(codec: str, quality: int | None) -> str:
+    """The weights-registry name of a codec's quality level, e.g. ``mbt2018-mean-q3``.
+
+    A variable-rate codec has one file for every level, registered under its bare name.
+    """
+    if quality is None or get_spec(codec).variable_rate:
+        return codec
     return f"{codec}-q{quality}"
+
+
+RATE_STEPS = 1000  # records store a variable-rate codec's R in thousandths of a level (SPEC.md, section 0x83)
+
+
+def check_rate(spec: CodecSpec, rate: float) -> float:
+    """Validate R for a variable-rate codec and snap it to the grid the record stores."""
+    if not spec.variable_rate:
+        raise ComneckError(f"codec {spec.name} has fixed quality levels; --rate needs a variable-rate codec "
+                           f"({', '.join(n for n, c in CODECS.items() if c.variable_rate)})")
+    lo, hi = min(spec.qualities), max(spec.qualities)
+    if not lo <= rate <= hi:
+        raise ComneckError(f"codec {spec.name} takes --rate between {lo} and {hi}, not {rate:g}")
+    return round(rate * RATE_STEPS) / RATE_STEPS
 
 
 @dataclass
@@ -236,10 +331,21 @@ class Codec:
     source: Path
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     machine_only: bool = False  # retrained for machines only (scenario d3): its records have no image to decode
+    rate: float | None = None  # variable-rate codecs: R in [1, L], what -q/--rate chose
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def at_rate(self, rate: float) -> Codec:
+        """The same loaded variable-rate model at another rate R (shares the model; nothing is reloaded)."""
+        rate = check_rate(self.spec, rate)
+        return replace(self, rate=rate, quality=min(max(round(rate), 1), 255))
+
+    @property
+    def gain(self) -> Tensor | None:
+        """The variable-rate codec's gain for ``rate`` (None for fixed-rate codecs)."""
+        return rate_gain(self.model, self.rate) if self.spec.variable_rate else None
 
     @property
     def latent_channels(self) -> int:
@@ -259,8 +365,21 @@ class Codec:
         (which always decodes one record at a time) computes them: a batched h_s may pick other
         convolution kernels and round differently, which would desynchronise the decoder.
         """
-        y = self.model.g_a(x.to(self.device)).float().cpu()
-        return [self.spec.family.compress(self.model, y[i : i + 1]) for i in range(y.shape[0])]
+        y = self.analyze(x)
+        return [self.code(y[i : i + 1]) for i in range(y.shape[0])]
+
+    @torch.inference_mode()
+    def analyze(self, x: Tensor) -> Tensor:
+        """``g_a``: x (B, 3, H, W) -> y (B, M, H/16, W/16), float32 on the CPU, ready for :meth:`code`."""
+        return self.model.g_a(x.to(self.device)).float().cpu()
+
+    @torch.inference_mode()
+    def code(self, y: Tensor, gain: Tensor | None = None) -> tuple[list[bytes], Tensor]:
+        """Entropy-code one image's y (1, M, h, w) -> (strings, y_hat); ``gain`` overrides the rate's gain.
+
+        Separate from g_a so a rate search codes the same y at several rates without re-running the transform.
+        """
+        return self.spec.family.compress(self.model, y, self.gain if gain is None else gain)
 
     @torch.inference_mode()
     def decompress_latents(self, strings: list[bytes], height: int, width: int) -> Tensor:
@@ -272,7 +391,7 @@ class Codec:
                 "the file is damaged or was written by another codec"
             )
         try:
-            return self.spec.family.decompress(self.model, list(strings), latent_grids(height, width)[0])
+            return self.spec.family.decompress(self.model, list(strings), latent_grids(height, width)[0], self.gain)
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ComneckError(f"entropy decoding failed ({exc}); the record is corrupt") from exc
 
@@ -409,7 +528,7 @@ def load_codec(
     path = resolve_weights(spec, quality, weights)
     digest = bytes.fromhex(registry.file_sha256(path)[:8])
     state, meta = _read_state(path)
-    if meta.get("format") == "comneck-codec" and meta.get("quality") not in (None, str(quality)):
+    if meta.get("format") == "comneck-codec" and not spec.variable_rate and meta.get("quality") not in (None, str(quality)):
         raise ComneckError(
             f"weights {path} were trained for {spec.name} quality {meta['quality']}, not {quality}; "
             f"pass -q {meta['quality']}"
@@ -420,8 +539,9 @@ def load_codec(
     device = torch.device(device)
     model.g_a.to(device)
     model.g_s.to(device)
-    return Codec(spec=spec, quality=quality, model=model, digest=digest, source=path, device=device,
-                 machine_only=meta.get("machine_only") == "true")
+    codec = Codec(spec=spec, quality=quality, model=model, digest=digest, source=path, device=device,
+                  machine_only=meta.get("machine_only") == "true")
+    return codec.at_rate(quality) if spec.variable_rate else codec
 
 
 def weights_info(path: Path) -> dict[str, str]:

@@ -34,8 +34,9 @@ KNOWN_FLAGS = FLAG_SECTIONS | FLAG_MACHINE_ONLY
 
 TAG_IMPORTANCE_MAP = 0x01
 TAG_METADATA = 0x02
-KNOWN_TAGS = frozenset({TAG_IMPORTANCE_MAP, TAG_METADATA})
 CRITICAL_BIT = 0x80
+TAG_RATE = 0x83  # critical: decoding at another rate than the encoder's would give garbage
+KNOWN_TAGS = frozenset({TAG_IMPORTANCE_MAP, TAG_METADATA, TAG_RATE})
 
 DIGEST_BYTES = 4
 CRC_BYTES = 4
@@ -171,6 +172,7 @@ class Record:
     machine_only: bool = False
     importance_map: bytes | None = field(default=None, repr=False)
     metadata: dict[str, Any] | None = field(default=None, hash=False)  # dicts are unhashable
+    rate: int | None = None  # variable-rate codecs: the rate parameter R in thousandths of a level (u16)
     unknown_sections: tuple[tuple[int, bytes], ...] = field(default=(), repr=False)
     version: tuple[int, int] = VERSION
 
@@ -198,6 +200,8 @@ class Record:
             raise CnkError(f"machine_only must be True or False, got {self.machine_only!r}")
         if self.importance_map is not None:
             set_(self, "importance_map", _as_bytes(self.importance_map, "importance map"))
+        if self.rate is not None:
+            set_(self, "rate", _as_int(self.rate, "rate", 0, 0xFFFF))
         if self.metadata is not None:
             if not isinstance(self.metadata, dict):
                 raise CnkError(f"metadata must be a dict (a JSON object), got {type(self.metadata).__name__}")
@@ -236,6 +240,7 @@ class Record:
             ", machine_only=True" if self.machine_only else "",
             f", importance_map=<{len(self.importance_map)} bytes>" if self.importance_map is not None else "",
             f", metadata={self.metadata!r}" if self.metadata is not None else "",
+            f", rate={self.rate}" if self.rate is not None else "",
             f", unknown_sections={[(t, len(p)) for t, p in self.unknown_sections]}" if self.unknown_sections else "",
             f", version={self.version}" if self.version != VERSION else "",
         ])
@@ -272,6 +277,8 @@ def _sections(record: Record) -> list[tuple[int, bytes]]:
         sections.append((TAG_IMPORTANCE_MAP, record.importance_map))
     if record.metadata is not None:
         sections.append((TAG_METADATA, _metadata_json(record.metadata).encode("utf-8")))
+    if record.rate is not None:
+        sections.append((TAG_RATE, record.rate.to_bytes(2, "big")))
     sections.extend(record.unknown_sections)
     return sections
 
@@ -447,12 +454,17 @@ def _read(stream: BinaryIO, limits: Limits) -> tuple[Record, int] | None:
         raise CnkError("invalid .cnk record: a section tag appears more than once")
     importance_map = None
     metadata = None
+    rate = None
     unknown = []
     for tag, payload in sections:
         if tag == TAG_IMPORTANCE_MAP:
             importance_map = payload
         elif tag == TAG_METADATA:
             metadata = _parse_metadata(payload)
+        elif tag == TAG_RATE:
+            if len(payload) != 2:
+                raise CnkError(f"invalid .cnk record: the rate section holds {len(payload)} bytes, not 2")
+            rate = int.from_bytes(payload, "big")
         elif tag & CRITICAL_BIT:
             raise CnkError(f"this .cnk record needs a feature this comneck does not know (critical section "
                            f"0x{tag:02x}, file version {major}.{minor}); upgrade comneck")
@@ -461,7 +473,7 @@ def _read(stream: BinaryIO, limits: Limits) -> tuple[Record, int] | None:
     try:
         record = Record(codec_id=codec_id, quality=quality, weights_digest=digest, height=height, width=width,
                         strings=strings, machine_only=bool(flags & FLAG_MACHINE_ONLY),
-                        importance_map=importance_map, metadata=metadata,
+                        importance_map=importance_map, metadata=metadata, rate=rate,
                         unknown_sections=tuple(unknown), version=(major, minor))
     except CnkError as exc:
         raise CnkError(f"invalid .cnk record: {exc}") from None

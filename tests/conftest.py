@@ -16,6 +16,7 @@ TINY_CODECS = {
     "mbt2018-mean": {"N": 8, "M": 12},
     "cheng2020-anchor": {"N": 8},
     "elic2022-official": {"N": 8, "M": 24, "groups": [2, 2, 4, 8, 8]},
+    "mbt2018-mean-vbr": {"N": 8, "M": 12},
 }
 
 
@@ -67,6 +68,24 @@ def make_codec_file(folder: Path, name: str, seed: int = 0, quality: int = 1) ->
 def codec_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("codecs")
     return {name: make_codec_file(folder, name) for name in TINY_CODECS}
+
+
+@pytest.fixture(scope="session")
+def vbr_codec_file(tmp_path_factory, photos) -> Path:
+    """A tiny mbt2018-mean-vbr trained briefly on shipped photos, so its rate actually follows R (random weights
+    code everything to the same few bytes). About 10 s on 2 cores."""
+    import shutil
+
+    from comneck_cli.train.codec import CodecTrainConfig, train_codec
+
+    data = tmp_path_factory.mktemp("vbr-data")
+    for name in ("chelsea", "coffee", "astronaut", "rocket"):
+        shutil.copy(photos[name], data / Path(photos[name]).name)
+    out = tmp_path_factory.mktemp("vbr") / "vbr.safetensors"
+    train_codec(CodecTrainConfig(codec="mbt2018-mean-vbr", config={"N": 16, "M": 24}, data=data, steps=120,
+                                 crop=64, batch_size=4, lr=1e-3, output=out, register=None, quiet=True,
+                                 run_dir=out.parent / "run"))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,11 @@ parameter but the entropy bottlenecks' ``quantiles`` (lr 1e-4, gradient norm cli
 Adam (lr 1e-3) on the ``quantiles`` alone minimising ``model.aux_loss()``, so the bottleneck's coding
 range follows its densities. The trained codec is exported with its entropy tables (``save_codec``) and
 registered as ``{codec}-q{quality}``, where ``encode``/``decode`` find it.
+
+A variable-rate codec (``mbt2018-mean-vbr``) is one model for every level: each step draws a level s
+(reproducibly from the seed and step number, so resumed runs draw the same), runs CompressAI's
+variable-rate path (``stage=2``: latents scaled by the level's gain, straight-through rounding, noisy
+likelihoods) and weighs distortion by that level's λ; the file is registered under the codec's bare name.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from . import checkpoint as ckpt
 from .data import Batches, ImageFolderCrops, steps_for
 from .export import publish, write_codec
 from .latents import latent_path, rate_bpp
-from .losses import rd_loss
+from .losses import ZOO_LAMBDAS, rd_loss
 from .loop import (Clock, Metrics, RunConfig, Runtime, check_finite, check_length, default_run_dir, resolve_run,
                    progress, serialise, setup_runtime, teardown)
 
+DEFAULT_REGISTER = "{codec}-q{quality}"
 CODEC_DEFAULTS = {"batch_size": 8, "crop": 256, "seed": 0, "lr": 1e-4, "aux_lr": 1e-3, "clip_max_norm": 1.0}
 
 
@@ -49,7 +55,7 @@ class CodecTrainConfig(RunConfig):
     lmbda: float | None = None
     config: dict[str, Any] | None = None
     init: Path | None = None
-    register: str | None = "{codec}-q{quality}"
+    register: str | None = DEFAULT_REGISTER
 
 
 TRAJECTORY = ("codec", "quality", "config", "init", "lmbda", "lr", "aux_lr", "clip_max_norm", "batch_size",
@@ -76,14 +82,14 @@ def build_codec(spec: CodecSpec, quality: int, config: dict[str, Any] | None,
     table updated with ``config``.
     """
     if init is None:
-        kwargs = {**_accepted(spec, spec.qualities[quality]), **(config or {})}
+        kwargs = {**_accepted(spec, spec.qualities[quality or max(spec.qualities)]), **(config or {})}
         try:
             return spec.constructor()(**kwargs), kwargs
         except TypeError as exc:
             raise ComneckError(f"--config {json.dumps(config)} does not fit {spec.name}: {exc}") from exc
     from ..codecs import load_codec
 
-    loaded = load_codec(spec.name, quality, weights=Path(init))
+    loaded = load_codec(spec.name, quality or max(spec.qualities), weights=Path(init))
     model, kwargs = loaded.model.cpu(), constructor_config(loaded)
     if config and any(kwargs.get(k) != v for k, v in config.items()):
         raise ComneckError(
@@ -121,14 +127,27 @@ def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 def _resolve(cfg: CodecTrainConfig) -> dict[str, Any] | None:
     """Fill defaults; on resume take the trajectory from the checkpoint. Returns the checkpoint state."""
-    return resolve_run(cfg, "codec", TRAJECTORY, CODEC_DEFAULTS, "train codec")
+    state = resolve_run(cfg, "codec", TRAJECTORY, CODEC_DEFAULTS, "train codec")
+    spec = get_spec(cfg.codec)
+    if spec.variable_rate and (cfg.quality is not None or cfg.lmbda is not None):
+        raise ComneckError(f"{cfg.codec} is variable-rate: it trains every level at once, each at its own λ "
+                           f"({', '.join(f'{l:g}' for l in ZOO_LAMBDAS)}); drop -q/--lmbda")
+    return state
+
+
+def level_for_step(seed: int, step: int, levels: int) -> int:
+    """The level a variable-rate step trains: a function of (seed, step) only, so a resumed run draws the same."""
+    import random
+
+    return random.Random(seed * 1_000_003 + step).randrange(levels)
 
 
 def train_codec(cfg: CodecTrainConfig) -> TrainResult:
     """Train (or resume training) a codec for human perception; export and register it. See the module doc."""
     state = _resolve(cfg)
     spec = get_spec(cfg.codec)
-    check_quality(spec, cfg.quality)
+    if not spec.variable_rate:
+        check_quality(spec, cfg.quality)
     runtime = setup_runtime(cfg.device)
     try:
         return _train(cfg, spec, runtime, state)
@@ -139,6 +158,8 @@ def train_codec(cfg: CodecTrainConfig) -> TrainResult:
 def _train(cfg: CodecTrainConfig, spec: CodecSpec, runtime: Runtime, state: dict | None) -> TrainResult:
     name = registry_name(cfg.codec, cfg.quality)
     register = None if cfg.register is None else cfg.register.format(codec=cfg.codec, quality=cfg.quality)
+    if spec.variable_rate and cfg.register == DEFAULT_REGISTER:
+        register = name
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, register or name)
     dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=False)
     batches = Batches(dataset, cfg.batch_size, cfg.seed, runtime.rank, runtime.world, cfg.workers,
@@ -186,11 +207,16 @@ def _train(cfg: CodecTrainConfig, spec: CodecSpec, runtime: Runtime, state: dict
             x = x.to(runtime.device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             aux_optimizer.zero_grad(set_to_none=True)
+            level = level_for_step(cfg.seed, step, model.levels) if spec.variable_rate else None
             with runtime.autocast():
-                latents = latent_path(model, spec.family, x, "noise")
-                x_hat = model.g_s(latents.y_hat)
-            bpp = rate_bpp(latents.likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
-            loss, mse = rd_loss(bpp, x_hat, x, cfg.lmbda)
+                if level is None:
+                    latents = latent_path(model, spec.family, x, "noise")
+                    x_hat, likelihoods = model.g_s(latents.y_hat), latents.likelihoods
+                else:
+                    out = model(x, stage=2, s=level)
+                    x_hat, likelihoods = out["x_hat"], out["likelihoods"]
+            bpp = rate_bpp(likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
+            loss, mse = rd_loss(bpp, x_hat, x, cfg.lmbda if level is None else model.lmbda[level])
             check_finite(loss, step + 1, "rate-distortion")
             loss.backward()
             runtime.average_gradients(net_params)
@@ -220,11 +246,12 @@ def _train(cfg: CodecTrainConfig, spec: CodecSpec, runtime: Runtime, state: dict
     if runtime.main:
         info = {
             "codec": cfg.codec, "quality": cfg.quality, "trained_for": "human perception: R + λ·255²·MSE",
-            "lmbda": cfg.lmbda, "data": str(Path(cfg.data).resolve()), "steps": total, "final_losses": final,
+            "lmbda": list(model.lmbda) if spec.variable_rate else cfg.lmbda, "data": str(Path(cfg.data).resolve()), "steps": total, "final_losses": final,
             "config": model_config, "init": None if cfg.init is None else str(cfg.init), "machine_only": False,
         }
         model.eval()
-        output, entry = publish(lambda path: write_codec(model, path, cfg.codec, cfg.quality, model_config),
+        quality = 0 if spec.variable_rate else cfg.quality  # 0: every level
+        output, entry = publish(lambda path: write_codec(model, path, cfg.codec, quality, model_config),
                                 ".safetensors", cfg.output, register, "codec", info)
     runtime.barrier()
     return TrainResult(output=output, registered=entry.name if entry else None, run_dir=run_dir, steps=total,

@@ -135,7 +135,8 @@ def train() -> None:
 @train.command("codec")
 @click.option("--codec", default=None, help="Codec name (see `comneck codecs`).")
 @click.option("-q", "--quality", type=click.IntRange(1, 255), default=None,
-              help="Quality level (selects λ and the architecture size).")
+              help="Quality level (selects λ and the architecture size). Omit for variable-rate codecs, "
+                   "which train every level.")
 @click.option("--steps", type=click.IntRange(0), default=None, help="Optimizer steps to train (or --epochs).")
 @click.option("--epochs", type=click.IntRange(0), default=None, help="Passes over the data (or --steps).")
 @click.option("--lr", type=float, default=None, show_default="1e-4", help="Adam learning rate of the codec.")
@@ -150,7 +151,8 @@ def train() -> None:
 @click.option("--init", type=_FILE, default=None, help="Start from this codec file instead of random weights.")
 @click.option("-o", "--output", type=_OUT, default=None, help="Write the trained codec (.safetensors) here.")
 @click.option("--register", default="{codec}-q{quality}", show_default=True,
-              help="Registry name for the trained codec (encode/decode find CODEC-qQUALITY).")
+              help="Registry name for the trained codec (encode/decode find CODEC-qQUALITY; a variable-rate "
+                   "codec is registered as CODEC).")
 @click.option("--no-register", is_flag=True, help="Do not add the codec to the registry (then -o is needed).")
 @_run_options
 @_guarded
@@ -169,7 +171,7 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
                            clip_max_norm=clip_max_norm, lmbda=lmbda, config=_json_config(config_json), init=init,
                            output=output, register=None if no_register else register, **run)
     result = train_codec(cfg)
-    _summary(run["quiet"], f"{cfg.codec} q{cfg.quality}", result)
+    _summary(run["quiet"], cfg.codec if cfg.quality is None else f"{cfg.codec} q{cfg.quality}", result)
 
 
 @train.command("neck")

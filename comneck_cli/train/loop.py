@@ -283,12 +283,15 @@ def resolve_run(cfg: Any, kind: str, trajectory: tuple[str, ...], defaults: dict
         merge_resumed(cfg, state["config"], trajectory)
         cfg.data = cfg.data or Path(state["config"]["data"])
         cfg.run_dir = cfg.run_dir or Path(cfg.resume).parent
-    if cfg.codec is None or cfg.quality is None or cfg.data is None:
+    from ..codecs import get_spec
+
+    variable_rate = cfg.codec is not None and get_spec(cfg.codec).variable_rate
+    if cfg.codec is None or (cfg.quality is None and not variable_rate) or cfg.data is None:
         raise ComneckError(f"{command} needs --codec, -q/--quality and --data (or --resume CHECKPOINT)")
     for name, value in defaults.items():
         if getattr(cfg, name) is None:
             setattr(cfg, name, value)
-    if cfg.lmbda is None:
+    if cfg.lmbda is None and not variable_rate:  # a variable-rate codec trains each level at its own λ
         cfg.lmbda = default_lambda(cfg.codec, cfg.quality)
     if cfg.crop % 64:
         raise ComneckError(f"--crop {cfg.crop} is not a multiple of 64, which the codec's transforms need")

@@ -1,0 +1,94 @@
+"""The variable-rate codec: one model, any rate R, the rate stored in the record, a bpp target met by search."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from comneck_cli import api
+from comneck_cli.codecs import load_codec
+from comneck_cli.images import read_image
+from formats import CnkError, pack, unpack
+
+
+@pytest.fixture(scope="module")
+def vbr(vbr_codec_file):
+    return load_codec("mbt2018-mean-vbr", 3, weights=vbr_codec_file)
+
+
+def test_bpp_rises_monotonically_with_rate(vbr, photos):
+    image = read_image(photos["coffee"])
+    rates = [1, 1.5, 2, 3, 4.25, 5, 6.5, 8]
+    bpps = [api.encode(image, vbr.at_rate(r)).bits_per_pixel for r in rates]
+    assert all(a < b for a, b in zip(bpps, bpps[1:])), dict(zip(rates, bpps))
+
+
+@pytest.mark.parametrize("rate", [1, 2.718, 8])
+def test_decoder_recovers_the_encoders_latents_at_any_rate(vbr, photos, rate):
+    image = read_image(photos["chelsea"])
+    codec = vbr.at_rate(rate)
+    strings, y_hat = codec.compress(api.to_tensor(image, 64))
+    record = unpack(pack(api.encode(image, codec)))
+    assert record.rate == round(rate * 1000)
+    decoder = api.CodecCache(weights=vbr.source).for_record(record)
+    assert decoder.rate == pytest.approx(round(rate, 3))
+    assert torch.equal(api.decode_latents(record, decoder), y_hat)
+
+
+def test_a_record_is_refused_at_another_rate(vbr, photos):
+    record = api.encode(read_image(photos["chelsea"]), vbr.at_rate(2))
+    with pytest.raises(Exception, match="rate 2, not 5"):
+        api.decode_latents(record, vbr.at_rate(5))
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
+def test_bpp_target_is_met_within_five_percent(vbr, photos, fraction):
+    """Targets spread over what the (tiny) model reaches for each photo, between its lowest and highest rate."""
+    for name in ("coffee", "astronaut", "rocket"):
+        image = read_image(photos[name])
+        low, high = (api.encode(image, vbr.at_rate(r)).bits_per_pixel for r in (1, 8))
+        target = low * (high / low) ** fraction
+        record = api.encode_to_bpp(image, vbr, target)
+        assert abs(record.bits_per_pixel - target) <= 0.05 * target, (name, target, record.bits_per_pixel)
+
+
+def test_bpp_target_out_of_reach_gives_the_end_of_the_range(vbr, photos):
+    record = api.encode_to_bpp(read_image(photos["coffee"]), vbr, 1e-4)
+    assert record.rate == 1000
+
+
+def test_rate_section_is_critical_and_two_bytes():
+    from formats.container import TAG_RATE, CRITICAL_BIT
+
+    assert TAG_RATE & CRITICAL_BIT
+    record = unpack(pack(api.Record(codec_id=12, quality=3, weights_digest=b"abcd", height=5, width=7,
+                                    strings=(b"x", b"y"), rate=3250)))
+    assert record.rate == 3250
+    with pytest.raises(CnkError):
+        api.Record(codec_id=12, quality=3, weights_digest=b"abcd", height=5, width=7, strings=(b"x",), rate=70000)
+
+
+def test_cli_rate_and_bpp_target(vbr_codec_file, photos, tmp_path):
+    from click.testing import CliRunner
+
+    from comneck_cli.cli import main
+
+    runner = CliRunner()
+    args = ["encode", str(photos["coffee"]), "--codec", "mbt2018-mean-vbr", "--weights", str(vbr_codec_file)]
+    out = runner.invoke(main, [*args, "--rate", "4.5", "-o", str(tmp_path / "r.cnk"), "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert unpack((tmp_path / "r.cnk").read_bytes()).rate == 4500
+    out = runner.invoke(main, [*args, "--bpp-target", "0.3", "-o", str(tmp_path / "b.cnk"), "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert abs(unpack((tmp_path / "b.cnk").read_bytes()).bits_per_pixel - 0.3) <= 0.015
+    out = runner.invoke(main, ["decode", str(tmp_path / "b.cnk"), "--weights", str(vbr_codec_file),
+                               "-o", str(tmp_path / "b.png"), "--quiet"])
+    assert out.exit_code == 0, out.output
+    for bad, message in ((["--rate", "9"], "between 1 and 8"), (["--rate", "2", "--bpp-target", "1"], "not both"),
+                         (["--bpp-target", "0"], "positive")):
+        out = runner.invoke(main, [*args, *bad, "-o", str(tmp_path / "x.cnk")])
+        assert out.exit_code != 0 and message in out.output and "Traceback" not in out.output
+        assert not (tmp_path / "x.cnk").exists()
+    out = runner.invoke(main, ["encode", str(photos["coffee"]), "--codec", "mbt2018-mean", "--rate", "2"])
+    assert out.exit_code != 0 and "variable-rate" in out.output
