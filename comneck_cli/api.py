@@ -53,7 +53,7 @@ def encode_batch(images: Sequence[np.ndarray], codec: Codec, *, metadata: dict |
     for indices in _same_shape_groups([_padded_shape(im.shape[:2]) for im in images]):
         x = torch.cat([to_tensor(images[i], PAD_MULTIPLE) for i in indices])
         for i, (strings, _) in zip(indices, codec.compress_batch(x)):
-            records[i] = _record(images[i], codec, strings, metadata)
+            records[i] = record_from_strings(images[i], codec, strings, metadata)
     return records  # type: ignore[return-value]
 
 
@@ -75,7 +75,7 @@ def encode_to_bpp(image: np.ndarray, codec: Codec, target: float, *, tolerance: 
     best = None
     for _ in range(24):  # 24 halvings of a 7-level range reach the 1/1000 grid the record stores
         at = codec.at_rate((lo + hi) / 2)
-        record = _record(image, at, at.code(y)[0], metadata)
+        record = record_from_strings(image, at, at.code(y)[0], metadata)
         if best is None or abs(record.bits_per_pixel - target) < abs(best.bits_per_pixel - target):
             best = record
         if abs(record.bits_per_pixel - target) <= tolerance * target or hi - lo < 1 / RATE_STEPS:
@@ -85,13 +85,14 @@ def encode_to_bpp(image: np.ndarray, codec: Codec, target: float, *, tolerance: 
         return best
     for end in (min(codec.spec.qualities), max(codec.spec.qualities)):  # never a midpoint: the target may lie beyond
         at = codec.at_rate(end)
-        record = _record(image, at, at.code(y)[0], metadata)
+        record = record_from_strings(image, at, at.code(y)[0], metadata)
         if abs(record.bits_per_pixel - target) <= abs(best.bits_per_pixel - target):
             best = record
     return best
 
 
-def _record(image: np.ndarray, codec: Codec, strings: Sequence[bytes], metadata: dict | None) -> Record:
+def record_from_strings(image: np.ndarray, codec: Codec, strings: Sequence[bytes], metadata: dict | None = None) -> Record:
+    """The record of ``image`` coded by ``codec`` (at its rate) into ``strings``: header fields from the codec."""
     height, width = image.shape[:2]
     return Record(codec_id=codec.spec.codec_id, quality=codec.quality, weights_digest=codec.digest, height=height,
                   width=width, strings=tuple(strings), metadata=metadata, machine_only=codec.machine_only,

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import click
 
+from .defaults import DEFAULT_CODEC
 from .errors import ComneckError
 from .presets import PRESETS
 
@@ -372,7 +373,7 @@ class Job:
 
 @dataclass
 class EncodeJob(Job):
-    codec: str = "mbt2018-mean"
+    codec: str = DEFAULT_CODEC
     quality: int = 3
     weights: str | None = None
     command, label = "encode", "encoding"
@@ -917,7 +918,8 @@ def batch() -> None:
 @batch.command("encode")
 @click.option("-q", "--quality", type=click.IntRange(1, 255), default=3, show_default=True,
               help="Codec quality level (higher = more bits); the codec's range is checked.")
-@click.option("--codec", default="mbt2018-mean", show_default=True, help="Codec name (see `comneck codecs`).")
+@click.option("--codec", default=DEFAULT_CODEC, show_default=True,
+              help="Codec name (see `comneck codecs`); the default is the variable-rate codec shipped with comneck.")
 @click.option("--weights", default=None,
               help="Codec weights file or registry name instead of CODEC-qQ / the zoo (on Ray: a file every "
                    "worker can read, or a name in every worker's registry).")

@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 import click
 
+from .defaults import DEFAULT_CODEC
 from .errors import ComneckError
 from .presets import PRESETS
 
@@ -155,7 +156,8 @@ def main() -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str, allow_dash=True))
 @click.option("-q", "--quality", type=click.IntRange(1, 255), default=3, show_default=True,
               help="Codec quality level (higher = more bits); the codec's range is checked.")
-@click.option("--codec", default="mbt2018-mean", show_default=True, help="Codec name (see `comneck codecs`).")
+@click.option("--codec", default=DEFAULT_CODEC, show_default=True,
+              help="Codec name (see `comneck codecs`); the default is the variable-rate codec shipped with comneck.")
 @click.option("--weights", default=None,
               help="Codec weights file or registry name (e.g. mbt2018-mean-q3-d2) instead of CODEC-qQ / the zoo.")
 @click.option("--rate", type=float, default=None,
@@ -686,22 +688,42 @@ def weights_list(as_json: bool) -> None:
 @click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option("--kind", type=click.Choice(["codec", "neck", "clip", "postprocess"]), default=None,
               help="What the file is; guessed from NAME (a codec name followed by -qN means codec).")
-def weights_import(name: str, file: Path, kind: str | None) -> None:
+@click.option("--half", is_flag=True,
+              help="Codecs: store the transforms' weights (g_a, g_s, h_a, h_s) as float16, halving the file; "
+                   "entropy models stay float32. Records need the imported file's digest.")
+def weights_import(name: str, file: Path, kind: str | None, half: bool) -> None:
     """Copy FILE into the user registry as NAME, recording its sha256.
 
-    A codec is found by `encode`/`decode` under the name CODEC-qQUALITY, e.g. mbt2018-mean-q3.
+    A codec is found by `encode`/`decode` under the name CODEC-qQUALITY, e.g. mbt2018-mean-q3, and a
+    variable-rate codec (one file for every rate) under its bare name, e.g. mbt2018-mean-vbr.
     """
     import weights as registry
+    from formats import CODEC_IDS
 
     info = {}
     codec, _, q = name.rpartition("-q")
     if kind in (None, "codec") and codec and q.isdigit():
         kind, info = "codec", {"codec": codec, "quality": int(q)}
+    elif kind in (None, "codec") and name in CODEC_IDS:
+        kind, info = "codec", {"codec": name}
     if kind is None:
         raise click.UsageError("cannot guess what NAME is: pass --kind codec|neck|clip")
+    if half and kind != "codec":
+        raise click.UsageError("--half applies to codec files only")
     try:
-        entry = registry.import_file(name, file, kind, info)
-    except registry.WeightsError as exc:
+        if half:
+            import tempfile
+
+            _quiet_imports()
+            from .codecs import half_codec_file
+
+            with tempfile.TemporaryDirectory(prefix="comneck-half-") as folder:
+                halved = Path(folder) / f"{name}.safetensors"
+                half_codec_file(file, halved)
+                entry = registry.import_file(name, halved, kind, {**info, "dtype": "float16"}, move=True)
+        else:
+            entry = registry.import_file(name, file, kind, info)
+    except (registry.WeightsError, ComneckError) as exc:
         click.echo(f"comneck: error: {exc}", err=True)
         raise SystemExit(1) from None
     click.echo(f"imported {name} ({kind}) sha256 {entry.sha256[:12]}… -> {entry.path()}", err=True)

@@ -419,6 +419,26 @@ def save_codec(
     save_file(tensors, str(path), metadata=meta)
 
 
+HALF_PREFIXES = ("g_a.", "g_s.", "h_a.", "h_s.")  # the bulk of the parameters; entropy models stay float32
+
+
+def half_codec_file(source: Path, target: Path) -> None:
+    """Rewrite a comneck codec file with its transforms' float32 weights as float16 (``weights import --half``).
+
+    The entropy models (bottleneck quantiles and tables, the Gaussian scale table) keep float32, so the
+    coding tables stay exactly those the codec was exported with. Loading casts back to float32.
+    """
+    from safetensors.torch import save_file
+
+    state, meta = _read_state(Path(source))
+    if meta.get("format") != "comneck-codec":
+        raise ComneckError(f"{source} is not a comneck codec file (.safetensors from `comneck train codec`); "
+                           "--half needs one")
+    halved = {k: v.half() if k.startswith(HALF_PREFIXES) and v.dtype == torch.float32 else v
+              for k, v in state.items()}
+    save_file(halved, str(target), metadata={**meta, "dtype": "float16"})
+
+
 def _read_state(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if path.suffix == ".safetensors":
         return read_safetensors(path, "codec weights")

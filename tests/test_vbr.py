@@ -92,3 +92,31 @@ def test_cli_rate_and_bpp_target(vbr_codec_file, photos, tmp_path):
         assert not (tmp_path / "x.cnk").exists()
     out = runner.invoke(main, ["encode", str(photos["coffee"]), "--codec", "mbt2018-mean", "--rate", "2"])
     assert out.exit_code != 0 and "variable-rate" in out.output
+
+
+def test_weights_import_half_keeps_coding_exact(vbr_codec_file, photos):
+    """--half stores g_a/g_s/h_a/h_s in float16: half the transform bytes, entropy models untouched, and records
+    coded with the halved file decode to exactly the encoder's y_hat."""
+    from click.testing import CliRunner
+    from safetensors import safe_open
+
+    import weights as registry
+    from comneck_cli.cli import main
+
+    out = CliRunner().invoke(main, ["weights", "import", "mbt2018-mean-vbr", str(vbr_codec_file), "--half"])
+    assert out.exit_code == 0, out.output
+    entry = registry.lookup("mbt2018-mean-vbr")
+    assert entry.kind == "codec" and entry.info["dtype"] == "float16"
+    with safe_open(str(entry.path()), "pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert {d for k, d in dtypes.items() if k.startswith("g_a.") and k.endswith("weight")} == {torch.float16}
+    assert dtypes["gaussian_conditional.scale_table"] == torch.float32
+    assert entry.path().stat().st_size < vbr_codec_file.stat().st_size  # tiny model: its entropy tables dominate
+    codec = load_codec("mbt2018-mean-vbr", 4)  # from the registry, by its bare name
+    assert codec.source == entry.path()
+    image = read_image(photos["coffee"])
+    _, y_hat = codec.compress(api.to_tensor(image, 64))
+    record = unpack(pack(api.encode(image, codec)))
+    assert torch.equal(api.decode_latents(record, api.CodecCache().for_record(record)), y_hat)
+    refused = CliRunner().invoke(main, ["weights", "import", "x-neck", str(vbr_codec_file), "--kind", "neck", "--half"])
+    assert refused.exit_code == 2 and "codec files only" in refused.output
