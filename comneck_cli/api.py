@@ -16,7 +16,7 @@ from typing import Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from formats import PAD_MULTIPLE, Record, codec_name
+from formats import PAD_MULTIPLE, ImportanceMap, Record, codec_name
 
 from .codecs import RATE_STEPS, Codec, load_codec
 from .errors import ComneckError
@@ -38,8 +38,15 @@ def resolve_device(name: str) -> torch.device:
         raise ComneckError(f"unknown device {name!r}; use auto, cpu or cuda") from exc
 
 
-def encode(image: np.ndarray, codec: Codec, *, metadata: dict | None = None) -> Record:
-    """uint8 H×W×3 -> one record: entropy-coded strings plus what a decoder needs to check them."""
+def encode(image: np.ndarray, codec: Codec, *, metadata: dict | None = None,
+           importance: ImportanceMap | None = None) -> Record:
+    """uint8 H×W×3 -> one record: entropy-coded strings plus what a decoder needs to check them.
+
+    With ``importance`` (``semantic.semantic_map``; variable-rate codecs) each latent position is quantised with
+    its own gain and the map travels in the record (SPEC §7.1).
+    """
+    if importance is not None:
+        return code_semantic(image, codec, codec.analyze(to_tensor(image, PAD_MULTIPLE)), importance, metadata)
     return encode_batch([image], codec, metadata=metadata)[0]
 
 
@@ -58,24 +65,24 @@ def encode_batch(images: Sequence[np.ndarray], codec: Codec, *, metadata: dict |
 
 
 def encode_to_bpp(image: np.ndarray, codec: Codec, target: float, *, tolerance: float = 0.05,
-                  metadata: dict | None = None) -> Record:
+                  metadata: dict | None = None, importance: ImportanceMap | None = None) -> Record:
     """Encode at the rate R whose record (container included) lands on ``target`` bits per pixel.
 
     Bisects R over the variable-rate codec's range, re-coding the same g_a output (the transform runs once).
     Returns the first record within ``tolerance`` (relative) of the target, else the closest one found; a
     target outside what the codec reaches gives the end of the range, and the caller can read its bpp.
+    With ``importance`` every trial is a semantic record (map section included in the bpp).
     """
-    from .codecs import RATE_STEPS, check_rate
+    from .codecs import check_rate_options
 
-    check_rate(codec.spec, min(codec.spec.qualities))  # refuses fixed-rate codecs with the usual message
-    if not target > 0:
-        raise ComneckError(f"--bpp-target must be positive, not {target:g}")
+    check_rate_options(codec.spec, None, target)
     y = codec.analyze(to_tensor(image, PAD_MULTIPLE))
     lo, hi = float(min(codec.spec.qualities)), float(max(codec.spec.qualities))
     best = None
     for _ in range(24):  # 24 halvings of a 7-level range reach the 1/1000 grid the record stores
         at = codec.at_rate((lo + hi) / 2)
-        record = record_from_strings(image, at, at.code(y)[0], metadata)
+        record = (record_from_strings(image, at, at.code(y)[0], metadata) if importance is None
+                  else code_semantic(image, at, y, importance, metadata))
         if best is None or abs(record.bits_per_pixel - target) < abs(best.bits_per_pixel - target):
             best = record
         if abs(record.bits_per_pixel - target) <= tolerance * target or hi - lo < 1 / RATE_STEPS:
@@ -85,7 +92,8 @@ def encode_to_bpp(image: np.ndarray, codec: Codec, target: float, *, tolerance: 
         return best
     for end in (min(codec.spec.qualities), max(codec.spec.qualities)):  # never a midpoint: the target may lie beyond
         at = codec.at_rate(end)
-        record = record_from_strings(image, at, at.code(y)[0], metadata)
+        record = (record_from_strings(image, at, at.code(y)[0], metadata) if importance is None
+                  else code_semantic(image, at, y, importance, metadata))
         if abs(record.bits_per_pixel - target) <= abs(best.bits_per_pixel - target):
             best = record
     return best
@@ -97,6 +105,35 @@ def record_from_strings(image: np.ndarray, codec: Codec, strings: Sequence[bytes
     return Record(codec_id=codec.spec.codec_id, quality=codec.quality, weights_digest=codec.digest, height=height,
                   width=width, strings=tuple(strings), metadata=metadata, machine_only=codec.machine_only,
                   rate=None if codec.rate is None else round(codec.rate * RATE_STEPS))
+
+
+def code_semantic(image: np.ndarray, codec: Codec, y: torch.Tensor, importance: ImportanceMap,
+                  metadata: dict | None = None) -> Record:
+    """Entropy-code g_a's output ``y`` with the per-position gains of ``importance``; the map goes in the record."""
+    from dataclasses import replace
+
+    from .semantic import gain_map
+
+    if not codec.spec.variable_rate:
+        raise ComneckError(f"--semantic needs a variable-rate codec (e.g. mbt2018-mean-vbr), not {codec.name}")
+    strings, _ = codec.code(y, gain=gain_map(codec.model, codec.rate, importance, tuple(y.shape[-2:])))
+    return replace(record_from_strings(image, codec, strings, metadata), importance_map=importance.pack())
+
+
+def record_gain(record: Record, codec: Codec) -> torch.Tensor:
+    """The gain map a semantic record was coded with, rebuilt from its importance-map section (SPEC §7.1)."""
+    from formats import CnkError, latent_grids
+
+    from .semantic import gain_map
+
+    if not codec.spec.variable_rate:
+        raise ComneckError(f"record carries an importance map, but {codec.name} is not a variable-rate codec; "
+                           "the file is damaged")
+    try:
+        importance = ImportanceMap.unpack(record.importance_map, record.height, record.width)
+    except CnkError as exc:
+        raise ComneckError(str(exc)) from None
+    return gain_map(codec.model, codec.rate, importance, latent_grids(record.height, record.width)[0])
 
 
 def _padded_shape(size: tuple[int, int]) -> tuple[int, int]:
@@ -133,7 +170,8 @@ def check_record(record: Record, codec: Codec) -> None:
 def decode_latents(record: Record, codec: Codec) -> torch.Tensor:
     """Entropy-decode ``y_hat`` (1, M, h, w) on the CPU; ``g_s`` never runs."""
     check_record(record, codec)
-    return codec.decompress_latents(list(record.strings), record.height, record.width)
+    gain = None if record.importance_map is None else record_gain(record, codec)
+    return codec.decompress_latents(list(record.strings), record.height, record.width, gain)
 
 
 def decode(record: Record, codec: Codec) -> np.ndarray:

@@ -135,17 +135,25 @@ def read_image_file(source: str | Path | bytes, name: str, max_pixels: int | Non
     return image, [str(w.message) for w in caught]
 
 
-def encode_images(images: Sequence[Any], codec, names: Sequence[str] | None = None) -> list[bytes]:
+def encode_images(images: Sequence[Any], codec, names: Sequence[str] | None = None,
+                  bpp_target: float | None = None) -> list[bytes]:
     """Packed ``.cnk`` records of uint8 H×W×3 images; ``g_a`` runs once per group of same padded size, and a
-    batch that runs out of GPU memory is split (``api.split_on_oom``; ``names`` label the one that fails)."""
+    batch that runs out of GPU memory is split (``api.split_on_oom``; ``names`` label the one that fails).
+    With ``bpp_target`` each image is coded at the rate that meets it (``api.encode_to_bpp``)."""
     from formats import pack
 
     from . import api
 
     if not images:
         return []
+
+    def encode_part(part: list) -> list:
+        if bpp_target is None:
+            return api.encode_batch([im for _, im in part], codec)
+        return [api.encode_to_bpp(im, codec, bpp_target) for _, im in part]
+
     labelled = list(zip(names or [f"image {i + 1}" for i in range(len(images))], images))
-    records = api.split_on_oom(lambda part: api.encode_batch([im for _, im in part], codec), labelled,
+    records = api.split_on_oom(encode_part, labelled,
                                lambda item: f"{item[0]} ({item[1].shape[1]}×{item[1].shape[0]})")
     return [pack(record) for record in records]
 
@@ -253,8 +261,11 @@ def _image_size(path: str) -> tuple[int, int]:
     return height, width
 
 
-def cnk_output_ok(target: Path, codec, source: str) -> bool:
-    """One record, written by this codec, quality and weights, for an image of the source's size."""
+def cnk_output_ok(target: Path, codec, source: str, bpp_target: float | None = None) -> bool:
+    """One record, written by this codec, quality (or rate) and weights, for an image of the source's size.
+
+    With ``bpp_target`` the record's rate is whatever met the target: its bpp must be within 5% of it.
+    """
     from formats import CnkError, read_file
 
     if not target.is_file():
@@ -267,8 +278,14 @@ def cnk_output_ok(target: Path, codec, source: str) -> bool:
     if len(records) != 1:
         return False
     r = records[0]
-    return ((r.codec_id, r.quality, r.weights_digest) == (codec.spec.codec_id, codec.quality, codec.digest)
-            and (r.height, r.width) == size)
+    if (r.codec_id, r.weights_digest) != (codec.spec.codec_id, codec.digest) or (r.height, r.width) != size:
+        return False
+    if bpp_target is not None:
+        return abs(r.bits_per_pixel - bpp_target) <= 0.05 * bpp_target
+    from .codecs import RATE_STEPS
+
+    rate = None if codec.rate is None else round(codec.rate * RATE_STEPS)
+    return (r.quality, r.rate) == (codec.quality, rate)
 
 
 def image_output_ok(target: Path, height: int, width: int) -> bool:
@@ -376,6 +393,8 @@ class EncodeJob(Job):
     codec: str = DEFAULT_CODEC
     quality: int = 3
     weights: str | None = None
+    rate: float | None = None
+    bpp_target: float | None = None
     command, label = "encode", "encoding"
 
     def open(self) -> None:
@@ -384,6 +403,8 @@ class EncodeJob(Job):
 
         self._codec = api.load_codec(self.codec, self.quality, weights=self.weights,
                                      device=api.resolve_device(self.device))
+        if self.rate is not None:
+            self._codec = self._codec.at_rate(self.rate)
 
     def run(self, items):
         from .outputs import write_atomic
@@ -392,7 +413,8 @@ class EncodeJob(Job):
         todo = []  # (position, item, image, warnings)
         for position, item in enumerate(items):
             try:
-                if not self.force and cnk_output_ok(self.target(item, CNK_SUFFIX), self._codec, item.source):
+                if not self.force and cnk_output_ok(self.target(item, CNK_SUFFIX), self._codec, item.source,
+                                                    self.bpp_target):
                     outcomes[position] = self._outcome(item, "skipped")
                     continue
                 image, notes = read_image_file(item.source, item.label, self.max_pixels)
@@ -401,7 +423,7 @@ class EncodeJob(Job):
                 outcomes[position] = self._failed(item, exc)
         try:
             packed = encode_images([image for _, _, image, _ in todo], self._codec,
-                                   [item.label for _, item, _, _ in todo])
+                                   [item.label for _, item, _, _ in todo], self.bpp_target)
         except Exception as exc:  # noqa: BLE001 - g_a of the whole group failed (e.g. out of memory)
             packed = [exc] * len(todo)
         for (position, item, _, notes), data in zip(todo, packed):
@@ -919,18 +941,26 @@ def batch() -> None:
 @click.option("-q", "--quality", type=click.IntRange(1, 255), default=3, show_default=True,
               help="Codec quality level (higher = more bits); the codec's range is checked.")
 @click.option("--codec", default=DEFAULT_CODEC, show_default=True,
-              help="Codec name (see `comneck codecs`); the default is the variable-rate codec shipped with comneck.")
+              help="Codec name (see `comneck codecs`).")
 @click.option("--weights", default=None,
               help="Codec weights file or registry name instead of CODEC-qQ / the zoo (on Ray: a file every "
                    "worker can read, or a name in every worker's registry).")
+@click.option("--rate", type=float, default=None,
+              help="Variable-rate codecs: any rate R between the lowest and highest level; overrides -q.")
+@click.option("--bpp-target", type=float, default=None,
+              help="Variable-rate codecs: each image at the rate whose record has this many bits per pixel (±5%).")
 @batch_options
-def batch_encode(run, quality: int, codec: str, weights: str | None) -> Job:
+def batch_encode(run, quality: int, codec: str, weights: str | None, rate: float | None,
+                 bpp_target: float | None) -> Job:
     """Compress every image (PNG, JPEG, WebP, TIFF) into OUTPUT/<relative path>.cnk."""
     _quiet_imports()
-    from .codecs import check_quality, get_spec
+    from .codecs import check_quality, check_rate_options, get_spec
 
-    check_quality(get_spec(codec), quality)
-    return EncodeJob(output="", codec=codec, quality=quality, weights=_file_or_name(weights))
+    spec = get_spec(codec)
+    check_quality(spec, quality)
+    check_rate_options(spec, rate, bpp_target)
+    return EncodeJob(output="", codec=codec, quality=quality, weights=_file_or_name(weights), rate=rate,
+                     bpp_target=bpp_target)
 
 
 @batch.command("decode")

@@ -157,7 +157,7 @@ def main() -> None:
 @click.option("-q", "--quality", type=click.IntRange(1, 255), default=3, show_default=True,
               help="Codec quality level (higher = more bits); the codec's range is checked.")
 @click.option("--codec", default=DEFAULT_CODEC, show_default=True,
-              help="Codec name (see `comneck codecs`); the default is the variable-rate codec shipped with comneck.")
+              help="Codec name (see `comneck codecs`).")
 @click.option("--weights", default=None,
               help="Codec weights file or registry name (e.g. mbt2018-mean-q3-d2) instead of CODEC-qQ / the zoo.")
 @click.option("--rate", type=float, default=None,
@@ -165,6 +165,20 @@ def main() -> None:
 @click.option("--bpp-target", type=float, default=None,
               help="Variable-rate codecs: search each image's rate so the record has this many bits per pixel "
                    "(within 5%; the container is counted).")
+@click.option("--semantic", is_flag=True,
+              help="Semantic-guided bit allocation (CoTAM): a shallow CLIP block's attention decides where bits go; "
+                   "the map travels in the record (counted in bpp). Variable-rate codecs only.")
+@click.option("--semantic-strength", type=click.FloatRange(0, 65.535), default=None, show_default="1.5",
+              help="With --semantic: how far the map moves the quantisation step, gain = g_R·2^(S·(m − mean m)).")
+@click.option("--clip", "clip_model", default="ViT-L-14", show_default=True,
+              help="open_clip model whose attention guides --semantic.")
+@click.option("--clip-tag", default="openai", show_default=True, help="open_clip weights tag for --clip.")
+@click.option("--clip-weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Local CLIP weights file for --semantic instead of the registry / open_clip cache.")
+@click.option("--pre-edit", "pre_edit", default=None, is_flag=False, flag_value="", metavar="[NAME|FILE]",
+              help="Edit each image with the pre-editing module P before coding (`comneck train vbr --pre-edit`): "
+                   "the registry's CODEC-preedit, or --pre-edit=NAME|FILE. P's CLIP comes from its registry entry "
+                   "or --clip-weights. Records carry P's digest in their metadata (pre_edit).")
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Images per g_a forward pass (same-size images batch; entropy coding stays per image).")
 @click.option("-o", "--output", default=None, type=click.Path(path_type=str, allow_dash=True),
@@ -172,32 +186,60 @@ def main() -> None:
                    "Default: beside each image.")
 @common_options
 def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights: str | None, rate: float | None,
-           bpp_target: float | None, batch_size: int, output: str | None) -> None:
-    """Compress IMAGES (PNG, JPEG, WebP, TIFF, or - for stdin) into .cnk records."""
+           bpp_target: float | None, semantic: bool, semantic_strength: float | None, clip_model: str, clip_tag: str,
+           clip_weights: Path | None, pre_edit: str | None, batch_size: int, output: str | None) -> None:
+    """Compress IMAGES (PNG, JPEG, WebP, TIFF, or - for stdin) into .cnk records.
+
+    A folder of frames or a video file (.mp4 .mkv .avi .mov .webm ...) becomes one stream with a record per frame.
+    """
     _quiet_imports()
     from . import api
     from .codecs import get_spec, check_quality
     from .images import read_image, size_label
     from .outputs import is_dir_target, write_atomic, write_stdout
 
-    from .codecs import check_rate
+    from .codecs import check_rate_options
 
     spec = get_spec(codec)
     check_quality(spec, quality)
-    if rate is not None and bpp_target is not None:
-        raise ComneckError("pass --rate or --bpp-target, not both")
-    for value in (rate, bpp_target):
-        if value is not None:
-            check_rate(spec, min(spec.qualities) if value is bpp_target else value)
-    if bpp_target is not None and not bpp_target > 0:
-        raise ComneckError(f"--bpp-target must be positive, not {bpp_target:g}")
+    check_rate_options(spec, rate, bpp_target)
+    if semantic_strength is not None and not semantic:
+        raise ComneckError("--semantic-strength needs --semantic")
+    if semantic and pre_edit is not None:
+        raise ComneckError("pass --semantic or --pre-edit, not both")
+    if semantic and not spec.variable_rate:
+        raise ComneckError(f"--semantic needs a variable-rate codec (e.g. mbt2018-mean-vbr), not {codec}")
     device = api.resolve_device(run.device)
     loaded = api.load_codec(codec, quality, weights=weights, device=device)
     if rate is not None:
         loaded = loaded.at_rate(rate)
     from formats import pack
 
+    guide = None
+    if semantic:
+        from .semantic import DEFAULT_STRENGTH, load_guide, semantic_map
+
+        guide = load_guide(clip_model, clip_tag, clip_weights, device=device)
+        strength = DEFAULT_STRENGTH if semantic_strength is None else semantic_strength
+
+    meta = editor = None
+    if pre_edit is not None:
+        from .preedit import load_pre_edit
+
+        editor = load_pre_edit(pre_edit or None, loaded, clip_weights=clip_weights, device=device)
+        meta = {"pre_edit": editor.digest}  # the record says which P edited its image
+
     def encode_part(part: list) -> list:
+        if editor is not None:
+            edited = [editor(image) for _, image in part]
+            if bpp_target is None:
+                return api.encode_batch(edited, loaded, metadata=meta)
+            return [api.encode_to_bpp(image, loaded, bpp_target, metadata=meta) for image in edited]
+        if guide is not None:
+            maps = [semantic_map(image, guide, strength) for _, image in part]
+            if bpp_target is None:
+                return [api.encode(image, loaded, importance=m) for (_, image), m in zip(part, maps)]
+            return [api.encode_to_bpp(image, loaded, bpp_target, importance=m) for (_, image), m in zip(part, maps)]
         if bpp_target is None:
             return api.encode_batch([image for _, image in part], loaded)
         return [api.encode_to_bpp(image, loaded, bpp_target) for _, image in part]
@@ -212,6 +254,10 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
             return Path(output) / f"{'stdin' if name == STDIO else Path(name).stem}.cnk"
         return None
 
+    from .video import is_video_source
+
+    videos = [name for name in images if name != STDIO and is_video_source(name)]  # one stream per video
+    images = tuple(name for name in images if name not in videos)
     with progress(run, len(images), "encoding") as advance:
         for start in range(0, len(images), batch_size):
             batch = []  # (name, image) of this chunk that could be read
@@ -244,11 +290,32 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
                 except ComneckError as exc:
                     run.fail(name, exc)
                 advance()
+    for name in videos:  # after the images: a video's records stay together, in frame order
+        try:
+            _encode_video(run, name, target_for(name), encode_part, gathered)
+        except ComneckError as exc:
+            run.fail(name, exc)
     if gathered:
         if output in (None, STDIO):
             write_stdout(b"".join(gathered))
         else:
             write_atomic(Path(output), b"".join(gathered), force=run.force)
+
+
+def _encode_video(run: Run, name: str, target: Path | None, encode_part: Callable, gathered: list[bytes]) -> None:
+    """A frame folder or video file -> one record per frame, frame by frame, to ``target`` or the shared stream."""
+    from formats import pack
+
+    from .outputs import write_atomic
+    from .video import frames
+
+    if target is not None and target.exists() and not run.force:
+        raise ComneckError(f"{target} already exists; pass --force to overwrite it")
+    packed = [pack(encode_part([(name, frame)])[0]) for frame in frames(name, max_pixels=run.max_pixels)]
+    if target is None:
+        gathered.extend(packed)
+    else:
+        write_atomic(target, b"".join(packed), force=run.force)
 
 
 # --------------------------------------------------------------------------- decode
@@ -259,8 +326,13 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
                    "stdout. Several records to one name are numbered name_0001.png... Default: beside each file.")
 @click.option("--weights", default=None,
               help="Codec weights file or registry name; must be what encoded the records (checked by digest).")
+@click.option("--for", "audience", type=click.Choice(["human", "mllm"]), default="human", show_default=True,
+              help="human: g_s's reconstruction; mllm: repaired for MLLMs by the decoder adapter (CoTAM).")
+@click.option("--adapter", default=None,
+              help="With --for mllm: adapter file or registry name. Default: CODEC-adapter / CODEC-qQUALITY-adapter.")
 @common_options
-def decode(run: Run, files: tuple[str, ...], output: str | None, weights: str | None) -> None:
+def decode(run: Run, files: tuple[str, ...], output: str | None, weights: str | None, audience: str,
+           adapter: str | None) -> None:
     """Reconstruct images from .cnk FILES (or - for stdin) through the synthesis transform g_s."""
     _quiet_imports()
     from . import api
@@ -268,6 +340,20 @@ def decode(run: Run, files: tuple[str, ...], output: str | None, weights: str | 
     from .outputs import is_dir_target, numbered, write_atomic, write_stdout
 
     cache = api.CodecCache(api.resolve_device(run.device), weights)
+    if adapter is not None and audience != "mllm":
+        raise ComneckError("--adapter needs --for mllm")
+    adapters: dict = {}  # adapter file -> (model, info), loaded once
+
+    def adapted(image, codec):
+        from .adapter import adapt, load_adapter, resolve_adapter
+
+        path = resolve_adapter(adapter, codec)
+        if path not in adapters:
+            adapters[path] = load_adapter(path, cache.device)
+        model, info = adapters[path]
+        info.check_codec(codec, path)
+        return adapt(model, image)
+
     to_dir = is_dir_target(output)
     jobs = _records(run, files)
     many = len(jobs) > 1
@@ -285,7 +371,10 @@ def decode(run: Run, files: tuple[str, ...], output: str | None, weights: str | 
                 else:
                     target = numbered(Path(output), index) if many else Path(output)
                 fmt = image_format_for(target)
-                image = api.decode(record, cache.for_record(record))
+                codec = cache.for_record(record)
+                image = api.decode(record, codec)
+                if audience == "mllm":
+                    image = adapted(image, codec)
                 data = encode_image_bytes(image, fmt)
                 if target is None:
                     write_stdout(data)
@@ -686,7 +775,7 @@ def weights_list(as_json: bool) -> None:
 @weights_group.command("import")
 @click.argument("name")
 @click.argument("file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.option("--kind", type=click.Choice(["codec", "neck", "clip", "postprocess"]), default=None,
+@click.option("--kind", type=click.Choice(["codec", "neck", "clip", "postprocess", "adapter", "preedit"]), default=None,
               help="What the file is; guessed from NAME (a codec name followed by -qN means codec).")
 @click.option("--half", is_flag=True,
               help="Codecs: store the transforms' weights (g_a, g_s, h_a, h_s) as float16, halving the file; "

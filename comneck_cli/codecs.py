@@ -316,6 +316,18 @@ def check_rate(spec: CodecSpec, rate: float) -> float:
     return round(rate * RATE_STEPS) / RATE_STEPS
 
 
+def check_rate_options(spec: CodecSpec, rate: float | None, bpp_target: float | None) -> None:
+    """What ``--rate``/``--bpp-target`` need before any model loads: at most one, a variable-rate codec, in range."""
+    if rate is not None and bpp_target is not None:
+        raise ComneckError("pass --rate or --bpp-target, not both")
+    if rate is not None:
+        check_rate(spec, rate)
+    if bpp_target is not None:
+        check_rate(spec, min(spec.qualities))
+        if not bpp_target > 0:
+            raise ComneckError(f"--bpp-target must be positive, not {bpp_target:g}")
+
+
 @dataclass
 class Codec:
     """A loaded codec, ready to code: model with entropy tables built once at load.
@@ -382,8 +394,10 @@ class Codec:
         return self.spec.family.compress(self.model, y, self.gain if gain is None else gain)
 
     @torch.inference_mode()
-    def decompress_latents(self, strings: list[bytes], height: int, width: int) -> Tensor:
-        """Entropy-decode ``y_hat`` (CPU, float32) for an H×W original; ``g_s`` does not run."""
+    def decompress_latents(self, strings: list[bytes], height: int, width: int, gain: Tensor | None = None) -> Tensor:
+        """Entropy-decode ``y_hat`` (CPU, float32) for an H×W original; ``g_s`` does not run.
+
+        ``gain`` overrides the rate's gain, e.g. the per-position gain map of a semantic record (SPEC §7.1)."""
         expected = self.spec.family.string_count(self.model)
         if len(strings) != expected:
             raise ComneckError(
@@ -391,7 +405,8 @@ class Codec:
                 "the file is damaged or was written by another codec"
             )
         try:
-            return self.spec.family.decompress(self.model, list(strings), latent_grids(height, width)[0], self.gain)
+            return self.spec.family.decompress(self.model, list(strings), latent_grids(height, width)[0],
+                                               self.gain if gain is None else gain)
         except (RuntimeError, ValueError, IndexError) as exc:
             raise ComneckError(f"entropy decoding failed ({exc}); the record is corrupt") from exc
 

@@ -1,5 +1,5 @@
 """What a fresh install uses when nothing is named (torch-free, so the CLI can show it in --help)."""
 
-# The variable-rate codec shipped in weights/ (see weights/mbt2018-mean-vbr.md): `comneck encode photo.png`
-# works offline with it; -q q is its rate q, --rate any point between.
-DEFAULT_CODEC = "mbt2018-mean-vbr"
+# CompressAI's zoo has weights for it (downloaded once, sha256-recorded). Issue #10 replaces it with the
+# variable-rate codec trained by this project once that codec beats JPEG and ships in weights/.
+DEFAULT_CODEC = "mbt2018-mean"

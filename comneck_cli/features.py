@@ -33,8 +33,12 @@ VIAS = ("neck", "reconstruction", "uncompressed")
 
 
 def neck_registry_name(codec: str, quality: int) -> str:
-    """Where ``features`` looks for a neck when none is named: ``{codec}-q{quality}-neck``."""
-    return f"{codec}-q{quality}-neck"
+    """Where ``features`` looks for a neck when none is named: ``{codec}-q{quality}-neck``, or ``{codec}-neck`` for a
+    variable-rate codec, whose one neck serves every rate."""
+    from .codecs import CODECS
+
+    spec = CODECS.get(codec)
+    return f"{codec}-neck" if spec is not None and spec.variable_rate else f"{codec}-q{quality}-neck"
 
 
 def resolve_neck(neck: str | Path | None, record: Record | None = None) -> Path:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .errors import ComneckError
 from .modelfiles import read_safetensors
 
+EVERY_RATE = 0  # NeckInfo.quality of a neck trained over a variable-rate codec's whole range: it serves every rate
 NECK_FORMAT = "comneck-neck"
 NECK_FORMAT_VERSION = "1"
 SCENARIOS = ("d1", "d2", "d3")
@@ -122,6 +123,8 @@ class NeckInfo:
     the neck was trained on, as records carry it; ``k`` is the split (the neck's tokens enter block k+1);
     ``scenario`` is the paper's d1 (codec frozen), d2 (codec retrained for humans and machines) or d3
     (codec retrained for machines only); ``config`` is :class:`TransformNeck`'s constructor arguments.
+    ``quality`` is :data:`EVERY_RATE` (0) for a neck of a variable-rate codec trained on rates drawn over its whole
+    range: it serves records of any rate.
     """
 
     codec: str
@@ -192,7 +195,8 @@ class NeckInfo:
         CLIP tower and split the features are computed with; ``neck`` names the neck in the message.
         """
         fix = "use a matching neck or --neck"
-        if (codec, int(quality)) != (self.codec, self.quality):
+        every_rate = self.quality == EVERY_RATE and codec == self.codec
+        if not every_rate and (codec, int(quality)) != (self.codec, self.quality):
             raise ComneckError(
                 f"neck {neck} was trained for codec {self.codec} quality {self.quality} but the record was coded "
                 f"with {codec} quality {quality}; {fix}"

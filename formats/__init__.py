@@ -25,6 +25,7 @@ from .container import (
     write_record,
 )
 from .errors import CnkError
+from .importance import ImportanceMap
 
 __all__ = [
     "CODEC_IDS",
@@ -36,6 +37,7 @@ __all__ = [
     "PAD_MULTIPLE",
     "VERSION",
     "CnkError",
+    "ImportanceMap",
     "Limits",
     "Record",
     "codec_name",

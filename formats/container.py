@@ -32,9 +32,10 @@ FLAG_SECTIONS = 0x01
 FLAG_MACHINE_ONLY = 0x02
 KNOWN_FLAGS = FLAG_SECTIONS | FLAG_MACHINE_ONLY
 
-TAG_IMPORTANCE_MAP = 0x01
 TAG_METADATA = 0x02
 CRITICAL_BIT = 0x80
+# critical: the decoder derives each latent position's quantisation step from the map (importance.py, SPEC §7.1)
+TAG_IMPORTANCE_MAP = 0x81
 TAG_RATE = 0x83  # critical: decoding at another rate than the encoder's would give garbage
 KNOWN_TAGS = frozenset({TAG_IMPORTANCE_MAP, TAG_METADATA, TAG_RATE})
 
@@ -170,7 +171,7 @@ class Record:
     width: int
     strings: tuple[bytes, ...] = field(repr=False)
     machine_only: bool = False
-    importance_map: bytes | None = field(default=None, repr=False)
+    importance_map: bytes | None = field(default=None, repr=False)  # section 0x81 payload (formats.ImportanceMap)
     metadata: dict[str, Any] | None = field(default=None, hash=False)  # dicts are unhashable
     rate: int | None = None  # variable-rate codecs: the rate parameter R in thousandths of a level (u16)
     unknown_sections: tuple[tuple[int, bytes], ...] = field(default=(), repr=False)
@@ -273,10 +274,10 @@ def _sections(record: Record) -> list[tuple[int, bytes]]:
     # Known sections first in tag order, then unknown ones in their original order, so a record read
     # from a file and written back keeps its unknown sections' order (the reader collects them in order).
     sections: list[tuple[int, bytes]] = []
-    if record.importance_map is not None:
-        sections.append((TAG_IMPORTANCE_MAP, record.importance_map))
     if record.metadata is not None:
         sections.append((TAG_METADATA, _metadata_json(record.metadata).encode("utf-8")))
+    if record.importance_map is not None:
+        sections.append((TAG_IMPORTANCE_MAP, record.importance_map))
     if record.rate is not None:
         sections.append((TAG_RATE, record.rate.to_bytes(2, "big")))
     sections.extend(record.unknown_sections)

@@ -141,7 +141,7 @@ def test_record_normalises_and_validates():
         dict(weights_digest="abcd"), dict(height=0), dict(width=-3), dict(height=2.0), dict(strings=()),
         dict(strings=(b"x",) * 256), dict(strings=b"xy"), dict(strings=("text",)), dict(machine_only=1),
         dict(metadata=[1]), dict(metadata={"x": float("nan")}), dict(metadata={"x": object()}),
-        dict(unknown_sections=((0x01, b""),)), dict(unknown_sections=((0x80, b""),)),
+        dict(unknown_sections=((0x02, b""),)), dict(unknown_sections=((0x80, b""),)),
         dict(unknown_sections=((0x30, b""), (0x30, b"x"))), dict(version=(2, 0)), dict(version=(1, 16)),
         dict(codec_id=True),
     ]

@@ -267,7 +267,7 @@ def test_cli_train_neck(trained_codec, image_folder, tmp_path):
     assert bad.exit_code == 1 and "--steps takes one value or three" in bad.output
 
 
-@pytest.mark.parametrize("name", sorted(TINY_CODECS))
+@pytest.mark.parametrize("name", sorted(n for n in TINY_CODECS if not n.endswith("-vbr")))  # vbr: d1 only
 def test_every_codec_family_trains_jointly(codec_files, image_folder, tmp_path, name):
     """Frozen, joint and frozen-again stages for each family (the autoregressive one codes its frozen y_hat)."""
     from comneck_cli.codecs import load_codec

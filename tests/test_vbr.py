@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from comneck_cli import api
 from comneck_cli.codecs import load_codec
@@ -120,3 +123,29 @@ def test_weights_import_half_keeps_coding_exact(vbr_codec_file, photos):
     assert torch.equal(api.decode_latents(record, api.CodecCache().for_record(record)), y_hat)
     refused = CliRunner().invoke(main, ["weights", "import", "x-neck", str(vbr_codec_file), "--kind", "neck", "--half"])
     assert refused.exit_code == 2 and "codec files only" in refused.output
+
+
+def test_batch_encode_rate_and_bpp_target_resume(vbr_codec_file, photos, tmp_path):
+    """`batch encode --rate/--bpp-target`: records at that rate (or bpp), skipped on a rerun, redone when changed."""
+    import shutil
+
+    from comneck_cli.cli import main
+    from formats import read_file
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("coffee", "chelsea"):
+        shutil.copy(photos[name], src / Path(photos[name]).name)
+    runner = CliRunner()
+    base = ["batch", "encode", "--input", str(src), "--output", str(tmp_path / "out"), "--codec", "mbt2018-mean-vbr",
+            "--weights", str(vbr_codec_file), "--quiet"]
+    assert runner.invoke(main, [*base, "--rate", "2.5"]).exit_code == 0
+    records = [read_file(p)[0] for p in sorted((tmp_path / "out").rglob("*.cnk"))]
+    assert [r.rate for r in records] == [2500, 2500]
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.cnk")}
+    assert runner.invoke(main, [*base, "--rate", "2.5"]).exit_code == 0
+    assert stamp == {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.cnk")}  # skipped: already done
+    target = read_file(sorted((tmp_path / "out").rglob("*.cnk"))[0])[0].bits_per_pixel * 1.3
+    assert runner.invoke(main, [*base, "--bpp-target", f"{target:.4f}"]).exit_code == 0
+    first = read_file(sorted((tmp_path / "out").rglob("*.cnk"))[0])[0]
+    assert first.rate != 2500 and abs(first.bits_per_pixel - target) <= 0.05 * target

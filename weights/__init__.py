@@ -45,8 +45,8 @@ class WeightsError(Exception):
 class Entry:
     """One named model file.
 
-    ``kind`` is what loads it (``codec``, ``neck``, ``clip``); ``info`` holds what it was made for
-    (codec name, quality, training data...), shown by ``comneck weights list``.
+    ``kind`` is what loads it (``codec``, ``neck``, ``clip``, ``postprocess``, ``preedit``...); ``info`` holds
+    what it was made for (codec name, quality, training data...), shown by ``comneck weights list``.
     """
 
     name: str

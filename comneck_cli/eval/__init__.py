@@ -10,7 +10,8 @@ One module per concern:
 - ``metrics``     bpp, PSNR, MS-SSIM, feature fidelity, the zero-shot classifier, the metric table;
 - ``baselines``   traditional codecs through Pillow (JPEG, WebP, AVIF, JPEG XL) and the bpp-matching search;
 - ``postprocess`` the U-Net of the *Post-processing* baseline and its file format;
-- ``methods``     one class per method (neck, reconstruction, postprocess, uncompressed, traditional codecs);
+- ``methods``     one class per method (neck, reconstruction, postprocess, uncompressed, traditional codecs,
+                  CoTAM's semantic and semantic-adapter);
 - ``run``         the loop over image chunks, the JSONL log behind ``--resume``;
 - ``report``      averages, BD-rates, ``points.csv/json``, ``summary.md``, one PNG per metric;
 - ``commands``    the Click command (imports neither torch nor compressai until it runs).
@@ -40,7 +41,8 @@ _EXPORTS = {
 __all__ = ["METHOD_NAMES", "DEFAULT_METHODS", "DEFAULT_PROMPT", *_EXPORTS]
 
 # Names the CLI checks without importing torch; ``methods.METHODS`` is the registry they name.
-METHOD_NAMES = ("neck", "reconstruction", "postprocess", "uncompressed", "jpeg", "webp", "avif", "jxl")
+METHOD_NAMES = ("neck", "reconstruction", "postprocess", "uncompressed", "jpeg", "webp", "avif", "jxl", "semantic",
+                "semantic-adapter", "vbr-preedit")
 DEFAULT_METHODS = ("neck", "reconstruction", "uncompressed", "jpeg", "webp", "avif", "jxl")
 DEFAULT_PROMPT = "a photo of a {}."
 

@@ -8,6 +8,9 @@ quality q (point ``qQ``):
   codec's ``g_s`` reconstruction of the same bits; a d3 codec has none.
 - ``reconstruction`` (the paper's *Reconstruction*, the BD-rate anchor): ``.cnk`` -> ``g_s`` -> x_hat -> C.
 - ``postprocess`` (*Post-processing*): x_hat -> U-Net -> C; a person sees x_hat.
+- ``semantic`` (CoTAM): CLIP-attention bit allocation, the record with its importance map -> ``g_s`` -> C;
+  ``semantic-adapter``: the same reconstruction through the decoder adapter -> C (variable-rate codecs only).
+- ``vbr-preedit`` (arXiv 2407.17060): x -> pre-editing module P -> variable-rate codec at R = q -> ``g_s`` -> C.
 - ``jpeg``, ``webp``, ``avif``, ``jxl``: the file whose bpp is nearest to the ``.cnk`` record's, image by image
   (:mod:`.baselines`), decoded -> C.
 
@@ -39,7 +42,7 @@ from ..codecs import Codec
 from ..errors import ComneckError
 from ..features import FeatureExtractor, neck_registry_name, resolve_clip, resolve_neck
 from ..images import from_tensor
-from ..neck import load_neck
+from ..neck import EVERY_RATE, load_neck
 from .baselines import TRADITIONAL, ImageCodec
 from .data import Item
 
@@ -67,6 +70,7 @@ class Point:
     codec: Codec | None = None
     extractor: FeatureExtractor | None = None
     unet: torch.nn.Module | None = None
+    pre_edit: object | None = None  # a loaded preedit.PreEdit (vbr-preedit)
     baseline: ImageCodec | None = None
     human_view: bool = True
     detail: str = ""
@@ -244,7 +248,7 @@ class Neck(Method):
             raise ComneckError(f"no neck for quality {quality}: none given (--neck q{quality}=FILE) and {exc}; "
                                "train one with `comneck train neck`") from exc
         neck, info = load_neck(path, device=ctx.device)
-        if (info.codec, info.quality) != (ctx.codec_name, quality):
+        if info.codec != ctx.codec_name or info.quality not in (quality, EVERY_RATE):
             raise ComneckError(f"neck {path} was trained for {info.codec} quality {info.quality}, not {ctx.codec_name} "
                                f"quality {quality}; pass the neck of this codec and quality")
         codec = ctx.codec(quality)
@@ -384,12 +388,112 @@ class Traditional(Method):
         return Outcome(len(data), decoded, [note] if note else [], clip_image=decoded, setting=f"quality={setting}")
 
 
+class Semantic(Method):
+    """CoTAM's encoder: CLIP-attention bit allocation at the codec's rate for q (variable-rate codecs only).
+
+    The guidance CLIP is the evaluation's own tower; the record (importance map included) gives the rate."""
+
+    name = "semantic"
+    what = "CoTAM: CLIP-attention bit allocation (.cnk with importance map) -> g_s -> full CLIP tower"
+
+    def __init__(self, strength: float | None = None):
+        from ..semantic import DEFAULT_STRENGTH
+
+        self.strength = DEFAULT_STRENGTH if strength is None else strength
+        self._guide = None
+
+    def plan_quality(self, ctx, quality):
+        codec = ctx.codec(quality)
+        if not codec.spec.variable_rate:
+            raise ComneckError(f"{self.name} needs a variable-rate codec (--codec mbt2018-mean-vbr), not {codec.name}")
+        return Point(self.name, f"q{quality}", quality, {"codec": codec.digest.hex()}, codec=codec,
+                     detail=f"strength {self.strength:g}")
+
+    def coded(self, ctx: Context, codec: Codec, entry: Entry) -> tuple[int, np.ndarray]:
+        """(bytes of the semantic record, its g_s reconstruction), coded once per chunk for both CoTAM methods."""
+        from ..semantic import Guide, semantic_map
+
+        key = ("semantic", self.strength, codec.digest, codec.quality, entry.item.id)
+        if key not in ctx._coded:
+            if self._guide is None:
+                self._guide = Guide(ctx.clip)
+            record = api.encode(entry.image, codec, importance=semantic_map(entry.image, self._guide, self.strength))
+            ctx._coded[key] = (len(pack(record)), api.decode(record, codec))
+        return ctx._coded[key]
+
+    def run(self, ctx, point, entry):
+        size, x_hat = self.coded(ctx, point.codec, entry)
+        return Outcome(size, x_hat, clip_image=x_hat)
+
+
+class SemanticAdapter(Semantic):
+    """CoTAM end to end: the semantic record's reconstruction through the decoder adapter (registry
+    ``{codec}-adapter``), as ``decode --for mllm`` writes it; people see g_s's output."""
+
+    name = "semantic-adapter"
+    what = "CoTAM: semantic record -> g_s -> decoder adapter -> full CLIP tower; people see g_s's output"
+
+    def plan_quality(self, ctx, quality):
+        from ..adapter import load_adapter, resolve_adapter
+
+        point = super().plan_quality(ctx, quality)
+        path = resolve_adapter(None, point.codec)
+        adapter, info = load_adapter(path, device=ctx.device)
+        info.check_codec(point.codec, path)
+        point.unet, point.models["adapter"] = adapter, file_digest(path)
+        point.detail += f", adapter trained at strength {info.semantic_strength:g}"
+        return point
+
+    def run(self, ctx, point, entry):
+        from ..adapter import adapt
+
+        size, x_hat = self.coded(ctx, point.codec, entry)
+        return Outcome(size, x_hat, clip_image=adapt(point.unet, x_hat))
+
+
+class VbrPreedit(Method):
+    """arXiv 2407.17060's pipeline: the pre-editing module P (registry ``{codec}-preedit``, trained jointly with the
+    codec by ``comneck train vbr --pre-edit``) edits x, the variable-rate codec codes the edit at R = q, and the
+    decoded image goes to the full tower. The rate is the pre-edited record's bytes; PSNR is against the original x.
+    ``reconstruction`` with the same variable-rate codec is the same pipeline without P."""
+
+    name = "vbr-preedit"
+    what = "pre-editing module P -> variable-rate codec at R = q (.cnk) -> g_s -> full CLIP tower"
+
+    def __init__(self):
+        self._loaded = None
+
+    def plan_quality(self, ctx, quality):
+        from ..preedit import load_pre_edit
+
+        codec = ctx.codec(quality)
+        if not codec.spec.variable_rate:
+            raise ComneckError(f"{self.name} needs a variable-rate codec (--codec mbt2018-mean-vbr), not {codec.name}")
+        if self._loaded is None or self._loaded.info.codec_digest != codec.digest.hex():
+            self._loaded = load_pre_edit(None, codec, clip_weights=ctx.clip_weights, device=ctx.device)
+        editor = self._loaded
+        models = {"codec": codec.digest.hex(), "preedit": file_digest(editor.source)}
+        return Point(self.name, f"q{quality}", quality, models, codec=codec, pre_edit=editor,
+                     detail=f"P guided by CLIP layers {editor.info.config['layers']}")
+
+    def run(self, ctx, point, entry):
+        key = ("preedit", point.models["preedit"], point.codec.digest, point.codec.quality, entry.item.id)
+        if key not in ctx._coded:
+            record = api.encode(point.pre_edit(entry.image), point.codec, metadata={"pre_edit": point.pre_edit.digest})
+            ctx._coded[key] = (len(pack(record)), api.decode(record, point.codec))
+        size, x_hat = ctx._coded[key]
+        return Outcome(size, x_hat, clip_image=x_hat)
+
+
 METHODS: dict[str, type[Method] | Method] = {
     "neck": Neck,
     "reconstruction": Reconstruction,
     "postprocess": Postprocess,
     "uncompressed": Uncompressed,
     **{name: Traditional(codec) for name, codec in TRADITIONAL.items()},
+    "semantic": Semantic,
+    "semantic-adapter": SemanticAdapter,
+    "vbr-preedit": VbrPreedit,
 }
 
 

@@ -11,6 +11,8 @@ A variable-rate codec (``mbt2018-mean-vbr``) is one model for every level: each 
 (reproducibly from the seed and step number, so resumed runs draw the same), runs CompressAI's
 variable-rate path (``stage=2``: latents scaled by the level's gain, straight-through rounding, noisy
 likelihoods) and weighs distortion by that level's λ; the file is registered under the codec's bare name.
+``warmup`` steps first train the single-rate path (noisy latents, no gain) at the top level's λ, as Kamisli et
+al. do before the variable-rate stage: from scratch, the levels' opposing λ otherwise slow the transforms down.
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ class CodecTrainConfig(RunConfig):
     lmbda: float | None = None
     config: dict[str, Any] | None = None
     init: Path | None = None
+    warmup: int | None = None
     register: str | None = DEFAULT_REGISTER
 
 
 TRAJECTORY = ("codec", "quality", "config", "init", "lmbda", "lr", "aux_lr", "clip_max_norm", "batch_size",
-              "crop", "seed")
+              "crop", "seed", "warmup")
 
 
 @dataclass
@@ -129,6 +132,8 @@ def _resolve(cfg: CodecTrainConfig) -> dict[str, Any] | None:
     """Fill defaults; on resume take the trajectory from the checkpoint. Returns the checkpoint state."""
     state = resolve_run(cfg, "codec", TRAJECTORY, CODEC_DEFAULTS, "train codec")
     spec = get_spec(cfg.codec)
+    if cfg.warmup and not spec.variable_rate:
+        raise ComneckError("--warmup-steps applies to variable-rate codecs only")
     if spec.variable_rate and (cfg.quality is not None or cfg.lmbda is not None):
         raise ComneckError(f"{cfg.codec} is variable-rate: it trains every level at once, each at its own λ "
                            f"({', '.join(f'{l:g}' for l in ZOO_LAMBDAS)}); drop -q/--lmbda")
@@ -208,12 +213,15 @@ def _train(cfg: CodecTrainConfig, spec: CodecSpec, runtime: Runtime, state: dict
             optimizer.zero_grad(set_to_none=True)
             aux_optimizer.zero_grad(set_to_none=True)
             level = level_for_step(cfg.seed, step, model.levels) if spec.variable_rate else None
+            warming = level is not None and step < (cfg.warmup or 0)
+            if warming:
+                level = model.levels - 1  # Kamisli et al.'s stage 1: the single-rate path at the top level's λ
             with runtime.autocast():
                 if level is None:
                     latents = latent_path(model, spec.family, x, "noise")
                     x_hat, likelihoods = model.g_s(latents.y_hat), latents.likelihoods
                 else:
-                    out = model(x, stage=2, s=level)
+                    out = model(x, stage=1 if warming else 2, s=level)
                     x_hat, likelihoods = out["x_hat"], out["likelihoods"]
             bpp = rate_bpp(likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
             loss, mse = rd_loss(bpp, x_hat, x, cfg.lmbda if level is None else model.lmbda[level])

@@ -1,4 +1,4 @@
-"""``comneck train codec``, ``train neck`` and ``train postprocess``: thin Click commands over ``train_codec`` /
+"""``comneck train codec``, ``train neck``, ``train postprocess`` and ``train adapter``: thin Click commands over ``train_codec`` /
 ``train_neck`` / ``train_postprocess``.
 
 Importing this module imports neither torch nor compressai: the commands import the training code when
@@ -129,7 +129,8 @@ def _summary(quiet: bool, what: str, result: Any) -> None:
 
 @click.group("train", context_settings={"help_option_names": ["-h", "--help"]})
 def train() -> None:
-    """Train codecs (rate-distortion), transform-necks (scenarios d1, d2, d3) and the post-processing U-Net."""
+    """Train codecs (rate-distortion), transform-necks (scenarios d1, d2, d3), the post-processing U-Net and the
+    variable-rate codec with its pre-editing module for LVLMs."""
 
 
 @train.command("codec")
@@ -149,6 +150,9 @@ def train() -> None:
               help="Constructor arguments as JSON (or a JSON file) overriding the quality's, "
                    "e.g. '{\"N\": 8, \"M\": 12}'.")
 @click.option("--init", type=_FILE, default=None, help="Start from this codec file instead of random weights.")
+@click.option("--warmup-steps", "warmup", type=click.IntRange(0), default=None,
+              help="Variable-rate codecs: train the first N steps single-rate at the top level's λ (Kamisli et "
+                   "al.'s stage 1), then every level.  [default: 0]")
 @click.option("-o", "--output", type=_OUT, default=None, help="Write the trained codec (.safetensors) here.")
 @click.option("--register", default="{codec}-q{quality}", show_default=True,
               help="Registry name for the trained codec (encode/decode find CODEC-qQUALITY; a variable-rate "
@@ -156,8 +160,8 @@ def train() -> None:
 @click.option("--no-register", is_flag=True, help="Do not add the codec to the registry (then -o is needed).")
 @_run_options
 @_guarded
-def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm, lmbda, config_json, init, output,
-                        register, no_register, debug, **run) -> None:
+def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm, lmbda, config_json, init, warmup,
+                        output, register, no_register, debug, **run) -> None:
     """Rate-distortion training for human perception: R + λ·255²·MSE, CompressAI style.
 
     \b
@@ -168,7 +172,7 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
     from .codec import CodecTrainConfig, train_codec
 
     cfg = CodecTrainConfig(codec=codec, quality=quality, steps=steps, epochs=epochs, lr=lr, aux_lr=aux_lr,
-                           clip_max_norm=clip_max_norm, lmbda=lmbda, config=_json_config(config_json), init=init,
+                           clip_max_norm=clip_max_norm, lmbda=lmbda, config=_json_config(config_json), init=init, warmup=warmup,
                            output=output, register=None if no_register else register, **run)
     result = train_codec(cfg)
     _summary(run["quiet"], cfg.codec if cfg.quality is None else f"{cfg.codec} q{cfg.quality}", result)
@@ -262,6 +266,80 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
     _summary(run["quiet"], f"neck {cfg.scenario} for {cfg.codec} q{cfg.quality}", result)
 
 
+@train.command("vbr")
+@click.option("--codec", default=None, show_default="mbt2018-mean-vbr", help="Variable-rate codec to train.")
+@click.option("--pre-edit", "pre_edit", is_flag=True,
+              help="Train the pre-editing module P with the codec (P edits the image before coding).")
+@click.option("--init", type=_FILE, default=None, help="Start the codec from this file instead of random weights.")
+@click.option("--config", "config_json", default=None,
+              help="Codec constructor arguments as JSON (or a JSON file), e.g. '{\"N\": 16, \"M\": 24}'.")
+@click.option("--steps", type=click.IntRange(0), default=None, help="Optimizer steps to train (or --epochs).")
+@click.option("--epochs", type=click.IntRange(0), default=None, help="Passes over the data (or --steps).")
+@click.option("--lr", type=float, default=None, show_default="1e-4", help="Adam learning rate of the codec.")
+@click.option("--pre-edit-lr", type=float, default=None, show_default="1e-4", help="Adam learning rate of P.")
+@click.option("--aux-lr", type=float, default=None, show_default="1e-3",
+              help="Adam learning rate of the bottleneck quantiles (aux loss).")
+@click.option("--clip-max-norm", type=float, default=None, show_default="1.0",
+              help="Codec gradient-norm clipping (0: off).")
+@click.option("--beta", type=float, default=None, show_default="255²/60",
+              help="β, weight of the semantic-token loss in R + λ_R(β·L_sem + γ·MSE).")
+@click.option("--gamma", type=float, default=None, show_default="0", help="γ, weight of the pixel MSE(x̂, x).")
+@click.option("--clip-model", default=None, show_default="ViT-L-14", help="open_clip model whose tokens are compared.")
+@click.option("--clip-tag", default=None, show_default="openai", help="open_clip weights tag ('none': random weights).")
+@click.option("--clip-weights", type=_FILE, default=None, help="Local CLIP weights file instead of the registry.")
+@click.option("--clip-config", type=click.Path(path_type=Path, exists=True), default=None,
+              help="An open_clip model config JSON (or folder of them) to add before loading, for custom models.")
+@click.option("--guide-layers", default=None,
+              help="CLIP layers guiding P (1..depth, e.g. 6,12). [default: 1/4 and 1/2 of the tower's depth]")
+@click.option("--token-layers", default=None,
+              help="CLIP layers L_sem compares (e.g. 6,12,18,23). [default: 1/4, 1/2, 3/4 of the depth and depth-1]")
+@click.option("--pre-edit-channels", type=click.IntRange(1), default=None, show_default="32", help="P's width.")
+@click.option("-o", "--output", type=_OUT, default=None, help="Write the trained codec (.safetensors) here.")
+@click.option("--register", default="{codec}", show_default=True,
+              help="Registry name for the codec (encode finds a variable-rate codec under its bare name).")
+@click.option("--pre-edit-output", type=_OUT, default=None,
+              help="Write P here. Default: OUTPUT_STEM.preedit.safetensors beside -o.")
+@click.option("--pre-edit-register", default="{codec}-preedit", show_default=True,
+              help="Registry name for P (where `encode --pre-edit` looks).")
+@click.option("--no-register", is_flag=True, help="Register neither the codec nor P (then -o is needed).")
+@_run_options
+@_guarded
+def train_vbr_command(codec, pre_edit, init, config_json, steps, epochs, lr, pre_edit_lr, aux_lr, clip_max_norm, beta,
+                      gamma, clip_model, clip_tag, clip_weights, clip_config, guide_layers, token_layers,
+                      pre_edit_channels, output, register, pre_edit_output, pre_edit_register, no_register, debug,
+                      **run) -> None:
+    """The variable-rate codec (and with --pre-edit the pre-editing module P) for LVLMs: R + λ_R·β·L_sem over every
+    rate, L_sem the MSE of CLIP tokens of the decoded image against the original's at several layers
+    (arXiv 2407.17060).
+
+    \b
+    Example:
+      comneck train vbr --pre-edit --init mbt2018-mean-vbr.safetensors --data photos/ --steps 20000
+    """
+    _quiet_imports()
+    if clip_config is not None:
+        import open_clip
+
+        open_clip.add_model_config(clip_config)
+    from .vbr import VbrTrainConfig, train_vbr
+
+    cfg = VbrTrainConfig(
+        codec=codec, pre_edit=pre_edit or None, init=init, config=_json_config(config_json), steps=steps,
+        epochs=epochs, lr=lr, pre_edit_lr=pre_edit_lr, aux_lr=aux_lr, clip_max_norm=clip_max_norm, beta=beta,
+        gamma=gamma, clip_model=clip_model, clip_tag=clip_tag, clip_weights=clip_weights,
+        guide_layers=_numbers(guide_layers, int, "--guide-layers"),
+        token_layers=_numbers(token_layers, int, "--token-layers"), pre_edit_channels=pre_edit_channels,
+        output=output, register=None if no_register else register, pre_edit_output=pre_edit_output,
+        pre_edit_register=None if no_register else pre_edit_register, **run)
+    result = train_vbr(cfg)
+    _summary(run["quiet"], f"{cfg.codec}{' and pre-editing module' if cfg.pre_edit else ''}", result)
+    extra = result.extra or {}
+    if not run["quiet"] and extra.get("pre_edit_output"):
+        click.echo(f"comneck: wrote pre-editing module {extra['pre_edit_output']}", err=True)
+    if not run["quiet"] and extra.get("pre_edit_registered"):
+        click.echo(f"comneck: registered pre-editing module {extra['pre_edit_registered']}", err=True)
+
+
 @train.command("postprocess")
 @click.option("--codec", default=None, help="Codec whose reconstructions x_hat the U-Net reads (frozen).")
 @click.option("-q", "--quality", type=click.IntRange(1, 255), default=None, help="Codec quality level.")
@@ -317,6 +395,63 @@ def train_postprocess_command(codec, quality, weights, clip_model, clip_tag, cli
         raise click.BadParameter("give two weights, e.g. 1:100", param_hint="--ce-dist")
     result = train_postprocess(cfg)
     _summary(run["quiet"], f"post-processing U-Net for {cfg.codec} q{cfg.quality}", result)
+
+
+@train.command("adapter")
+@click.option("--codec", default=None, help="Codec whose reconstructions x_hat the adapter repairs (frozen).")
+@click.option("-q", "--quality", type=click.IntRange(1, 255), default=None,
+              help="Codec quality level (fixed-rate codecs; a variable-rate codec draws R from --rates each step).")
+@click.option("--weights", "--codec-weights", "weights", type=_FILE, default=None,
+              help="Codec file. Default: the registry entry (CODEC or CODEC-qQUALITY), else the CompressAI zoo.")
+@click.option("--clip-model", default=None, show_default="ViT-L-14", help="open_clip model of the loss's CLIP tower.")
+@click.option("--clip-tag", default=None, show_default="openai", help="open_clip weights tag ('none': random weights).")
+@click.option("--clip-weights", type=_FILE, default=None,
+              help="Local CLIP weights file instead of the registry / download.")
+@click.option("--clip-config", type=click.Path(path_type=Path, exists=True), default=None,
+              help="An open_clip model config JSON (or folder of them) to add before loading, for custom models.")
+@click.option("--rates", default=None, show_default="1,8", help="Variable-rate codecs: the range R is drawn from.")
+@click.option("--layers", default=None, show_default="2,-2",
+              help="Shallow and deep CLIP hidden states of the loss (Hugging Face numbering).")
+@click.option("--loss-weights", default=None, show_default="1,1,1",
+              help="Weights of pixel MSE, shallow-feature MSE and deep-feature MSE.")
+@click.option("--semantic-strength", type=click.FloatRange(0, 65.535), default=None, show_default="0",
+              help="Train on --semantic records of this strength (guided by the same CLIP); 0: plain records.")
+@click.option("--width", type=click.IntRange(1), default=None, show_default="64", help="Adapter channels.")
+@click.option("--blocks", type=click.IntRange(0), default=None, show_default="4", help="Adapter residual blocks.")
+@click.option("--steps", type=click.IntRange(0), default=None, help="Optimizer steps (or --epochs).")
+@click.option("--epochs", type=click.IntRange(0), default=None, help="Passes over the data (or --steps).")
+@click.option("--lr", type=float, default=None, show_default="1e-4", help="Adam learning rate.")
+@click.option("-o", "--output", type=_OUT, default=None, help="Write the trained adapter (.safetensors) here.")
+@click.option("--register", default="{name}", show_default=True,
+              help="Registry name; {name} is CODEC-adapter (variable rate) or CODEC-qQUALITY-adapter, where "
+                   "`decode --for mllm` looks.")
+@click.option("--no-register", is_flag=True, help="Do not add the adapter to the registry (then -o is needed).")
+@_run_options
+@_guarded
+def train_adapter_command(codec, quality, weights, clip_model, clip_tag, clip_weights, clip_config, rates, layers,
+                          loss_weights, semantic_strength, width, blocks, steps, epochs, lr, output, register,
+                          no_register, debug, **run) -> None:
+    """Train the CoTAM decoder adapter: x_hat -> A -> x̃, loss = pixel + shallow + deep CLIP-feature MSE.
+
+    \b
+    Example:
+      comneck train adapter --codec mbt2018-mean-vbr --data imagenet/train --epochs 5 --semantic-strength 1.5
+    """
+    _quiet_imports()
+    if clip_config is not None:
+        import open_clip
+
+        open_clip.add_model_config(clip_config)
+    from .adapter import AdapterTrainConfig, train_adapter
+
+    cfg = AdapterTrainConfig(
+        codec=codec, quality=quality, weights=weights, clip_model=clip_model, clip_tag=clip_tag,
+        clip_weights=clip_weights, rates=_numbers(rates, float, "--rates"), layers=_numbers(layers, int, "--layers"),
+        loss_weights=_numbers(loss_weights, float, "--loss-weights"), semantic_strength=semantic_strength,
+        width=width, blocks=blocks, steps=steps, epochs=epochs, lr=lr, output=output,
+        register=None if no_register else register, **run)
+    result = train_adapter(cfg)
+    _summary(run["quiet"], f"decoder adapter for {cfg.codec}", result)
 
 
 if __name__ == "__main__":  # `python -m comneck_cli.train.commands ...`, e.g. under torchrun

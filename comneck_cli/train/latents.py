@@ -29,7 +29,8 @@ import torch
 from compressai.ops import quantize_ste
 from torch import Tensor, nn
 
-from ..codecs import Autoregressive, Family, LatentCodecModel, MeanScaleHyperprior, ScaleHyperprior
+from ..codecs import (RATE_STEPS, Autoregressive, Family, LatentCodecModel, MeanScaleHyperprior, ScaleHyperprior,
+                      VariableRate)
 
 QUANTIZERS = ("noise", "ste")
 
@@ -126,13 +127,18 @@ def latent_path(model: nn.Module, family: Family, x: Tensor, quantizer: str = "s
 
 
 @torch.no_grad()
-def frozen_latents(model: nn.Module, family: Family, x: Tensor) -> Tensor:
+def frozen_latents(model: nn.Module, family: Family, x: Tensor, gain: Tensor | None = None) -> Tensor:
     """The exact y_hat a frozen codec (eval mode) writes for x: equal to ``Codec.compress(x)[1]``.
 
-    The autoregressive family needs its entropy tables (``model.update()``) and codes image by image.
+    The autoregressive family needs its entropy tables (``model.update()``) and codes image by image; a
+    variable-rate codec needs the gain of the rate it codes at (``codecs.rate_gain``).
     """
     if isinstance(family, _EXACT_IN_EVAL):
         return latent_path(model, family, x).y_hat
+    if isinstance(family, VariableRate):
+        if gain is None:
+            raise ValueError("a variable-rate codec's y_hat depends on its rate: pass the rate's gain")
+        return variable_rate_path(model, x, gain).y_hat
     y = model.g_a(x).float()
     where = next(model.h_s.parameters()).device
     with _fp32():
@@ -144,3 +150,44 @@ def rate_bpp(likelihoods: dict[str, Tensor], num_pixels: int) -> Tensor:
     import math
 
     return sum(torch.log(lik).sum() for lik in likelihoods.values()) / (-math.log(2) * num_pixels)
+
+
+# ---------------------------------------------------------------------------------------------- variable rate
+def rate_for_step(seed: int, step: int, low: float, high: float) -> float:
+    """The rate R a variable-rate training step uses: uniform over [low, high], a function of (seed, step) only
+    (a resumed run draws the same), snapped to the 1/1000 grid records store."""
+    import random
+
+    rate = random.Random(seed * 1_000_003 + step).uniform(low, high)
+    return round(rate * RATE_STEPS) / RATE_STEPS
+
+
+def variable_rate_path(model: nn.Module, x: Tensor, gain: Tensor) -> Latents:
+    """mbt2018-mean-vbr at any gain g (``codecs.rate_gain``): x -> (y_hat, likelihoods of g·y and z_hat).
+
+    Training mode is CompressAI's ``stage=2`` path with the gain given instead of a level's (its ``forward``
+    ignores ``inputscale`` while training): z_hat rounded straight-through around the bottleneck's medians,
+    q = sign(g(y - mu))·round_ste(|g(y - mu)|) with the learned reconstruction offsets, y_hat = q/g + mu, and
+    noisy likelihoods of g·y under scales g·sigma. Eval mode (frozen codec) rounds, and y_hat is exactly what
+    ``Codec.code`` writes at that gain (``VariableRate.dequantize`` of the coded symbols).
+    """
+    gain = gain.reshape(-1, 1, 1, 1).to(x.device, torch.float32)
+    y = model.g_a(x).float()
+    with _fp32():
+        z = model.h_a(y)
+        z_hat, z_lik = model.entropy_bottleneck(z)
+        if model.training:
+            medians = model.entropy_bottleneck._get_medians()
+            z_hat = quantize_ste(z - medians) + medians
+        scales, means = model.h_s(z_hat).chunk(2, 1)
+        _, y_lik = model.gaussian_conditional(y * gain, scales * gain, means=means * gain)
+        if not model.training:
+            q = torch.round(y * gain - means * gain)  # the symbols VariableRate.compress codes
+            return Latents(VariableRate.dequantize(model, q, scales, means, gain), {"y": y_lik, "z": z_lik})
+        centred = (y - means) * gain
+        signs = torch.sign(centred).detach()
+        q_abs = quantize_ste(torch.abs(centred))  # identity backward, also where q rounds to zero
+        stdev = model.gaussian_conditional.lower_bound_scale(scales * gain)
+        offsets = -model.QuantABCD(torch.stack((stdev, gain.expand_as(stdev).detach()), dim=4)).squeeze(4)
+        offsets = torch.where(q_abs.detach() < 1e-4, torch.zeros_like(offsets), offsets)
+        return Latents(signs * (q_abs + offsets) / gain + means, {"y": y_lik, "z": z_lik})

@@ -40,14 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..codecs import check_quality, get_spec, registry_name
+from ..codecs import check_quality, get_spec, rate_gain, registry_name
 from ..errors import ComneckError
 from ..presets import PRESETS
 from . import checkpoint as ckpt
 from .codec import TrainResult, constructor_config, split_parameters
 from .data import Batches, ImageFolderCrops, steps_for
 from .export import publish, write_codec
-from .latents import frozen_latents, latent_path, rate_bpp
+from .latents import frozen_latents, latent_path, rate_bpp, rate_for_step
 from .losses import BETA, GAMMA, joint_loss, weighted_distillation, zero_shot_cross_entropy
 from .loop import (Clock, Metrics, RunConfig, Runtime, check_finite, check_length, default_run_dir, resolve_run,
                    progress, serialise, setup_runtime, teardown)
@@ -287,6 +287,9 @@ def _resolve(cfg: NeckTrainConfig) -> dict[str, Any] | None:
     cfg.templates = tuple(cfg.templates)
     cfg.ce_dist = tuple(cfg.ce_dist)
     targets_of(cfg)
+    if get_spec(cfg.codec).variable_rate and cfg.scenario != "d1":
+        raise ComneckError(f"a neck for the variable-rate {cfg.codec} trains in scenario d1 only (the codec frozen, "
+                           f"one neck for every rate), not {cfg.scenario}")
     return state
 
 
@@ -314,7 +317,8 @@ def train_neck(cfg: NeckTrainConfig) -> TrainResult:
     """Train (or resume) a transform-neck for a scenario; export the neck (and d2/d3's codec) and register them."""
     state = _resolve(cfg)
     spec = get_spec(cfg.codec)
-    check_quality(spec, cfg.quality)
+    if not spec.variable_rate:  # a variable-rate codec's neck serves every rate: no level to check
+        check_quality(spec, cfg.quality)
     runtime = setup_runtime(cfg.device)
     try:
         return _train(cfg, runtime, state)
@@ -403,10 +407,14 @@ def text_embeddings(clip: nn.Module, model_name: str, classes: Sequence[str], te
 
 def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainResult:
     from ..clip import split_clip
-    from ..neck import TransformNeck, load_neck
+    from ..features import neck_registry_name
+    from ..neck import EVERY_RATE, TransformNeck, load_neck
 
     device = runtime.device
     name = f"{registry_name(cfg.codec, cfg.quality)}-neck-{cfg.scenario}"
+    variable_rate = get_spec(cfg.codec).variable_rate
+    if variable_rate and cfg.register == NeckTrainConfig.register:
+        cfg.register = neck_registry_name(cfg.codec, EVERY_RATE)  # where `features` looks for records of any rate
     register = None if cfg.register is None else cfg.register.format(**_names(cfg))
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, register or name)
     stages_cfg = stages_of(cfg)
@@ -423,7 +431,9 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
     check_length(state, total)
 
     # The codec: the human-perception codec to start from (frozen throughout d1).
-    codec, model = load_frozen_codec(cfg.codec, cfg.quality, cfg.codec_weights, state, device, "--codec-weights")
+    codec, model = load_frozen_codec(cfg.codec, cfg.quality or 1, cfg.codec_weights, state, device,
+                                     "--codec-weights")
+    rates = (float(min(codec.spec.qualities)), float(max(codec.spec.qualities))) if variable_rate else None
     start_digest = codec.digest.hex()
     model_config = constructor_config(codec)
     family = codec.spec.family
@@ -537,7 +547,10 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
                 codec_opt.zero_grad(set_to_none=True)
                 aux_opt.zero_grad(set_to_none=True)
             if not stage.joint:  # float32, outside autocast: exactly the y_hat the entropy coder writes
-                y_hat = frozen_latents(model, family, x)
+                # A variable-rate codec: each step the y_hat of a rate drawn over its whole range, so one neck
+                # learns every rate (the gain is what Codec.code derives from the rate a record stores).
+                gain = None if rates is None else rate_gain(model, rate_for_step(cfg.seed, step, *rates))
+                y_hat = frozen_latents(model, family, x, gain)
             with runtime.autocast():
                 teacher_out = teacher(x) if stage.dist > 0 or stage.joint else None
                 if stage.joint:
@@ -616,7 +629,7 @@ def _export(cfg: NeckTrainConfig, neck: nn.Module, codec, model_config: dict[str
     """Write d2/d3's retrained codec first (the neck records its file's digest), then the neck."""
     import weights as registry
 
-    from ..neck import NeckInfo, save_neck
+    from ..neck import EVERY_RATE, NeckInfo, save_neck
 
     fmt = _names(cfg)
     machine_only = cfg.scenario == "d3"
@@ -640,8 +653,9 @@ def _export(cfg: NeckTrainConfig, neck: nn.Module, codec, model_config: dict[str
         digest = (codec_entry.sha256 if codec_entry else registry.file_sha256(codec_file))[:8]
 
     tag = str(clip_tag(cfg))
-    neck_info = NeckInfo(codec=cfg.codec, quality=cfg.quality, codec_digest=digest, clip_model=cfg.clip_model,
-                         clip_tag=tag, k=cfg.k, scenario=cfg.scenario, config=dict(neck.config),
+    neck_info = NeckInfo(codec=cfg.codec, quality=cfg.quality or EVERY_RATE, codec_digest=digest,
+                         clip_model=cfg.clip_model, clip_tag=tag, k=cfg.k, scenario=cfg.scenario,
+                         config=dict(neck.config),
                          targets=",".join(f"{t.target}:{t.weight:g}" for t in terms))
     info = {**common, "codec_digest": digest, "clip_model": cfg.clip_model, "clip_tag": tag, "k": cfg.k,
             "targets": [{"target": str(t.target), "weight": t.weight, "family": t.family} for t in terms],

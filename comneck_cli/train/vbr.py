@@ -1,0 +1,299 @@
+"""``comneck train vbr [--pre-edit]``: the variable-rate codec, and optionally the pre-editing module P, trained for
+LVLMs on semantic tokens (arXiv 2407.17060).
+
+    x ──► P ──► x_e ──► g_a ─► q at gain g_R ─► g_s ──► x̂ ──► CLIP tokens at layers l_1..l_n
+    └──────────────────────────────────────────────────────────► CLIP tokens at the same layers (targets)
+
+Loss R + λ_R·(β·L_sem + γ·MSE(x̂, x)), with
+
+- R in bits per pixel of g_R·y and z_hat (noisy proxy) on the variable-rate path ``latents.variable_rate_path``;
+- L_sem = mean over layers l of MSE(C_l(x̂), C_l(x)), the semantic-token loss: the frozen CLIP tower's patch tokens
+  (``preedit.ClipTokens``) of the decoded image against those of the *original* image;
+- a rate R drawn per step uniformly over the codec's range (``latents.rate_for_step``: a function of the seed and
+  step, so a resumed run draws the same), its gain ``codecs.rate_gain`` and its λ_R interpolated in log space
+  between the codec's level λs (CompressAI's zoo table), exactly as the gain is: one model learns every rate;
+- β (default 255²/60, the ComNeck d2/d3 value; the paper publishes none) and γ (default 0: the paper trains on
+  semantic tokens and rate only; pass e.g. 255² to keep pictures for people too).
+
+With ``--pre-edit`` P trains with the codec (its own learning rate); P's guidance tokens and the targets come from
+one no-grad pass of the CLIP over x. Without it only the codec trains. The codec is Adam on every parameter but the
+bottleneck quantiles (gradient norm clipped), the quantiles their own Adam on the aux loss, as ``train codec``.
+
+Outputs: the codec (``-o`` and/or the registry under ``--register``, by default the codec's bare name, where
+``encode`` finds it) and P (``--pre-edit-output``, by default ``STEM.preedit.safetensors`` beside ``-o``, and the
+registry as ``{codec}-preedit``, kind ``preedit``), P's file naming the exported codec's digest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..codecs import get_spec, rate_gain
+from ..errors import ComneckError
+from . import checkpoint as ckpt
+from .codec import TrainResult, build_codec, split_parameters
+from .data import Batches, ImageFolderCrops, steps_for
+from .export import publish, write_codec
+from .latents import rate_bpp, rate_for_step, variable_rate_path
+from .losses import BETA, joint_loss
+from .loop import (Clock, Metrics, RunConfig, check_finite, check_length, default_run_dir, progress, resolve_run,
+                   serialise, setup_runtime, teardown)
+from .neck import clip_tag, load_training_clip
+
+GUIDE_FRACTIONS = (0.25, 0.5)  # P's guidance: blocks at 1/4 and 1/2 of the tower (ViT-L/14: 6, 12)
+TOKEN_FRACTIONS = (0.25, 0.5, 0.75, 23 / 24)  # L_sem: ViT-L/14's blocks 6, 12, 18 and 23 (what LLaVA reads)
+
+
+@dataclass(kw_only=True)
+class VbrTrainConfig(RunConfig):
+    """What ``train_vbr`` does; None means the default (``VBR_DEFAULTS``).
+
+    ``init``: a codec file to start from (else fresh weights from ``config``); ``pre_edit``: train P too.
+    ``guide_layers``/``token_layers``: CLIP layers (Hugging Face numbering, 1..depth) guiding P and compared by
+    L_sem (default: fractions of the tower's depth, ``GUIDE_FRACTIONS``/``TOKEN_FRACTIONS``). ``beta``/``gamma``:
+    weights of L_sem and of the pixel MSE. ``register``: the codec's registry name (``{codec}`` filled in);
+    ``pre_edit_output``/``pre_edit_register``: where P goes.
+    """
+
+    codec: str | None = None
+    config: dict[str, Any] | None = None
+    init: Path | None = None
+    pre_edit: bool | None = None
+    steps: int | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    pre_edit_lr: float | None = None
+    aux_lr: float | None = None
+    clip_max_norm: float | None = None
+    beta: float | None = None
+    gamma: float | None = None
+    clip_model: str | None = None
+    clip_tag: str | None = None
+    clip_weights: Path | None = None
+    guide_layers: tuple[int, ...] | None = None
+    token_layers: tuple[int, ...] | None = None
+    pre_edit_channels: int | None = None
+    register: str | None = "{codec}"
+    pre_edit_output: Path | None = None
+    pre_edit_register: str | None = "{codec}-preedit"
+
+    quality: ClassVar[None] = None  # one model for every rate: no level to choose
+    lmbda: ClassVar[None] = None  # λ follows the rate drawn at each step
+
+
+VBR_DEFAULTS = {"codec": "mbt2018-mean-vbr", "pre_edit": False,
+                "lr": 1e-4, "pre_edit_lr": 1e-4, "aux_lr": 1e-3, "clip_max_norm": 1.0,
+                "beta": BETA, "gamma": 0.0, "clip_model": "ViT-L-14", "clip_tag": "openai", "pre_edit_channels": 32,
+                "batch_size": 8, "crop": 256, "seed": 0}
+TRAJECTORY = ("codec", "config", "init", "pre_edit", "lr", "pre_edit_lr", "aux_lr", "clip_max_norm", "beta", "gamma",
+              "clip_model", "clip_tag", "clip_weights", "guide_layers", "token_layers", "pre_edit_channels",
+              "batch_size", "crop", "seed")
+
+
+def rate_lambda(model: nn.Module, rate: float) -> float:
+    """λ_R of rate R: the codec's level λs interpolated in log space at R's position, as ``rate_gain`` does gains."""
+    table = [math.log(v) for v in model.lmbda]
+    position = min(max(float(rate) - 1.0, 0.0), len(table) - 1.0)
+    low = int(position)
+    high = min(low + 1, len(table) - 1)
+    return math.exp(table[low] + (table[high] - table[low]) * (position - low))
+
+
+def semantic_token_loss(decoded: Sequence[Tensor], original: Sequence[Tensor]) -> Tensor:
+    """L_sem: the mean over layers of MSE(tokens of x̂, tokens of x), float32."""
+    return sum(F.mse_loss(a.float(), b.float()) for a, b in zip(decoded, original)) / len(decoded)
+
+
+def _resolve(cfg: VbrTrainConfig) -> dict[str, Any] | None:
+    if cfg.codec is None and cfg.resume is None:
+        cfg.codec = VBR_DEFAULTS["codec"]
+    if cfg.codec is not None and not get_spec(cfg.codec).variable_rate:  # before resolve_run asks for -q
+        raise ComneckError(f"train vbr trains a variable-rate codec, and {cfg.codec} has fixed quality levels; use "
+                           "--codec mbt2018-mean-vbr (or `comneck train codec` for this one)")
+    state = resolve_run(cfg, "vbr", TRAJECTORY, VBR_DEFAULTS, "train vbr")
+    if cfg.beta < 0 or cfg.gamma < 0 or cfg.beta + cfg.gamma == 0:
+        raise ComneckError(f"--beta {cfg.beta:g} and --gamma {cfg.gamma:g} must not be negative, and one must be "
+                           "positive, or the codec would learn to send nothing")
+    for name in ("guide_layers", "token_layers"):
+        if getattr(cfg, name) is not None:
+            setattr(cfg, name, tuple(int(v) for v in getattr(cfg, name)))
+    return state
+
+
+def train_vbr(cfg: VbrTrainConfig) -> TrainResult:
+    """Train (or resume) the variable-rate codec, and P with ``pre_edit``, on semantic tokens; export and register."""
+    state = _resolve(cfg)
+    runtime = setup_runtime(cfg.device)
+    try:
+        return _train(cfg, runtime, state)
+    finally:
+        teardown(runtime)
+
+
+def _train(cfg: VbrTrainConfig, runtime, state: dict | None) -> TrainResult:
+    from ..preedit import ClipTokens, PreEditor, default_layers
+
+    device = runtime.device
+    spec = get_spec(cfg.codec)
+    register = None if cfg.register is None else cfg.register.format(codec=cfg.codec)
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, f"{register or cfg.codec}-vbr")
+    dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=False)
+    batches = Batches(dataset, cfg.batch_size, cfg.seed, runtime.rank, runtime.world, cfg.workers,
+                      pin_memory=device.type == "cuda")
+    if state is not None and cfg.steps is None and cfg.epochs is None:
+        total = int(state["total"])
+    else:
+        total = steps_for(cfg.epochs, cfg.steps, batches.per_epoch)
+    check_length(state, total)
+
+    ckpt.seed_everything(cfg.seed)
+    model, model_config = build_codec(spec, None, cfg.config, cfg.init)
+    model.to(device).train()
+    clip = load_training_clip(cfg, device)
+    depth = len(clip.visual.transformer.resblocks)
+    cfg.guide_layers = cfg.guide_layers or default_layers(depth, GUIDE_FRACTIONS)
+    cfg.token_layers = cfg.token_layers or default_layers(depth, TOKEN_FRACTIONS)
+    # One no-grad pass over x serves both P's guidance and L_sem's targets.
+    layers = tuple(sorted(set(cfg.token_layers) | (set(cfg.guide_layers) if cfg.pre_edit else set())))
+    tokens = ClipTokens(clip, layers).to(device)
+    guide_at = [layers.index(layer) for layer in cfg.guide_layers]
+    target_at = [layers.index(layer) for layer in cfg.token_layers]
+    decoded_tokens = ClipTokens(clip, cfg.token_layers).to(device)
+    editor = None
+    if cfg.pre_edit:
+        editor = PreEditor(tokens.width, cfg.guide_layers, cfg.pre_edit_channels).to(device).train()
+    runtime.broadcast(model)
+    if editor is not None:
+        runtime.broadcast(editor)
+
+    net_params, aux_params = split_parameters(model)
+    groups = [{"params": net_params, "lr": cfg.lr}]
+    if editor is not None:
+        groups.append({"params": list(editor.parameters()), "lr": cfg.pre_edit_lr})
+    optimizer = torch.optim.Adam(groups)
+    aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
+    low, high = float(min(spec.qualities)), float(max(spec.qualities))
+    start, clock = 0, Clock()
+    final: dict[str, float] = {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if editor is not None:
+            editor.load_state_dict(state["editor"])
+        optimizer.load_state_dict(state["optimizer"])
+        aux_optimizer.load_state_dict(state["aux_optimizer"])
+        start, clock, final = int(state["step"]), Clock(float(state["seconds"])), dict(state.get("final", {}))
+        rngs = state["rng"]
+        ckpt.restore_rng(rngs[runtime.rank] if len(rngs) == runtime.world else rngs[0])
+    elif runtime.rank:
+        torch.manual_seed(cfg.seed + runtime.rank)  # different quantisation noise per rank
+
+    metrics = Metrics(run_dir / "metrics.jsonl", runtime.main, None if state is None else start)
+    totals: dict[str, float] = {}
+    counted = 0
+
+    def save_checkpoint(step: int) -> None:
+        rngs = runtime.gather(ckpt.capture_rng())
+        if runtime.main:
+            payload = {"kind": "vbr", "config": serialise(cfg), "model_config": model_config,
+                       "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "aux_optimizer": aux_optimizer.state_dict(), "step": step, "total": total, "rng": rngs,
+                       "seconds": clock.seconds(), "world": runtime.world, "final": final}
+            if editor is not None:
+                payload["editor"] = editor.state_dict()
+            ckpt.save(run_dir / "checkpoint.pt", payload)
+
+    label = f"train {cfg.codec}{' + pre-edit' if editor is not None else ''}"
+    with progress(total, start, label, runtime.main and not cfg.quiet) as advance:
+        for step, x, _ in batches.iterate(start, total):
+            x = x.to(device, non_blocking=True)
+            rate = rate_for_step(cfg.seed, step, low, high)
+            optimizer.zero_grad(set_to_none=True)
+            aux_optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad(), runtime.autocast():
+                seen = tokens(x)
+            targets = [seen[i] for i in target_at]
+            with runtime.autocast():
+                coded = x if editor is None else editor(x, tokens.grids([seen[i] for i in guide_at]))
+                latents = variable_rate_path(model, coded, rate_gain(model, rate))
+                x_hat = model.g_s(latents.y_hat)
+                sem = semantic_token_loss(decoded_tokens(x_hat), targets)
+            bpp = rate_bpp(latents.likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
+            mse = F.mse_loss(x_hat.float(), x) if cfg.gamma > 0 else None
+            loss = joint_loss(bpp, mse, sem, rate_lambda(model, rate), cfg.gamma, cfg.beta)
+            check_finite(loss, step + 1, "semantic rate")
+            loss.backward()
+            runtime.average_gradients(net_params)
+            if cfg.clip_max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(net_params, cfg.clip_max_norm)
+            if editor is not None:
+                runtime.average_gradients(editor.parameters())
+            optimizer.step()
+            aux_loss = model.aux_loss()
+            aux_loss.backward()
+            aux_optimizer.step()
+
+            values = {"loss": loss.item(), "bpp": bpp.item(), "sem": sem.item(), "rate": rate, "aux": aux_loss.item()}
+            if mse is not None:
+                values["mse"] = mse.item()
+            if editor is not None:
+                values["edit"] = (coded.detach() - x).abs().mean().item()  # how much P changed the image
+            for key, value in values.items():
+                totals[key] = totals.get(key, 0.0) + value
+            counted += 1
+            done = step + 1
+            advance(loss=values["loss"], bpp=values["bpp"])
+            if done % cfg.log_every == 0 or done == total:
+                final = {k: v / counted for k, v in totals.items()}
+                metrics.log({"step": done, "stage": "vbr", **final, "seconds": round(clock.seconds(), 3)})
+                totals, counted = {}, 0
+            if done % cfg.checkpoint_every == 0 and done < total:
+                save_checkpoint(done)
+    save_checkpoint(total)
+
+    output = entry = pre_edit_file = pre_edit_entry = None
+    if runtime.main:
+        output, entry, pre_edit_file, pre_edit_entry = _export(cfg, model, model_config, editor, register, total,
+                                                               final)
+    runtime.barrier()
+    return TrainResult(output=output, registered=entry.name if entry else None, run_dir=run_dir, steps=total,
+                       final=final, extra={"pre_edit_output": pre_edit_file,
+                                           "pre_edit_registered": pre_edit_entry.name if pre_edit_entry else None})
+
+
+def _export(cfg: VbrTrainConfig, model: nn.Module, model_config: dict[str, Any], editor: nn.Module | None,
+            register: str | None, total: int, final: dict[str, float]):
+    """The codec first (P's file records the digest of the codec it was trained with), then P."""
+    import weights as registry
+
+    from ..preedit import PREEDIT_KIND, PreEditInfo, save_preedit
+
+    model.eval()
+    common = {"codec": cfg.codec, "data": str(Path(cfg.data).resolve()), "steps": total, "final_losses": final,
+              "beta": cfg.beta, "gamma": cfg.gamma, "token_layers": list(cfg.token_layers),
+              "clip_model": cfg.clip_model, "clip_tag": str(clip_tag(cfg))}
+    info = {**common, "quality": 0, "trained_for": "LVLMs: R + λ_R(β·L_sem + γ·MSE) over every rate",
+            "lmbda": list(model.lmbda), "config": model_config, "init": None if cfg.init is None else str(cfg.init),
+            "machine_only": False, "pre_edit": editor is not None}
+    output, entry = publish(lambda path: write_codec(model, path, cfg.codec, 0, model_config), ".safetensors",
+                            cfg.output, register, "codec", info)
+    if editor is None:
+        return output, entry, None, None
+    digest = (entry.sha256 if entry else registry.file_sha256(output))[:8]
+    pre_edit_info = PreEditInfo(codec=cfg.codec, codec_digest=digest, clip_model=cfg.clip_model,
+                                clip_tag=str(clip_tag(cfg)), config=dict(editor.config))
+    target = cfg.pre_edit_output
+    if target is None and cfg.output is not None:
+        target = Path(cfg.output).with_name(f"{Path(cfg.output).stem}.preedit.safetensors")
+    name = None if cfg.pre_edit_register is None else cfg.pre_edit_register.format(codec=cfg.codec)
+    p_file, p_entry = publish(lambda path: save_preedit(editor.eval(), path, pre_edit_info),
+                              ".safetensors", target, name, PREEDIT_KIND,
+                              {**common, "codec_digest": digest, "guide_layers": list(cfg.guide_layers),
+                               "codec_weights": entry.name if entry else str(output)})
+    return output, entry, p_file, p_entry

@@ -1,0 +1,253 @@
+"""`comneck train vbr --pre-edit` and `comneck encode --pre-edit`: joint training on semantic tokens with a tiny CLIP
+and the tiny variable-rate codec, then real records."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from comneck_cli.cli import main
+from formats import unpack
+
+from .conftest import TINY_CLIP
+from .test_train import one_thread  # noqa: F401 (autouse fixture)
+
+TINY_CONFIGS = Path(__file__).parent / "tiny_configs"
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+@pytest.fixture(scope="module")
+def photo_folder(photos, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("vbr-photos")
+    for name in PHOTOS:
+        shutil.copy(photos[name], folder / Path(photos[name]).name)
+    return folder
+
+
+def train_args(data: Path, init: Path, clip: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    return ["train", "vbr", "--pre-edit", "--init", str(init), "--data", str(data), "--steps", str(steps),
+            "--crop", "64", "--batch-size", "4", "--clip-config", str(TINY_CONFIGS), "--clip-model", TINY_CLIP,
+            "--clip-tag", "test", "--clip-weights", str(clip), "--log-every", "1", "--workers", "0", "--quiet",
+            "--device", "cpu", "-o", str(out), *extra]
+
+
+# A low semantic weight and a fast P: in a few dozen steps the rate term wins and P learns to drop detail.
+FAST = ("--beta", "0.3", "--lr", "3e-4", "--pre-edit-lr", "1e-2")
+
+
+@pytest.fixture(scope="module")
+def trained(photo_folder, vbr_codec_file, tiny_clip_file, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train-vbr")
+    out = folder / "vbr.safetensors"
+    result = CliRunner().invoke(main, train_args(photo_folder, vbr_codec_file, tiny_clip_file, out, 40, *FAST,
+                                                 "--no-register", "--run-dir", str(folder / "run")))
+    assert result.exit_code == 0, result.output
+    return out, folder / "vbr.preedit.safetensors", folder / "run"
+
+
+def test_loss_drops_and_p_learns_to_edit(trained):
+    from comneck_cli.preedit import load_preedit
+    from comneck_cli.train.loop import read_metrics
+
+    codec_file, p_file, run = trained
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert all(1 <= r["rate"] <= 8 for r in rows) and len({r["rate"] for r in rows}) == 40  # rates over the range
+    first, last = (sum(r["loss"] for r in part) / 10 for part in (rows[:10], rows[-10:]))
+    assert last < 0.6 * first, (first, last)
+    assert rows[-1]["edit"] > 3 * rows[0]["edit"]  # P moved away from the identity
+    _, info = load_preedit(p_file)
+    import weights as registry
+
+    assert info.codec_digest == registry.file_sha256(codec_file)[:8]  # P names the codec it was trained with
+    assert (info.clip_model, info.clip_tag, info.config["layers"]) == (TINY_CLIP, "test", [1, 2])
+
+
+def test_a_pre_edited_image_codes_to_fewer_bits_at_the_same_rate(trained, photos, tiny_clip_file, tmp_path):
+    """Real records, written by `comneck encode`, raw and pre-edited, at the same rate parameter R."""
+    import sys
+    codec_file, p_file, _ = trained
+    runner = CliRunner()
+    sizes = {}
+    for rate in ("4", "8"):
+        for edit in ((), (f"--pre-edit={p_file}", "--clip-weights", str(tiny_clip_file))):
+            out = tmp_path / f"{rate}-{bool(edit)}"
+            result = runner.invoke(main, ["encode", *(str(photos[n]) for n in PHOTOS), "--codec", "mbt2018-mean-vbr",
+                                          "--weights", str(codec_file), "--rate", rate, *edit, "-o", f"{out}/",
+                                          "--quiet"])
+            assert result.exit_code == 0, result.output
+            for name in PHOTOS:
+                record = unpack((out / f"{name}.cnk").read_bytes())
+                assert record.rate == int(rate) * 1000
+                assert (record.metadata or {}).get("pre_edit") == (p_file and edit and _digest(p_file) or None)
+                sizes[rate, bool(edit), name] = len((out / f"{name}.cnk").read_bytes())
+    print("record bytes (rate, pre-edited, photo):", sizes, file=sys.stderr)  # shown with -s: the measured savings
+    for name in PHOTOS:
+        assert sizes["8", True, name] < sizes["8", False, name], (name, sizes)
+    for rate in ("4", "8"):
+        raw, edited = (sum(sizes[rate, e, n] for n in PHOTOS) for e in (False, True))
+        assert edited < (0.97 if rate == "8" else 1.0) * raw, (rate, sizes)
+    # A pre-edited record is an ordinary record: it decodes with the codec alone.
+    result = runner.invoke(main, ["decode", str(tmp_path / "8-True" / "coffee.cnk"), "--weights", str(codec_file),
+                                  "-o", str(tmp_path / "coffee.png"), "--quiet"])
+    assert result.exit_code == 0, result.output
+
+
+def _digest(path: Path) -> str:
+    import weights as registry
+
+    return registry.file_sha256(path)[:8]
+
+
+def test_resume_is_exact_and_defaults_register_both(photo_folder, vbr_codec_file, tiny_clip_file, tmp_path, photos):
+    import weights as registry
+    from comneck_cli.modelfiles import read_safetensors
+    from comneck_cli.train.loop import read_metrics
+
+    runner = CliRunner()
+    straight = runner.invoke(main, train_args(photo_folder, vbr_codec_file, tiny_clip_file, tmp_path / "a.safetensors",
+                                              6, *FAST, "--no-register", "--run-dir", str(tmp_path / "a")))
+    assert straight.exit_code == 0, straight.output
+    half = runner.invoke(main, train_args(photo_folder, vbr_codec_file, tiny_clip_file, tmp_path / "b.safetensors", 3,
+                                          *FAST, "--no-register", "--run-dir", str(tmp_path / "b")))
+    assert half.exit_code == 0, half.output
+    resumed = runner.invoke(main, ["train", "vbr", "--resume", str(tmp_path / "b" / "checkpoint.pt"), "--steps", "6",
+                                   "--clip-config", str(TINY_CONFIGS), "--quiet", "--workers", "0", "--device", "cpu",
+                                   "--log-every", "1", "-o", str(tmp_path / "b.safetensors")])  # default registration
+    assert resumed.exit_code == 0, resumed.output
+    a_rows, b_rows = ([{k: v for k, v in r.items() if k != "seconds"}  # wall time differs, nothing else may
+                       for r in read_metrics(tmp_path / d / "metrics.jsonl")] for d in ("a", "b"))
+    assert len(a_rows) == 6 and a_rows == b_rows
+    for suffix in (".safetensors", ".preedit.safetensors"):
+        a, _ = read_safetensors(tmp_path / f"a{suffix}", "model")
+        b, _ = read_safetensors(tmp_path / f"b{suffix}", "model")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), suffix
+    assert registry.lookup("mbt2018-mean-vbr").kind == "codec"
+    entry = registry.lookup("mbt2018-mean-vbr-preedit")
+    assert entry.kind == "preedit" and entry.info["codec_digest"] == registry.lookup("mbt2018-mean-vbr").sha256[:8]
+    # `encode --pre-edit` without a value finds both in the registry.
+    registry.import_file(f"clip-{TINY_CLIP.lower()}-test", tiny_clip_file, "clip")
+    out = tmp_path / "c.cnk"
+    result = runner.invoke(main, ["encode", str(photos["chelsea"]), "--codec", "mbt2018-mean-vbr", "--rate", "2.5",
+                                  "-o", str(out), "--quiet", "--pre-edit"])
+    assert result.exit_code == 0, result.output
+    assert unpack(out.read_bytes()).metadata == {"pre_edit": entry.sha256[:8]}
+
+
+def test_bad_input_is_one_error_line(photo_folder, vbr_codec_file, tiny_clip_file, codec_files, photos, tmp_path):
+    runner = CliRunner()
+    cases = [
+        (train_args(photo_folder, vbr_codec_file, tiny_clip_file, tmp_path / "x.safetensors", 2, "--codec",
+                    "mbt2018-mean", "--no-register"), "fixed quality levels"),
+        (train_args(photo_folder, vbr_codec_file, tiny_clip_file, tmp_path / "x.safetensors", 2, "--token-layers",
+                    "0,9", "--no-register"), "must lie in 1..4"),
+        (train_args(photo_folder, vbr_codec_file, tiny_clip_file, tmp_path / "x.safetensors", 2, "--beta", "0",
+                    "--no-register"), "one must be positive"),
+        (["encode", str(photos["chelsea"]), "--codec", "mbt2018-mean", "--weights", str(codec_files["mbt2018-mean"]),
+          "-q", "1", "--pre-edit", "-o", str(tmp_path / "x.cnk")], "no weights named 'mbt2018-mean-preedit'"),
+        (["encode", str(photos["chelsea"]), "--codec", "mbt2018-mean-vbr", "--weights", str(vbr_codec_file),
+          f"--pre-edit={tmp_path / 'missing.safetensors'}", "-o", str(tmp_path / "x.cnk")], "does not exist"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(main, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output, result.output
+        assert result.output.count("comneck: error:") == 1
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "x.cnk").exists()
+
+
+def test_one_neck_serves_every_rate(vbr_codec_file, tiny_clip_file, photos, tmp_path):
+    """`train neck --codec mbt2018-mean-vbr` (no -q): rates drawn over 1..8, y_hat exactly what records hold; then
+    `features` takes records of several rates with the one neck, found in the registry."""
+    import weights as registry
+    from comneck_cli.codecs import load_codec, rate_gain
+    from comneck_cli.neck import EVERY_RATE, load_neck
+    from comneck_cli.train.latents import frozen_latents
+    from comneck_cli.train.loop import read_metrics
+
+    from .test_train import make_image_folder
+
+    photo_folder = make_image_folder(tmp_path / "data")  # class folders: stage 1's cross-entropy needs labels
+    codec = load_codec("mbt2018-mean-vbr", 1, weights=vbr_codec_file)
+    x = torch.rand(1, 3, 64, 64)
+    for rate in (1.0, 3.217, 8.0):  # the frozen path the neck trains on is the y_hat Codec.code writes
+        at = codec.at_rate(rate)
+        assert torch.equal(frozen_latents(at.model, at.spec.family, x, rate_gain(at.model, rate)), at.compress(x)[1])
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["train", "neck", "--codec", "mbt2018-mean-vbr", "--codec-weights",
+                                  str(vbr_codec_file), "--data", str(photo_folder), "--clip-config", str(TINY_CONFIGS),
+                                  "--clip-model", TINY_CLIP, "--clip-tag", "test", "--clip-weights", str(tiny_clip_file),
+                                  "--steps", "0,0,12", "--lr", "3e-3", "--crop", "64", "--batch-size", "4",
+                                  "--log-every", "1", "--workers", "0", "--quiet", "--device", "cpu",
+                                  "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    entry = registry.lookup("mbt2018-mean-vbr-neck")
+    _, info = load_neck(entry.path())
+    assert info.quality == EVERY_RATE and info.codec_digest == codec.digest.hex()
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 12
+    registry.import_file(f"clip-{TINY_CLIP.lower()}-test", tiny_clip_file, "clip")
+    files = []
+    for rate in ("1.5", "4", "7.25"):
+        out = tmp_path / f"r{rate}.cnk"
+        assert runner.invoke(main, ["encode", str(photos["coffee"]), "--codec", "mbt2018-mean-vbr", "--weights",
+                                    str(vbr_codec_file), "--rate", rate, "-o", str(out), "--quiet"]).exit_code == 0
+        files.append(str(out))
+    result = runner.invoke(main, ["features", *files, "--weights", str(vbr_codec_file), "-o",
+                                  str(tmp_path / "f.pt"), "--layer", "-1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    feats = torch.load(tmp_path / "f.pt", weights_only=True)["features"]
+    assert feats.shape[0] == 3 and torch.isfinite(feats).all()
+    assert not torch.equal(feats[0], feats[2])  # other rates, other latents, other features
+    result = runner.invoke(main, ["train", "neck", "--scenario", "d2", "--codec", "mbt2018-mean-vbr", "--data",
+                                  str(photo_folder), "--steps", "1", "--quiet"])
+    assert result.exit_code == 1 and "scenario d1 only" in result.output
+
+
+def test_eval_reports_the_pre_edit_method(trained, photos, tiny_clip_file, tmp_path):
+    """`comneck eval --methods reconstruction,vbr-preedit` with the variable-rate codec: rates are the pre-edited
+    records' bytes (P's digest in their metadata included); without a registered P the method is skipped."""
+    import json
+
+    from PIL import Image
+
+    import weights as registry
+    from comneck_cli.eval.commands import eval_command
+    from comneck_cli.images import read_image
+
+    codec_file, p_file, _ = trained
+    data = tmp_path / "data"
+    data.mkdir()
+    pixels = read_image(photos["astronaut"])
+    for n, (y, x) in enumerate([(40, 60), (250, 300)]):
+        Image.fromarray(pixels[y : y + 128, x : x + 128]).save(data / f"{n}.png")
+    args = ["--data", str(data), "--codec", "mbt2018-mean-vbr", "--qualities", "4,8", "--weights", str(codec_file),
+            "--clip", TINY_CLIP, "--clip-tag", "none", "--clip-weights", str(tiny_clip_file), "--size", "128",
+            "--methods", "reconstruction,vbr-preedit"]
+    out = CliRunner().invoke(eval_command, [*args, "-o", str(tmp_path / "r1")])
+    assert out.exit_code == 0, out.output
+    report = json.loads((tmp_path / "r1" / "points.json").read_text())
+    assert "mbt2018-mean-vbr-preedit" in json.dumps({m["name"]: m for m in report["methods"]}["vbr-preedit"])
+
+    registry.import_file("mbt2018-mean-vbr-preedit", p_file, "preedit")
+    out = CliRunner().invoke(eval_command, [*args, "-o", str(tmp_path / "r2")])
+    assert out.exit_code == 0, out.output
+    rows = json.loads((tmp_path / "r2" / "points.json").read_text())["images"]
+    got = {(r["method"], r["image"]): r for r in rows if r["point"] == "q8"}
+    from comneck_cli import api
+    from comneck_cli.codecs import load_codec
+    from comneck_cli.preedit import load_pre_edit
+    from formats import pack
+
+    codec = load_codec("mbt2018-mean-vbr", 8, weights=codec_file)
+    editor = load_pre_edit(p_file, codec, clip_weights=tiny_clip_file)
+    for image in ("0.png", "1.png"):
+        pixels = read_image(data / image)
+        expected = len(pack(api.encode(editor(pixels), codec, metadata={"pre_edit": editor.digest})))
+        raw, edited = got["reconstruction", image], got["vbr-preedit", image]
+        assert edited["bytes"] == expected and edited["bpp"] == 8 * expected / (128 * 128)
+        assert edited["psnr"] != raw["psnr"] and edited["feature_mse"] > 0  # people and CLIP see the edit's decode
