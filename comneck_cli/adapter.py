@@ -18,7 +18,7 @@ It is registered as kind ``adapter`` under ``{codec}-adapter`` (variable-rate co
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ComneckError
-from .modelfiles import read_safetensors
+from .modelfiles import ModelInfo, load_module, save_module
 
 ADAPTER_FORMAT = "comneck-adapter"
 ADAPTER_FORMAT_VERSION = "1"
@@ -62,10 +62,16 @@ class DecoderAdapter(nn.Module):
 
 
 @dataclass(frozen=True)
-class AdapterInfo:
+class AdapterInfo(ModelInfo):
     """What an adapter was trained for: the codec (name, first 8 hex digits of its weights' sha256) whose
     reconstructions it repairs, the CLIP and the hidden states (HF numbering) of its multi-level loss, the loss
     weights (pixel, shallow, deep), the semantic strength of the records it saw (0: plain records), its config."""
+
+    format = ADAPTER_FORMAT
+    format_version = ADAPTER_FORMAT_VERSION
+    what = "adapter"
+    file_what = "decoder adapter"
+    not_ours = "{path} is not a comneck decoder adapter; pass one written by `comneck train adapter`"
 
     codec: str
     codec_digest: str
@@ -76,26 +82,16 @@ class AdapterInfo:
     semantic_strength: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
 
-    def to_metadata(self) -> dict[str, str]:
-        meta = {"format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION}
-        for f in fields(self):
-            meta[f.name] = json.dumps(getattr(self, f.name), sort_keys=True)
-        return meta
+    @classmethod
+    def _json(cls, name: str) -> bool:
+        return True  # adapter files have stored every field as JSON since format 1
 
     @classmethod
-    def from_metadata(cls, meta: dict[str, str], path: Path | str) -> AdapterInfo:
-        if meta.get("format") != ADAPTER_FORMAT:
-            raise ComneckError(f"{path} is not a comneck decoder adapter; pass one written by `comneck train adapter`")
-        if meta.get("format_version") != ADAPTER_FORMAT_VERSION:
-            raise ComneckError(f"adapter {path} has format version {meta.get('format_version')!r}, which this "
-                               "comneck cannot read; upgrade comneck")
-        try:
-            values = {f.name: json.loads(meta[f.name]) for f in fields(cls)}
-            values["layers"] = tuple(int(v) for v in values["layers"])
-            values["loss_weights"] = tuple(float(v) for v in values["loss_weights"])
-            return cls(**values)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ComneckError(f"adapter {path} has damaged metadata ({type(exc).__name__}: {exc}); re-export it") from exc
+    def _decode(cls, meta: dict[str, str]) -> AdapterInfo:
+        values = {f.name: json.loads(meta[f.name]) for f in fields(cls)}
+        values["layers"] = tuple(int(v) for v in values["layers"])
+        values["loss_weights"] = tuple(float(v) for v in values["loss_weights"])
+        return cls(**values)
 
     def check_codec(self, codec, path: Path | str) -> None:
         """Refuse reconstructions of another codec or other codec weights than the adapter was trained on."""
@@ -114,27 +110,12 @@ def adapter_registry_name(codec: str, quality: int | None = None) -> str:
 
 def save_adapter(adapter: DecoderAdapter, path: Path | str, info: AdapterInfo) -> None:
     """Write ``adapter`` with ``info`` (its config replaced by the adapter's own) as one safetensors file, atomically."""
-    from safetensors.torch import save
-
-    from .outputs import write_atomic
-
-    info = AdapterInfo(**{**asdict(info), "config": dict(adapter.config)})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
-    write_atomic(Path(path), save(tensors, metadata=info.to_metadata()), force=True)
+    save_module(adapter, path, info)
 
 
 def load_adapter(path: Path | str, device: torch.device | str = "cpu") -> tuple[DecoderAdapter, AdapterInfo]:
     """Read a file written by :func:`save_adapter` -> (adapter in eval mode on ``device``, its info)."""
-    state, meta = read_safetensors(path, "decoder adapter")
-    info = AdapterInfo.from_metadata(meta, path)
-    try:
-        adapter = DecoderAdapter(**info.config)
-        adapter.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ComneckError(f"adapter {path} holds tensors that do not fit its recorded config ({first}); "
-                           "re-export it") from exc
-    return adapter.to(device).eval(), info
+    return load_module(path, AdapterInfo, lambda info: DecoderAdapter(**info.config), device)
 
 
 def resolve_adapter(given: str | Path | None, codec) -> Path:

@@ -34,6 +34,7 @@ import click
 
 from .defaults import DEFAULT_CODEC
 from .errors import ComneckError
+from .options import clip_options
 from .presets import PRESETS
 
 STDIO = "-"
@@ -992,11 +993,8 @@ def batch_decode(run, weights: str | None, fmt: str) -> Job:
               help="File type of each input's features.")
 @click.option("--weights", default=None,
               help="Codec weights file or registry name for decoding the records (checked by digest).")
-@click.option("--clip", "clip_model", default="ViT-L-14", show_default=True,
-              help="open_clip model for --via reconstruction/uncompressed when no neck is given.")
-@click.option("--clip-tag", default="openai", show_default=True, help="open_clip weights tag for --clip.")
-@click.option("--clip-weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="Local CLIP weights file instead of the registry / open_clip cache.")
+@clip_options("open_clip model for --via reconstruction/uncompressed when no neck is given.",
+              "Local CLIP weights file instead of the registry / open_clip cache.")
 @batch_options
 def batch_features(run, via: str, neck: str | None, family: str | None, layer: int, select: str, fmt: str,
                    weights: str | None, clip_model: str, clip_tag: str, clip_weights: Path | None) -> Job:

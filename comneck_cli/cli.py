@@ -22,6 +22,7 @@ import click
 
 from .defaults import DEFAULT_CODEC
 from .errors import ComneckError
+from .options import clip_options
 from .presets import PRESETS
 
 STDIO = "-"
@@ -170,11 +171,8 @@ def main() -> None:
                    "the map travels in the record (counted in bpp). Variable-rate codecs only.")
 @click.option("--semantic-strength", type=click.FloatRange(0, 65.535), default=None, show_default="1.5",
               help="With --semantic: how far the map moves the quantisation step, gain = g_R·2^(S·(m − mean m)).")
-@click.option("--clip", "clip_model", default="ViT-L-14", show_default=True,
-              help="open_clip model whose attention guides --semantic.")
-@click.option("--clip-tag", default="openai", show_default=True, help="open_clip weights tag for --clip.")
-@click.option("--clip-weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="Local CLIP weights file for --semantic instead of the registry / open_clip cache.")
+@clip_options("open_clip model whose attention guides --semantic.",
+              "Local CLIP weights file for --semantic instead of the registry / open_clip cache.")
 @click.option("--pre-edit", "pre_edit", default=None, is_flag=False, flag_value="", metavar="[NAME|FILE]",
               help="Edit each image with the pre-editing module P before coding (`comneck train vbr --pre-edit`): "
                    "the registry's CODEC-preedit, or --pre-edit=NAME|FILE. P's CLIP comes from its registry entry "
@@ -441,11 +439,8 @@ def _parse_records(run: Run, source: str, data: bytes) -> list[tuple[str, str, i
               help="File type when -o is a folder.")
 @click.option("--weights", default=None,
               help="Codec weights file or registry name for decoding the records (checked by digest).")
-@click.option("--clip", "clip_model", default="ViT-L-14", show_default=True,
-              help="open_clip model for --via reconstruction/uncompressed when no neck is given.")
-@click.option("--clip-tag", default="openai", show_default=True, help="open_clip weights tag for --clip.")
-@click.option("--clip-weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="Local CLIP weights file instead of the registry / open_clip cache.")
+@clip_options("open_clip model for --via reconstruction/uncompressed when no neck is given.",
+              "Local CLIP weights file instead of the registry / open_clip cache.")
 @common_options
 def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str | None, family: str | None,
              layer: int, select: str, batch_size: int, fmt: str, weights: str | None, clip_model: str, clip_tag: str,

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import weights as registry
-from formats import CODEC_IDS, latent_grids
+from formats import CODEC_IDS, PAD_MULTIPLE, latent_grids
 
 from .errors import ComneckError
 from .modelfiles import read_safetensors
@@ -302,6 +302,11 @@ def registry_name(codec: str, quality: int | None) -> str:
     return f"{codec}-q{quality}"
 
 
+# Encoder-side g_a tiling (Codec.analyze): tiles of 1024² pixels with a 64-pixel border of neighbours, multiples
+# of the 64-pixel padding so every tile and border maps onto whole latent positions.
+ANALYSIS_TILE = 1024
+ANALYSIS_HALO = 64
+
 RATE_STEPS = 1000  # records store a variable-rate codec's R in thousandths of a level (SPEC.md, section 0x83)
 
 
@@ -382,8 +387,30 @@ class Codec:
 
     @torch.inference_mode()
     def analyze(self, x: Tensor) -> Tensor:
-        """``g_a``: x (B, 3, H, W) -> y (B, M, H/16, W/16), float32 on the CPU, ready for :meth:`code`."""
-        return self.model.g_a(x.to(self.device)).float().cpu()
+        """``g_a``: x (B, 3, H, W) -> y (B, M, H/16, W/16), float32 on the CPU, ready for :meth:`code`.
+
+        Images above ``ANALYSIS_TILE``² pixels run g_a tile by tile, each tile with an ``ANALYSIS_HALO``-pixel
+        border of real neighbours that is cropped away in y, so g_a's activations (hundreds of bytes per pixel)
+        never exist for the whole image at once. Only the encoder runs g_a: the y differs from a whole-image g_a
+        by border effects that the halo keeps far below the quantisation step, and the decoder recovers exactly
+        what was coded either way.
+        """
+        height, width = x.shape[-2:]
+        if height * width <= ANALYSIS_TILE**2:
+            return self.model.g_a(x.to(self.device)).float().cpu()
+        stride = PAD_MULTIPLE // 4  # g_a's downsampling: 16 pixels per latent position
+        rows = []
+        for top in range(0, height, ANALYSIS_TILE):
+            row = []
+            for left in range(0, width, ANALYSIS_TILE):
+                t0, l0 = max(top - ANALYSIS_HALO, 0), max(left - ANALYSIS_HALO, 0)
+                t1, l1 = min(top + ANALYSIS_TILE + ANALYSIS_HALO, height), min(left + ANALYSIS_TILE + ANALYSIS_HALO, width)
+                y = self.model.g_a(x[..., t0:t1, l0:l1].to(self.device)).float().cpu()
+                core_h, core_w = min(ANALYSIS_TILE, height - top), min(ANALYSIS_TILE, width - left)
+                dt, dl = (top - t0) // stride, (left - l0) // stride
+                row.append(y[..., dt : dt + core_h // stride, dl : dl + core_w // stride])
+            rows.append(torch.cat(row, dim=-1))
+        return torch.cat(rows, dim=-2)
 
     @torch.inference_mode()
     def code(self, y: Tensor, gain: Tensor | None = None) -> tuple[list[bytes], Tensor]:

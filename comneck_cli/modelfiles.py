@@ -1,16 +1,24 @@
 """Reading comneck's model files: safetensors tensors plus the string metadata that says what they are for.
 
-Codecs, necks and post-processing U-Nets are all stored this way (never as pickles), so one reader gives
-them the same checks and the same one-sentence errors.
+Codecs, necks, post-processing U-Nets, decoder adapters and pre-editing modules are all stored this way (never as
+pickles), so one reader gives them the same checks and the same one-sentence errors; the modules other than codecs
+also share :class:`ModelInfo` (what the file is for) and :func:`save_module`/:func:`load_module`.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Callable, ClassVar, TypeVar
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from .errors import ComneckError
+
+InfoT = TypeVar("InfoT", bound="ModelInfo")
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 def read_safetensors(path: Path | str, what: str) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -25,3 +33,83 @@ def read_safetensors(path: Path | str, what: str) -> tuple[dict[str, Tensor], di
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise ComneckError(f"{path} is not a comneck {what} file (not a valid safetensors file: {exc})") from exc
+
+
+class ModelInfo:
+    """Base of the frozen dataclasses that say what a model file is for, kept as its safetensors string metadata.
+
+    The metadata is ``format`` and ``format_version``, then each field as ``str(value)`` or, where
+    :meth:`_json` says so, as JSON (dicts and tuples, whose ``str`` would not read back). A subclass sets the
+    class attributes below and reads its fields back in :meth:`_decode`; the format checks and the errors for
+    files that are not its own or are damaged live here, worded with its ``what``.
+    """
+
+    format: ClassVar[str]
+    format_version: ClassVar[str]
+    what: ClassVar[str]  # the noun errors name the file by: "neck", "U-Net", ...
+    not_ours: ClassVar[str]  # the sentence for a file of another format, with a {path} field
+    fix: ClassVar[str] = "re-export it"
+    file_what: ClassVar[str] = ""  # the noun when it is not a safetensors file at all, if not ``what``
+
+    @classmethod
+    def _json(cls, name: str) -> bool:
+        """Whether field ``name`` is stored as JSON rather than ``str``."""
+        return name == "config"
+
+    @classmethod
+    def _decode(cls: type[InfoT], meta: dict[str, str]) -> InfoT:
+        """The info from metadata already known to be of this format; KeyError/ValueError/TypeError if damaged."""
+        raise NotImplementedError
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {"format": self.format, "format_version": self.format_version}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            meta[f.name] = json.dumps(value, sort_keys=True) if self._json(f.name) else str(value)
+        return meta
+
+    @classmethod
+    def from_metadata(cls: type[InfoT], meta: dict[str, str], path: Path | str) -> InfoT:
+        if meta.get("format") != cls.format:
+            raise ComneckError(cls.not_ours.format(path=path))
+        if meta.get("format_version") != cls.format_version:
+            raise ComneckError(f"{cls.what} {path} has format version {meta.get('format_version')!r}, which this "
+                               "comneck cannot read; upgrade comneck")
+        try:
+            return cls._decode(meta)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ComneckError(
+                f"{cls.what} {path} has damaged metadata ({type(exc).__name__}: {exc}); {cls.fix}"
+            ) from exc
+
+
+def save_module(module: nn.Module, path: Path | str, info: ModelInfo) -> None:
+    """Write ``module``'s state and ``info`` as one safetensors file (no pickle), atomically.
+
+    ``info.config`` is replaced by the module's own constructor ``config``, so the file always rebuilds the
+    module it holds.
+    """
+    from safetensors.torch import save
+
+    from .outputs import write_atomic
+
+    info = replace(info, config=dict(module.config))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    write_atomic(Path(path), save(tensors, metadata=info.to_metadata()), force=True)
+
+
+def load_module(path: Path | str, info_type: type[InfoT], build: Callable[[InfoT], ModuleT],
+                device: torch.device | str = "cpu") -> tuple[ModuleT, InfoT]:
+    """Read a file written by :func:`save_module` -> (``build(info)`` holding its tensors, in eval mode on
+    ``device``; the info). A config the constructor refuses, or tensors that do not fit it, are one sentence."""
+    state, meta = read_safetensors(path, info_type.file_what or info_type.what)
+    info = info_type.from_metadata(meta, path)
+    try:
+        module = build(info)
+        module.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ComneckError(
+            f"{info_type.what} {path} holds tensors that do not fit its recorded config ({first}); {info_type.fix}"
+        ) from exc
+    return module.to(device).eval(), info

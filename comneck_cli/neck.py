@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ComneckError
-from .modelfiles import read_safetensors
+from .modelfiles import ModelInfo, load_module, save_module
 
 EVERY_RATE = 0  # NeckInfo.quality of a neck trained over a variable-rate codec's whole range: it serves every rate
 NECK_FORMAT = "comneck-neck"
@@ -116,7 +116,7 @@ class TransformNeck(nn.Module):
 
 
 @dataclass(frozen=True)
-class NeckInfo:
+class NeckInfo(ModelInfo):
     """What a neck was made for, stored as the neck file's safetensors string metadata.
 
     ``codec_digest`` is the first 4 bytes (8 hex digits) of the sha256 of the codec weights whose ``y_hat``
@@ -126,6 +126,12 @@ class NeckInfo:
     ``quality`` is :data:`EVERY_RATE` (0) for a neck of a variable-rate codec trained on rates drawn over its whole
     range: it serves records of any rate.
     """
+
+    format = NECK_FORMAT
+    format_version = NECK_FORMAT_VERSION
+    what = "neck"
+    not_ours = "{path} is not a comneck neck file (it has no comneck-neck metadata); pass a neck file"
+    fix = "re-export the neck"
 
     codec: str
     quality: int
@@ -145,38 +151,19 @@ class NeckInfo:
         if self.scenario not in SCENARIOS:
             raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, not {self.scenario!r}")
 
-    def to_metadata(self) -> dict[str, str]:
-        meta = {"format": NECK_FORMAT, "format_version": NECK_FORMAT_VERSION}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            meta[f.name] = json.dumps(value, sort_keys=True) if f.name == "config" else str(value)
-        return meta
-
     @classmethod
-    def from_metadata(cls, meta: dict[str, str], path: Path | str) -> "NeckInfo":
-        if meta.get("format") != NECK_FORMAT:
-            raise ComneckError(f"{path} is not a comneck neck file (it has no comneck-neck metadata); pass a neck file")
-        if meta.get("format_version") != NECK_FORMAT_VERSION:
-            raise ComneckError(
-                f"neck {path} has format version {meta.get('format_version')!r}, which this comneck cannot read; "
-                "upgrade comneck"
-            )
-        try:
-            return cls(
-                codec=meta["codec"],
-                quality=int(meta["quality"]),
-                codec_digest=meta["codec_digest"],
-                clip_model=meta["clip_model"],
-                clip_tag=meta["clip_tag"],
-                k=int(meta["k"]),
-                scenario=meta["scenario"],
-                config=json.loads(meta["config"]),
-                targets=meta.get("targets", ""),
-            )
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ComneckError(
-                f"neck {path} has damaged metadata ({type(exc).__name__}: {exc}); re-export the neck"
-            ) from exc
+    def _decode(cls, meta: dict[str, str]) -> NeckInfo:
+        return cls(
+            codec=meta["codec"],
+            quality=int(meta["quality"]),
+            codec_digest=meta["codec_digest"],
+            clip_model=meta["clip_model"],
+            clip_tag=meta["clip_tag"],
+            k=int(meta["k"]),
+            scenario=meta["scenario"],
+            config=json.loads(meta["config"]),
+            targets=meta.get("targets", ""),
+        )
 
     def check_matches(
         self,
@@ -232,36 +219,11 @@ def save_neck(neck: TransformNeck, path: Path | str, info: NeckInfo) -> None:
     ``info.config`` is replaced by the neck's own constructor config, so the file always rebuilds the neck
     it holds. Written to a temporary file in the target folder, then moved into place.
     """
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    info = NeckInfo(**{**asdict(info), "config": dict(neck.config)})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in neck.state_dict().items()}
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=info.to_metadata())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_module(neck, path, info)
 
 
 def load_neck(path: Path | str, device: torch.device | str = "cpu") -> tuple[TransformNeck, NeckInfo]:
     """Read a neck file written by :func:`save_neck` -> (neck in eval mode on ``device``, its :class:`NeckInfo`)."""
-    state, meta = read_safetensors(path, "neck")
-    info = NeckInfo.from_metadata(meta, path)
-    try:
-        config = dict(info.config)
-        config["grid"] = tuple(config["grid"])
-        neck = TransformNeck(**config)
-        neck.load_state_dict(state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ComneckError(
-            f"neck {path} holds tensors that do not fit its recorded config ({first}); re-export the neck"
-        ) from exc
-    return neck.to(device).eval(), info
+    # JSON gave the grid as a list; the neck compares it with latent grids as a tuple
+    return load_module(path, NeckInfo,
+                       lambda info: TransformNeck(**{**info.config, "grid": tuple(info.config["grid"])}), device)

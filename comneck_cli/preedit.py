@@ -27,7 +27,7 @@ whose tokens guide it and the guidance layers; ``comneck encode --pre-edit`` run
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ComneckError
-from .modelfiles import read_safetensors
+from .modelfiles import ModelInfo, load_module, save_module
 
 PREEDIT_FORMAT = "comneck-preedit"
 PREEDIT_FORMAT_VERSION = "1"
@@ -123,10 +123,16 @@ class PreEditor(nn.Module):
 
 
 @dataclass(frozen=True)
-class PreEditInfo:
+class PreEditInfo(ModelInfo):
     """What a P file was trained for, as its safetensors string metadata: the codec and the first 8 hex digits of the
     sha256 of the codec weights it was trained with, the CLIP model and weights tag whose tokens guide it, and its
     own constructor config (which holds the guidance layers)."""
+
+    format = PREEDIT_FORMAT
+    format_version = PREEDIT_FORMAT_VERSION
+    what = "pre-editing module"
+    not_ours = ("{path} is not a comneck pre-editing module (no comneck-preedit metadata); pass a file written by "
+                "`comneck train vbr --pre-edit`")
 
     codec: str
     codec_digest: str
@@ -134,49 +140,20 @@ class PreEditInfo:
     clip_tag: str
     config: dict[str, Any] = field(default_factory=dict)
 
-    def to_metadata(self) -> dict[str, str]:
-        meta = {"format": PREEDIT_FORMAT, "format_version": PREEDIT_FORMAT_VERSION}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            meta[f.name] = json.dumps(value, sort_keys=True) if f.name == "config" else str(value)
-        return meta
-
     @classmethod
-    def from_metadata(cls, meta: dict[str, str], path: Path | str) -> "PreEditInfo":
-        if meta.get("format") != PREEDIT_FORMAT:
-            raise ComneckError(f"{path} is not a comneck pre-editing module (no comneck-preedit metadata); pass a file "
-                               "written by `comneck train vbr --pre-edit`")
-        if meta.get("format_version") != PREEDIT_FORMAT_VERSION:
-            raise ComneckError(f"pre-editing module {path} has format version {meta.get('format_version')!r}, which "
-                               "this comneck cannot read; upgrade comneck")
-        try:
-            return cls(codec=meta["codec"], codec_digest=meta["codec_digest"], clip_model=meta["clip_model"],
-                       clip_tag=meta["clip_tag"], config=json.loads(meta["config"]))
-        except (KeyError, ValueError) as exc:
-            raise ComneckError(f"pre-editing module {path} has damaged metadata ({exc}); re-export it") from exc
+    def _decode(cls, meta: dict[str, str]) -> PreEditInfo:
+        return cls(codec=meta["codec"], codec_digest=meta["codec_digest"], clip_model=meta["clip_model"],
+                   clip_tag=meta["clip_tag"], config=json.loads(meta["config"]))
 
 
 def save_preedit(editor: PreEditor, path: Path | str, info: PreEditInfo) -> None:
-    """Write P and ``info`` (its config replaced by P's own) as one safetensors file; no pickle."""
-    from safetensors.torch import save_file
-
-    info = PreEditInfo(**{**asdict(info), "config": dict(editor.config)})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in editor.state_dict().items()}
-    save_file(tensors, str(path), metadata=info.to_metadata())
+    """Write P and ``info`` (its config replaced by P's own) as one safetensors file, atomically; no pickle."""
+    save_module(editor, path, info)
 
 
 def load_preedit(path: Path | str, device: torch.device | str = "cpu") -> tuple[PreEditor, PreEditInfo]:
     """Read a file written by :func:`save_preedit` -> (P in eval mode on ``device``, its :class:`PreEditInfo`)."""
-    state, meta = read_safetensors(path, "pre-editing module")
-    info = PreEditInfo.from_metadata(meta, path)
-    try:
-        editor = PreEditor(**info.config)
-        editor.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ComneckError(f"pre-editing module {path} holds tensors that do not fit its config ({first}); "
-                           "re-export it") from exc
-    return editor.to(device).eval(), info
+    return load_module(path, PreEditInfo, lambda info: PreEditor(**info.config), device)
 
 
 def preedit_registry_name(codec: str) -> str:

@@ -26,6 +26,41 @@ def skimage_photo(name: str) -> Path:
     return Path(skimage.data.__file__).parent / name
 
 
+# The training photos of tests/test_train*.py, by class (test_train_targets holds out others).
+CLASSES = {"cat": ("chelsea.png", "astronaut.png"), "coffee": ("coffee.png", "camera.png"),
+           "rocket": ("rocket.jpg", "retina.jpg")}
+
+
+def make_image_folder(root: Path, side: int = 80) -> Path:
+    """Three classes of two shipped photos each, shrunk to side×side so a 64 crop sees most of the photo."""
+    from PIL import Image
+
+    for label, names in CLASSES.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            image = Image.open(skimage_photo(name)).convert("RGB").resize((side, side), Image.BICUBIC)
+            image.save(root / label / f"{Path(name).stem}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained_codec(image_folder, tmp_path_factory) -> Path:
+    """A tiny mbt2018-mean trained for 60 steps: a random one rounds every latent to its mean, so its
+    reconstructions hold nothing of x for a neck or a U-Net to work with."""
+    from comneck_cli.train import CodecTrainConfig, train_codec
+
+    folder = tmp_path_factory.mktemp("codec")
+    cfg = CodecTrainConfig(codec="mbt2018-mean", quality=8, data=image_folder, steps=60, batch_size=6, crop=64,
+                           config=TINY_CODECS["mbt2018-mean"], lr=5e-3, run_dir=folder / "run", quiet=True,
+                           register=None, output=folder / "codec.safetensors", device="cpu")
+    return train_codec(cfg).output
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, Path]:
     """Photos scikit-image ships: odd sizes (chelsea 451×300), JPEG, grayscale."""

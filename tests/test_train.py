@@ -11,24 +11,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from .conftest import TINY_CODECS, skimage_photo
+from .conftest import TINY_CODECS
 
 from comneck_cli.errors import ComneckError
-
-CLASSES = {"cat": ("chelsea.png", "astronaut.png"), "coffee": ("coffee.png", "camera.png"),
-           "rocket": ("rocket.jpg", "retina.jpg")}
-
-
-def make_image_folder(root: Path, side: int = 80) -> Path:
-    """Three classes of two shipped photos each, shrunk to side×side so a 64 crop sees most of the photo."""
-    from PIL import Image
-
-    for label, names in CLASSES.items():
-        (root / label).mkdir(parents=True, exist_ok=True)
-        for name in names:
-            image = Image.open(skimage_photo(name)).convert("RGB").resize((side, side), Image.BICUBIC)
-            image.save(root / label / f"{Path(name).stem}.png")
-    return root
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,11 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data"))
 
 
 def codec_config(codec: str, data: Path, run_dir: Path, **kw):

@@ -13,28 +13,11 @@ from click.testing import CliRunner
 from comneck_cli.errors import ComneckError
 
 from .conftest import TINY_CODECS
-from .test_train import first_last, make_image_folder, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from .test_train import first_last, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 TINY_CONFIGS = Path(__file__).parent / "tiny_configs"
 TINY_CLIP = "comneck-tiny-ViT-14"  # 56 px, patch 14: a 4×4 grid, like the 4×4 latent grid of a 64 crop
 CODEC = "mbt2018-mean"
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def trained_codec(image_folder, tmp_path_factory) -> Path:
-    """A tiny codec trained for 60 steps: a randomly initialised one rounds every latent to its mean."""
-    from comneck_cli.train import CodecTrainConfig, train_codec
-
-    folder = tmp_path_factory.mktemp("codec")
-    cfg = CodecTrainConfig(codec=CODEC, quality=8, data=image_folder, steps=60, batch_size=6, crop=64,
-                           config=TINY_CODECS[CODEC], lr=5e-3, run_dir=folder / "run", quiet=True, register=None,
-                           output=folder / "codec.safetensors", device="cpu")
-    return train_codec(cfg).output
 
 
 @pytest.fixture(autouse=True)

@@ -11,27 +11,10 @@ from click.testing import CliRunner
 
 from comneck_cli.errors import ComneckError
 
-from .conftest import TINY_CLIP, TINY_CODECS, make_codec_file
-from .test_train import first_last, make_image_folder, one_thread  # noqa: F401 (one_thread: autouse fixture)
+from .conftest import TINY_CLIP, make_codec_file
+from .test_train import first_last, one_thread  # noqa: F401 (one_thread: autouse fixture)
 
 CODEC = "mbt2018-mean"
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def trained_codec(image_folder, tmp_path_factory) -> Path:
-    """A tiny codec trained for 60 steps: a random one reconstructs nothing of x for the U-Net to work with."""
-    from comneck_cli.train import CodecTrainConfig, train_codec
-
-    folder = tmp_path_factory.mktemp("codec")
-    cfg = CodecTrainConfig(codec=CODEC, quality=8, data=image_folder, steps=60, batch_size=6, crop=64,
-                           config=TINY_CODECS[CODEC], lr=5e-3, run_dir=folder / "run", quiet=True, register=None,
-                           output=folder / "codec.safetensors", device="cpu")
-    return train_codec(cfg).output
 
 
 def postprocess_config(codec_file: Path, data: Path, folder: Path, clip_file: Path, **kw):

@@ -17,10 +17,9 @@ from comneck_cli.errors import ComneckError
 
 from .conftest import skimage_photo
 from .test_train import first_last, one_thread  # noqa: F401 (one_thread: autouse fixture)
-from .test_train_neck import (CODEC, TINY_CLIP, TINY_CONFIGS, image_folder, neck_config,  # noqa: F401 (fixtures)
-                              tiny_clip_config, trained_codec)
+from .test_train_neck import CODEC, TINY_CLIP, TINY_CONFIGS, neck_config, tiny_clip_config  # noqa: F401 (fixture)
 
-# Shipped photos the tiny codec and necks never train on (test_train.CLASSES are the training ones).
+# Shipped photos the tiny codec and necks never train on (conftest.CLASSES are the training ones).
 HELD_OUT = ("motorcycle_left.png", "ihc.png", "hubble_deep_field.jpg", "color.png", "brick.png", "grass.png")
 
 

@@ -169,7 +169,7 @@ def test_one_neck_serves_every_rate(vbr_codec_file, tiny_clip_file, photos, tmp_
     from comneck_cli.train.latents import frozen_latents
     from comneck_cli.train.loop import read_metrics
 
-    from .test_train import make_image_folder
+    from .conftest import make_image_folder
 
     photo_folder = make_image_folder(tmp_path / "data")  # class folders: stage 1's cross-entropy needs labels
     codec = load_codec("mbt2018-mean-vbr", 1, weights=vbr_codec_file)

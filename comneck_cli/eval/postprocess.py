@@ -19,7 +19,7 @@ codec, quality and codec weights' reconstructions it was trained on, for which C
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ComneckError
-from ..modelfiles import read_safetensors
+from ..modelfiles import ModelInfo, load_module, save_module
 
 POSTPROCESS_FORMAT = "comneck-postprocess"
 POSTPROCESS_FORMAT_VERSION = "1"
@@ -75,9 +74,15 @@ class UNet(nn.Module):
 
 
 @dataclass(frozen=True)
-class PostprocessInfo:
+class PostprocessInfo(ModelInfo):
     """What a U-Net file was trained for: the codec (name, quality, first 8 hex digits of its weights' sha256)
     whose reconstructions it reads, and the CLIP model and weights tag its output feeds."""
+
+    format = POSTPROCESS_FORMAT
+    format_version = POSTPROCESS_FORMAT_VERSION
+    what = "U-Net"
+    not_ours = ("{path} is not a comneck post-processing U-Net file; pass one written by "
+                "`comneck train postprocess`")
 
     codec: str
     quality: int
@@ -86,28 +91,10 @@ class PostprocessInfo:
     clip_tag: str
     config: dict[str, Any] = field(default_factory=dict)
 
-    def to_metadata(self) -> dict[str, str]:
-        meta = {"format": POSTPROCESS_FORMAT, "format_version": POSTPROCESS_FORMAT_VERSION}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            meta[f.name] = json.dumps(value, sort_keys=True) if f.name == "config" else str(value)
-        return meta
-
     @classmethod
-    def from_metadata(cls, meta: dict[str, str], path: Path | str) -> "PostprocessInfo":
-        if meta.get("format") != POSTPROCESS_FORMAT:
-            raise ComneckError(f"{path} is not a comneck post-processing U-Net file; pass one written by "
-                               "`comneck train postprocess`")
-        if meta.get("format_version") != POSTPROCESS_FORMAT_VERSION:
-            raise ComneckError(f"U-Net {path} has format version {meta.get('format_version')!r}, which this comneck "
-                               "cannot read; upgrade comneck")
-        try:
-            return cls(codec=meta["codec"], quality=int(meta["quality"]), codec_digest=meta["codec_digest"].lower(),
-                       clip_model=meta["clip_model"], clip_tag=meta["clip_tag"], config=json.loads(meta["config"]))
-        except (KeyError, ValueError, TypeError) as exc:
-            raise ComneckError(
-                f"U-Net {path} has damaged metadata ({type(exc).__name__}: {exc}); re-export it"
-            ) from exc
+    def _decode(cls, meta: dict[str, str]) -> PostprocessInfo:
+        return cls(codec=meta["codec"], quality=int(meta["quality"]), codec_digest=meta["codec_digest"].lower(),
+                   clip_model=meta["clip_model"], clip_tag=meta["clip_tag"], config=json.loads(meta["config"]))
 
 
 def postprocess_registry_name(codec: str, quality: int) -> str:
@@ -117,28 +104,12 @@ def postprocess_registry_name(codec: str, quality: int) -> str:
 
 def save_postprocess(unet: UNet, path: Path | str, info: PostprocessInfo) -> None:
     """Write ``unet`` with ``info`` (its config replaced by the U-Net's own) as one safetensors file, atomically."""
-    from safetensors.torch import save
-
-    from ..outputs import write_atomic
-
-    info = PostprocessInfo(**{**asdict(info), "config": dict(unet.config)})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
-    write_atomic(Path(path), save(tensors, metadata=info.to_metadata()), force=True)
+    save_module(unet, path, info)
 
 
 def load_postprocess(path: Path | str, device: torch.device | str = "cpu") -> tuple[UNet, PostprocessInfo]:
     """Read a file written by :func:`save_postprocess` -> (U-Net in eval mode on ``device``, its info)."""
-    state, meta = read_safetensors(path, "U-Net")
-    info = PostprocessInfo.from_metadata(meta, path)
-    try:
-        unet = UNet(**info.config)
-        unet.load_state_dict(state)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ComneckError(
-            f"U-Net {path} holds tensors that do not fit its recorded config ({first}); re-export it"
-        ) from exc
-    return unet.to(device).eval(), info
+    return load_module(path, PostprocessInfo, lambda info: UNet(**info.config), device)
 
 
 def unet_cost(unet: UNet, height: int = 256, width: int = 256):

@@ -24,10 +24,9 @@ from torch import Tensor
 from ..errors import ComneckError
 from . import checkpoint as ckpt
 from .codec import TrainResult
-from .data import Batches, ImageFolderCrops, steps_for
 from .export import publish
-from .loop import (Clock, Metrics, RunConfig, check_finite, check_length, default_run_dir, progress, resolve_run,
-                   serialise, setup_runtime, teardown)
+from .loop import (Clock, Means, Metrics, RunConfig, check_finite, crop_batches, default_run_dir, progress,
+                   resolve_run, run_length, serialise, setup_runtime, teardown)
 from .neck import Teacher, clip_tag, load_frozen_codec, load_training_clip
 
 
@@ -153,14 +152,8 @@ def _train(cfg: AdapterTrainConfig, runtime, state: dict | None, variable: bool)
     name = adapter_registry_name(cfg.codec, cfg.quality)
     register = None if cfg.register is None else cfg.register.format(name=name, codec=cfg.codec, quality=cfg.quality)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, register or name)
-    dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=False)
-    batches = Batches(dataset, cfg.batch_size, cfg.seed, runtime.rank, runtime.world, cfg.workers,
-                      pin_memory=device.type == "cuda")
-    if state is not None and cfg.steps is None and cfg.epochs is None:
-        total = int(state["total"])
-    else:
-        total = steps_for(cfg.epochs, cfg.steps, batches.per_epoch)
-    check_length(state, total)
+    batches = crop_batches(cfg, runtime)
+    total = run_length(cfg, state, batches.per_epoch)
 
     # Entropy coding stays on the CPU (codecs.py's device policy); only g_a and g_s move.
     codec, model = load_frozen_codec(cfg.codec, cfg.quality, cfg.weights, state, torch.device("cpu"), "--weights")
@@ -183,13 +176,11 @@ def _train(cfg: AdapterTrainConfig, runtime, state: dict | None, variable: bool)
         adapter.load_state_dict(state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         start, clock, final = int(state["step"]), Clock(float(state["seconds"])), dict(state.get("final", {}))
-        rngs = state["rng"]
-        ckpt.restore_rng(rngs[runtime.rank] if len(rngs) == runtime.world else rngs[0])
-        draw.setstate(_tuple_state(state["draw"][runtime.rank if len(state["draw"]) == runtime.world else 0]))
+        ckpt.restore_rng(runtime.own(state["rng"]))
+        draw.setstate(_tuple_state(runtime.own(state["draw"])))
 
     metrics = Metrics(run_dir / "metrics.jsonl", runtime.main, None if state is None else start)
-    totals: dict[str, float] = {}
-    counted = 0
+    means = Means()
 
     def save_checkpoint(step: int) -> None:
         rngs = runtime.gather(ckpt.capture_rng())
@@ -215,15 +206,12 @@ def _train(cfg: AdapterTrainConfig, runtime, state: dict | None, variable: bool)
             terms["loss"].backward()
             runtime.average_gradients(adapter.parameters())
             optimizer.step()
-            for key, value in terms.items():
-                totals[key] = totals.get(key, 0.0) + value.item()
-            counted += 1
+            means.add({key: value.item() for key, value in terms.items()})
             done = step + 1
             advance(loss=terms["loss"].item())
             if done % cfg.log_every == 0 or done == total:
-                final = {k: v / counted for k, v in totals.items()}
+                final = means.take()
                 metrics.log({"step": done, **final, "lr": cfg.lr, "seconds": round(clock.seconds(), 3)})
-                totals, counted = {}, 0
             if done % cfg.checkpoint_every == 0 and done < total:
                 save_checkpoint(done)
     save_checkpoint(total)

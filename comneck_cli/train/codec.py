@@ -28,12 +28,11 @@ from torch import nn
 from ..codecs import Codec, CodecSpec, check_quality, get_spec, registry_name
 from ..errors import ComneckError
 from . import checkpoint as ckpt
-from .data import Batches, ImageFolderCrops, steps_for
 from .export import publish, write_codec
 from .latents import latent_path, rate_bpp
 from .losses import ZOO_LAMBDAS, rd_loss
-from .loop import (Clock, Metrics, RunConfig, Runtime, check_finite, check_length, default_run_dir, resolve_run,
-                   progress, serialise, setup_runtime, teardown)
+from .loop import (Clock, Means, Metrics, RunConfig, Runtime, check_finite, codec_step, crop_batches,
+                   default_run_dir, progress, resolve_run, run_length, serialise, setup_runtime, teardown)
 
 DEFAULT_REGISTER = "{codec}-q{quality}"
 CODEC_DEFAULTS = {"batch_size": 8, "crop": 256, "seed": 0, "lr": 1e-4, "aux_lr": 1e-3, "clip_max_norm": 1.0}
@@ -166,14 +165,8 @@ def _train(cfg: CodecTrainConfig, spec: CodecSpec, runtime: Runtime, state: dict
     if spec.variable_rate and cfg.register == DEFAULT_REGISTER:
         register = name
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, register or name)
-    dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=False)
-    batches = Batches(dataset, cfg.batch_size, cfg.seed, runtime.rank, runtime.world, cfg.workers,
-                      pin_memory=runtime.device.type == "cuda")
-    if state is not None and cfg.steps is None and cfg.epochs is None:
-        total = int(state["total"])
-    else:
-        total = steps_for(cfg.epochs, cfg.steps, batches.per_epoch)
-    check_length(state, total)
+    batches = crop_batches(cfg, runtime)
+    total = run_length(cfg, state, batches.per_epoch)
 
     ckpt.seed_everything(cfg.seed)
     model, model_config = build_codec(spec, cfg.quality, cfg.config, cfg.init)
@@ -188,14 +181,12 @@ def _train(cfg: CodecTrainConfig, spec: CodecSpec, runtime: Runtime, state: dict
         optimizer.load_state_dict(state["optimizer"])
         aux_optimizer.load_state_dict(state["aux_optimizer"])
         start, clock = int(state["step"]), Clock(float(state["seconds"]))
-        rngs = state["rng"]
-        ckpt.restore_rng(rngs[runtime.rank] if len(rngs) == runtime.world else rngs[0])
+        ckpt.restore_rng(runtime.own(state["rng"]))
     elif runtime.rank:
         torch.manual_seed(cfg.seed + runtime.rank)  # different quantisation noise per rank
 
     metrics = Metrics(run_dir / "metrics.jsonl", runtime.main, None if state is None else start)
-    totals: dict[str, float] = {}
-    counted = 0
+    means = Means()
     final: dict[str, float] = dict(state.get("final", {})) if state else {}
 
     def save_checkpoint(step: int) -> None:
@@ -227,25 +218,16 @@ def _train(cfg: CodecTrainConfig, spec: CodecSpec, runtime: Runtime, state: dict
             loss, mse = rd_loss(bpp, x_hat, x, cfg.lmbda if level is None else model.lmbda[level])
             check_finite(loss, step + 1, "rate-distortion")
             loss.backward()
-            runtime.average_gradients(net_params)
-            if cfg.clip_max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(net_params, cfg.clip_max_norm)
-            optimizer.step()
-            aux_loss = model.aux_loss()
-            aux_loss.backward()
-            aux_optimizer.step()
+            aux = codec_step(runtime, model, net_params, optimizer, aux_optimizer, cfg.clip_max_norm)
 
-            values = {"loss": loss.item(), "bpp": bpp.item(), "mse": mse.item(), "aux": aux_loss.item()}
-            for key, value in values.items():
-                totals[key] = totals.get(key, 0.0) + value
-            counted += 1
+            values = {"loss": loss.item(), "bpp": bpp.item(), "mse": mse.item(), "aux": aux}
+            means.add(values)
             done = step + 1
             advance(loss=values["loss"], bpp=values["bpp"])
             if done % cfg.log_every == 0 or done == total:
-                final = {k: v / counted for k, v in totals.items()}
+                final = means.take()
                 metrics.log({"step": done, "stage": "rd", **final, "lr": optimizer.param_groups[0]["lr"],
                              "seconds": round(clock.seconds(), 3)})
-                totals, counted = {}, 0
             if done % cfg.checkpoint_every == 0 and done < total:
                 save_checkpoint(done)
     save_checkpoint(total)

@@ -60,6 +60,27 @@ def _run_options(func: Callable) -> Callable:
     return func
 
 
+def _clip_options(model_help: str, weights_help: str = "Local CLIP weights file instead of the registry / download."
+                  ) -> Callable[[Callable], Callable]:
+    """--clip-model/--clip-tag/--clip-weights/--clip-config: the CLIP tower a training run loads."""
+    options = [
+        click.option("--clip-model", default=None, show_default="ViT-L-14", help=model_help),
+        click.option("--clip-tag", default=None, show_default="openai",
+                     help="open_clip weights tag ('none': random weights)."),
+        click.option("--clip-weights", type=_FILE, default=None, help=weights_help),
+        click.option("--clip-config", type=click.Path(path_type=Path, exists=True), default=None,
+                     help="An open_clip model config JSON (or folder of them) to add before loading, for custom "
+                          "models."),
+    ]
+
+    def decorate(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
 def _guarded(func: Callable) -> Callable:
     """One-line errors (exit 1); Ctrl-C says how to resume (exit 130)."""
 
@@ -85,6 +106,23 @@ def _quiet_imports() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
+
+
+def _add_clip_config(clip_config: Path | None) -> None:
+    """Quiet the heavy imports, then add ``--clip-config``'s open_clip model configs before any model is built."""
+    _quiet_imports()
+    if clip_config is not None:
+        import open_clip
+
+        open_clip.add_model_config(clip_config)
+
+
+def _ce_dist(text: str | None) -> tuple | None:
+    """``--ce-dist CE:DIST``: the two weights of a stage with both losses."""
+    weights = _numbers(text, float, "--ce-dist")
+    if weights is not None and len(weights) != 2:
+        raise click.BadParameter("give two weights, e.g. 1:100", param_hint="--ce-dist")
+    return weights
 
 
 def _numbers(text: str | None, kind: type, what: str) -> tuple | None:
@@ -186,12 +224,7 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
 @click.option("-q", "--quality", type=click.IntRange(1, 255), default=None, help="Codec quality level.")
 @click.option("--codec-weights", type=_FILE, default=None,
               help="Codec file to start from. Default: registry entry CODEC-qQUALITY, else the CompressAI zoo.")
-@click.option("--clip-model", default=None, show_default="ViT-L-14", help="open_clip model name of the CLIP tower.")
-@click.option("--clip-tag", default=None, show_default="openai", help="open_clip weights tag ('none': random weights).")
-@click.option("--clip-weights", type=_FILE, default=None,
-              help="Local CLIP weights file instead of the registry / download.")
-@click.option("--clip-config", type=click.Path(path_type=Path, exists=True), default=None,
-              help="An open_clip model config JSON (or folder of them) to add before loading, for custom models.")
+@_clip_options("open_clip model name of the CLIP tower.")
 @click.option("-k", "--k", "k", type=click.IntRange(0), default=None, show_default="2",
               help="The neck's tokens enter CLIP block k+1.")
 @click.option("--target", default=None, show_default="pooled",
@@ -244,11 +277,7 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
       comneck train neck --scenario d1 --codec elic2022-official -q 2 --data imagenet/train --epochs 20
       comneck train neck --scenario d3 --codec elic2022-official -q 2 --data imagenet/train --epochs 5 -o d3.safetensors
     """
-    _quiet_imports()
-    if clip_config is not None:
-        import open_clip
-
-        open_clip.add_model_config(clip_config)
+    _add_clip_config(clip_config)
     from .neck import NeckTrainConfig, train_neck
 
     cfg = NeckTrainConfig(
@@ -256,12 +285,10 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
         clip_tag=clip_tag, clip_weights=clip_weights, k=k, target=target, targets=targets,
         templates=tuple(templates) or None, steps=_numbers(steps, int, "--steps"),
         epochs=_numbers(epochs, int, "--epochs"), lr=_numbers(lr, float, "--lr"),
-        ce_dist=_numbers(ce_dist, float, "--ce-dist"), lmbda=lmbda, gamma=gamma, beta=beta, aux_lr=aux_lr,
+        ce_dist=_ce_dist(ce_dist), lmbda=lmbda, gamma=gamma, beta=beta, aux_lr=aux_lr,
         clip_max_norm=clip_max_norm, neck_width=neck_width, neck_heads=neck_heads, neck_init=neck_init,
         output=output, register=None if no_register else register, codec_output=codec_output,
         codec_register=None if no_register else codec_register, **run)
-    if cfg.ce_dist is not None and len(cfg.ce_dist) != 2:
-        raise click.BadParameter("give two weights, e.g. 1:100", param_hint="--ce-dist")
     result = train_neck(cfg)
     _summary(run["quiet"], f"neck {cfg.scenario} for {cfg.codec} q{cfg.quality}", result)
 
@@ -284,11 +311,7 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
 @click.option("--beta", type=float, default=None, show_default="255²/60",
               help="β, weight of the semantic-token loss in R + λ_R(β·L_sem + γ·MSE).")
 @click.option("--gamma", type=float, default=None, show_default="0", help="γ, weight of the pixel MSE(x̂, x).")
-@click.option("--clip-model", default=None, show_default="ViT-L-14", help="open_clip model whose tokens are compared.")
-@click.option("--clip-tag", default=None, show_default="openai", help="open_clip weights tag ('none': random weights).")
-@click.option("--clip-weights", type=_FILE, default=None, help="Local CLIP weights file instead of the registry.")
-@click.option("--clip-config", type=click.Path(path_type=Path, exists=True), default=None,
-              help="An open_clip model config JSON (or folder of them) to add before loading, for custom models.")
+@_clip_options("open_clip model whose tokens are compared.", "Local CLIP weights file instead of the registry.")
 @click.option("--guide-layers", default=None,
               help="CLIP layers guiding P (1..depth, e.g. 6,12). [default: 1/4 and 1/2 of the tower's depth]")
 @click.option("--token-layers", default=None,
@@ -316,11 +339,7 @@ def train_vbr_command(codec, pre_edit, init, config_json, steps, epochs, lr, pre
     Example:
       comneck train vbr --pre-edit --init mbt2018-mean-vbr.safetensors --data photos/ --steps 20000
     """
-    _quiet_imports()
-    if clip_config is not None:
-        import open_clip
-
-        open_clip.add_model_config(clip_config)
+    _add_clip_config(clip_config)
     from .vbr import VbrTrainConfig, train_vbr
 
     cfg = VbrTrainConfig(
@@ -345,12 +364,7 @@ def train_vbr_command(codec, pre_edit, init, config_json, steps, epochs, lr, pre
 @click.option("-q", "--quality", type=click.IntRange(1, 255), default=None, help="Codec quality level.")
 @click.option("--weights", "--codec-weights", "weights", type=_FILE, default=None,
               help="Codec file (as `eval --weights`). Default: registry entry CODEC-qQUALITY, else the CompressAI zoo.")
-@click.option("--clip-model", default=None, show_default="ViT-L-14", help="open_clip model name of the CLIP tower.")
-@click.option("--clip-tag", default=None, show_default="openai", help="open_clip weights tag ('none': random weights).")
-@click.option("--clip-weights", type=_FILE, default=None,
-              help="Local CLIP weights file instead of the registry / download.")
-@click.option("--clip-config", type=click.Path(path_type=Path, exists=True), default=None,
-              help="An open_clip model config JSON (or folder of them) to add before loading, for custom models.")
+@_clip_options("open_clip model name of the CLIP tower.")
 @click.option("--target", default=None, show_default="pooled",
               help="CLIP output L_dist compares, as for `train neck --target` (pooled, projected, patch:-2, ...).")
 @click.option("--template", "templates", multiple=True,
@@ -378,21 +392,15 @@ def train_postprocess_command(codec, quality, weights, clip_model, clip_tag, cli
     Example:
       comneck train postprocess --codec elic2022-official -q 2 --data imagenet/train --epochs 20,20,20
     """
-    _quiet_imports()
-    if clip_config is not None:
-        import open_clip
-
-        open_clip.add_model_config(clip_config)
+    _add_clip_config(clip_config)
     from .postprocess import PostprocessTrainConfig, train_postprocess
 
     cfg = PostprocessTrainConfig(
         codec=codec, quality=quality, weights=weights, clip_model=clip_model, clip_tag=clip_tag,
         clip_weights=clip_weights, target=target, templates=tuple(templates) or None,
         steps=_numbers(steps, int, "--steps"), epochs=_numbers(epochs, int, "--epochs"), lr=_numbers(lr, float, "--lr"),
-        ce_dist=_numbers(ce_dist, float, "--ce-dist"), base=base, depth=depth, output=output,
+        ce_dist=_ce_dist(ce_dist), base=base, depth=depth, output=output,
         register=None if no_register else register, **run)
-    if cfg.ce_dist is not None and len(cfg.ce_dist) != 2:
-        raise click.BadParameter("give two weights, e.g. 1:100", param_hint="--ce-dist")
     result = train_postprocess(cfg)
     _summary(run["quiet"], f"post-processing U-Net for {cfg.codec} q{cfg.quality}", result)
 
@@ -403,12 +411,7 @@ def train_postprocess_command(codec, quality, weights, clip_model, clip_tag, cli
               help="Codec quality level (fixed-rate codecs; a variable-rate codec draws R from --rates each step).")
 @click.option("--weights", "--codec-weights", "weights", type=_FILE, default=None,
               help="Codec file. Default: the registry entry (CODEC or CODEC-qQUALITY), else the CompressAI zoo.")
-@click.option("--clip-model", default=None, show_default="ViT-L-14", help="open_clip model of the loss's CLIP tower.")
-@click.option("--clip-tag", default=None, show_default="openai", help="open_clip weights tag ('none': random weights).")
-@click.option("--clip-weights", type=_FILE, default=None,
-              help="Local CLIP weights file instead of the registry / download.")
-@click.option("--clip-config", type=click.Path(path_type=Path, exists=True), default=None,
-              help="An open_clip model config JSON (or folder of them) to add before loading, for custom models.")
+@_clip_options("open_clip model of the loss's CLIP tower.")
 @click.option("--rates", default=None, show_default="1,8", help="Variable-rate codecs: the range R is drawn from.")
 @click.option("--layers", default=None, show_default="2,-2",
               help="Shallow and deep CLIP hidden states of the loss (Hugging Face numbering).")
@@ -437,11 +440,7 @@ def train_adapter_command(codec, quality, weights, clip_model, clip_tag, clip_we
     Example:
       comneck train adapter --codec mbt2018-mean-vbr --data imagenet/train --epochs 5 --semantic-strength 1.5
     """
-    _quiet_imports()
-    if clip_config is not None:
-        import open_clip
-
-        open_clip.add_model_config(clip_config)
+    _add_clip_config(clip_config)
     from .adapter import AdapterTrainConfig, train_adapter
 
     cfg = AdapterTrainConfig(

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ComneckError
+from .data import Batches, ImageFolderCrops, steps_for
 
 
 @dataclass
@@ -64,6 +65,10 @@ class Runtime:
             n = g.numel()
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
+
+    def own(self, per_rank: list[Any]) -> Any:
+        """This rank's entry of a checkpoint's per-rank list, or rank 0's if it was saved with another world size."""
+        return per_rank[self.rank] if len(per_rank) == self.world else per_rank[0]
 
     def broadcast(self, module: nn.Module) -> None:
         """Start every rank from rank 0's parameters and buffers."""
@@ -147,6 +152,25 @@ class Metrics:
                 f.write(json.dumps(row) + "\n")
 
 
+class Means:
+    """The mean of each logged value over the steps since the last ``metrics.jsonl`` line."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.totals[key] = self.totals.get(key, 0.0) + value
+        self.count += 1
+
+    def take(self) -> dict[str, float]:
+        """The means so far; the next ones start from nothing."""
+        means = {k: v / self.count for k, v in self.totals.items()}
+        self.totals, self.count = {}, 0
+        return means
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -186,6 +210,37 @@ def check_finite(value: torch.Tensor, step: int, what: str) -> None:
         raise ComneckError(
             f"the {what} loss became {value.item()} at step {step}; lower --lr or resume from an earlier checkpoint"
         )
+
+
+def codec_step(runtime: Runtime, model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+               aux_optimizer: torch.optim.Optimizer, clip_max_norm: float) -> float:
+    """Apply the codec's averaged (and, with ``clip_max_norm`` > 0, clipped) gradients, then one step of the
+    bottlenecks' ``aux_loss`` on their own optimizer, as CompressAI trains; returns the aux loss."""
+    runtime.average_gradients(params)
+    if clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+    optimizer.step()
+    aux_loss = model.aux_loss()
+    aux_loss.backward()
+    aux_optimizer.step()
+    return aux_loss.item()
+
+
+def crop_batches(cfg: RunConfig, runtime: Runtime, labelled: bool = False) -> Batches:
+    """This rank's batches of random crops of ``cfg.data`` (labelled: with class indices)."""
+    dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=labelled)
+    return Batches(dataset, cfg.batch_size, cfg.seed, runtime.rank, runtime.world, cfg.workers,
+                   pin_memory=runtime.device.type == "cuda")
+
+
+def run_length(cfg: Any, state: dict[str, Any] | None, per_epoch: int) -> int:
+    """Steps of a one-stage run: the resumed run's unless --steps/--epochs are given, never short of its step."""
+    if state is not None and cfg.steps is None and cfg.epochs is None:
+        total = int(state["total"])
+    else:
+        total = steps_for(cfg.epochs, cfg.steps, per_epoch)
+    check_length(state, total)
+    return total
 
 
 def check_length(state: dict[str, Any] | None, total: int) -> None:

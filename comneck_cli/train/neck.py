@@ -45,12 +45,12 @@ from ..errors import ComneckError
 from ..presets import PRESETS
 from . import checkpoint as ckpt
 from .codec import TrainResult, constructor_config, split_parameters
-from .data import Batches, ImageFolderCrops, steps_for
+from .data import steps_for
 from .export import publish, write_codec
 from .latents import frozen_latents, latent_path, rate_bpp, rate_for_step
 from .losses import BETA, GAMMA, joint_loss, weighted_distillation, zero_shot_cross_entropy
-from .loop import (Clock, Metrics, RunConfig, Runtime, check_finite, check_length, default_run_dir, resolve_run,
-                   progress, serialise, setup_runtime, teardown)
+from .loop import (Clock, Means, Metrics, RunConfig, Runtime, check_finite, check_length, codec_step, crop_batches,
+                   default_run_dir, progress, resolve_run, serialise, setup_runtime, teardown)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
@@ -422,9 +422,7 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
     targets = [t.target for t in terms]
     weights = [t.weight for t in terms]
     needs_labels = any(s.ce > 0 for s in stages_cfg)
-    dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=needs_labels)
-    batches = Batches(dataset, cfg.batch_size, cfg.seed, runtime.rank, runtime.world, cfg.workers,
-                      pin_memory=device.type == "cuda")
+    batches = crop_batches(cfg, runtime, labelled=needs_labels)
     lengths = stage_lengths(cfg, state, batches.per_epoch)
     bounds = [sum(lengths[: i + 1]) for i in range(3)]
     total = bounds[-1]
@@ -465,7 +463,8 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
         neck = TransformNeck(codec.latent_channels, width, heads, grid)
     neck.to(device).train()
     runtime.broadcast(neck)
-    classes = text_embeddings(clip, cfg.clip_model, dataset.classes, cfg.templates, device) if needs_labels else None
+    classes = (text_embeddings(clip, cfg.clip_model, batches.dataset.classes, cfg.templates, device)
+               if needs_labels else None)
     logit_scale = clip.logit_scale.exp().float().item()
 
     # d3 leaves g_s out of training: it is not in the loss and stays as it was.
@@ -491,14 +490,12 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
             codec_opt.load_state_dict(state["codec_optimizer"])
             aux_opt.load_state_dict(state["aux_optimizer"])
         start, clock, final = int(state["step"]), Clock(float(state["seconds"])), dict(state.get("final", {}))
-        rngs = state["rng"]
-        ckpt.restore_rng(rngs[runtime.rank] if len(rngs) == runtime.world else rngs[0])
+        ckpt.restore_rng(runtime.own(state["rng"]))
     elif runtime.rank:
         torch.manual_seed(cfg.seed + runtime.rank)
 
     metrics = Metrics(run_dir / "metrics.jsonl", runtime.main, None if state is None else start)
-    totals: dict[str, float] = {}
-    counted = 0
+    means = Means()
     current: int | None = None
     codec_trained = state is not None and start > bounds[0] and cfg.scenario != "d1"
 
@@ -583,27 +580,17 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
             runtime.average_gradients(neck.parameters())
             optimizer.step()
             if stage.joint:
-                runtime.average_gradients(codec_net)
-                if cfg.clip_max_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(codec_net, cfg.clip_max_norm)
-                codec_opt.step()
-                aux_loss = model.aux_loss()
-                aux_loss.backward()
-                aux_opt.step()
-                values["aux"] = aux_loss.item()
+                values["aux"] = codec_step(runtime, model, codec_net, codec_opt, aux_opt, cfg.clip_max_norm)
                 codec_trained = True
             values["loss"] = loss.item()
 
-            for key, value in values.items():
-                totals[key] = totals.get(key, 0.0) + value
-            counted += 1
+            means.add(values)
             done = step + 1
             advance(stage=stage.name, loss=values["loss"])
             if done % cfg.log_every == 0 or done in bounds:
-                final = {k: v / counted for k, v in totals.items()}
+                final = means.take()
                 metrics.log({"step": done, "stage": stage.name, **final, "lr": stage.lr,
                              "seconds": round(clock.seconds(), 3)})
-                totals, counted = {}, 0
             if done % cfg.checkpoint_every == 0 and done < total:
                 save_checkpoint(done)
     save_checkpoint(total)

@@ -32,12 +32,11 @@ from ..codecs import check_quality, get_spec
 from ..errors import ComneckError
 from . import checkpoint as ckpt
 from .codec import TrainResult
-from .data import Batches, ImageFolderCrops
 from .export import publish
 from .latents import frozen_latents
 from .losses import distillation, zero_shot_cross_entropy
-from .loop import (Clock, Metrics, RunConfig, Runtime, check_finite, check_length, default_run_dir, progress,
-                   resolve_run, serialise, setup_runtime, teardown)
+from .loop import (Clock, Means, Metrics, RunConfig, Runtime, check_finite, check_length, crop_batches,
+                   default_run_dir, progress, resolve_run, serialise, setup_runtime, teardown)
 from .neck import (ADAM, DEFAULT_TEMPLATES, Stage, Target, Teacher, clip_tag, default_stages, load_frozen_codec,
                    load_training_clip,
                    per_stage, select_target, stage_lengths, text_embeddings)
@@ -132,9 +131,7 @@ def _train(cfg: PostprocessTrainConfig, runtime: Runtime, state: dict | None) ->
     epochs, steps = per_stage(cfg.epochs, "--epochs"), per_stage(cfg.steps, "--steps")
     sizes = tuple(state["stage_steps"]) if resumed_lengths else steps or epochs or (1, 1, 1)
     needs_labels = any(s.ce > 0 and n > 0 for s, n in zip(stages, sizes))  # a stage of length 0 does not run
-    dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=needs_labels)
-    batches = Batches(dataset, cfg.batch_size, cfg.seed, runtime.rank, runtime.world, cfg.workers,
-                      pin_memory=device.type == "cuda")
+    batches = crop_batches(cfg, runtime, labelled=needs_labels)
     lengths = stage_lengths(cfg, state, batches.per_epoch)
     bounds = [sum(lengths[: i + 1]) for i in range(3)]
     total = bounds[-1]
@@ -150,7 +147,8 @@ def _train(cfg: PostprocessTrainConfig, runtime: Runtime, state: dict | None) ->
     preprocess = Teacher(clip, head, tail, target).to(device).preprocess  # resize to C's input, normalise
     unet = UNet(base=cfg.base, depth=cfg.depth).to(device).train()
     runtime.broadcast(unet)
-    classes = text_embeddings(clip, cfg.clip_model, dataset.classes, cfg.templates, device) if needs_labels else None
+    classes = (text_embeddings(clip, cfg.clip_model, batches.dataset.classes, cfg.templates, device)
+               if needs_labels else None)
     logit_scale = clip.logit_scale.exp().float().item()
     optimizer = torch.optim.Adam(unet.parameters(), lr=stages[0].lr, **ADAM)
 
@@ -160,14 +158,12 @@ def _train(cfg: PostprocessTrainConfig, runtime: Runtime, state: dict | None) ->
         unet.load_state_dict(state["unet"])
         optimizer.load_state_dict(state["optimizer"])
         start, clock, final = int(state["step"]), Clock(float(state["seconds"])), dict(state.get("final", {}))
-        rngs = state["rng"]
-        ckpt.restore_rng(rngs[runtime.rank] if len(rngs) == runtime.world else rngs[0])
+        ckpt.restore_rng(runtime.own(state["rng"]))
     elif runtime.rank:
         torch.manual_seed(cfg.seed + runtime.rank)
 
     metrics = Metrics(run_dir / "metrics.jsonl", runtime.main, None if state is None else start)
-    totals: dict[str, float] = {}
-    counted = 0
+    means = Means()
 
     def save_checkpoint(step: int) -> None:
         rngs = runtime.gather(ckpt.capture_rng())
@@ -217,16 +213,13 @@ def _train(cfg: PostprocessTrainConfig, runtime: Runtime, state: dict | None) ->
             optimizer.step()
             values["loss"] = loss.item()
 
-            for key, value in values.items():
-                totals[key] = totals.get(key, 0.0) + value
-            counted += 1
+            means.add(values)
             done = step + 1
             advance(stage=stage.name, loss=values["loss"])
             if done % cfg.log_every == 0 or done in bounds:
-                final = {k: v / counted for k, v in totals.items()}
+                final = means.take()
                 metrics.log({"step": done, "stage": stage.name, **final, "lr": stage.lr,
                              "seconds": round(clock.seconds(), 3)})
-                totals, counted = {}, 0
             if done % cfg.checkpoint_every == 0 and done < total:
                 save_checkpoint(done)
     save_checkpoint(total)

@@ -39,12 +39,11 @@ from ..codecs import get_spec, rate_gain
 from ..errors import ComneckError
 from . import checkpoint as ckpt
 from .codec import TrainResult, build_codec, split_parameters
-from .data import Batches, ImageFolderCrops, steps_for
 from .export import publish, write_codec
 from .latents import rate_bpp, rate_for_step, variable_rate_path
 from .losses import BETA, joint_loss
-from .loop import (Clock, Metrics, RunConfig, check_finite, check_length, default_run_dir, progress, resolve_run,
-                   serialise, setup_runtime, teardown)
+from .loop import (Clock, Means, Metrics, RunConfig, check_finite, codec_step, crop_batches, default_run_dir,
+                   progress, resolve_run, run_length, serialise, setup_runtime, teardown)
 from .neck import clip_tag, load_training_clip
 
 GUIDE_FRACTIONS = (0.25, 0.5)  # P's guidance: blocks at 1/4 and 1/2 of the tower (ViT-L/14: 6, 12)
@@ -144,14 +143,8 @@ def _train(cfg: VbrTrainConfig, runtime, state: dict | None) -> TrainResult:
     spec = get_spec(cfg.codec)
     register = None if cfg.register is None else cfg.register.format(codec=cfg.codec)
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, f"{register or cfg.codec}-vbr")
-    dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=False)
-    batches = Batches(dataset, cfg.batch_size, cfg.seed, runtime.rank, runtime.world, cfg.workers,
-                      pin_memory=device.type == "cuda")
-    if state is not None and cfg.steps is None and cfg.epochs is None:
-        total = int(state["total"])
-    else:
-        total = steps_for(cfg.epochs, cfg.steps, batches.per_epoch)
-    check_length(state, total)
+    batches = crop_batches(cfg, runtime)
+    total = run_length(cfg, state, batches.per_epoch)
 
     ckpt.seed_everything(cfg.seed)
     model, model_config = build_codec(spec, None, cfg.config, cfg.init)
@@ -189,14 +182,12 @@ def _train(cfg: VbrTrainConfig, runtime, state: dict | None) -> TrainResult:
         optimizer.load_state_dict(state["optimizer"])
         aux_optimizer.load_state_dict(state["aux_optimizer"])
         start, clock, final = int(state["step"]), Clock(float(state["seconds"])), dict(state.get("final", {}))
-        rngs = state["rng"]
-        ckpt.restore_rng(rngs[runtime.rank] if len(rngs) == runtime.world else rngs[0])
+        ckpt.restore_rng(runtime.own(state["rng"]))
     elif runtime.rank:
         torch.manual_seed(cfg.seed + runtime.rank)  # different quantisation noise per rank
 
     metrics = Metrics(run_dir / "metrics.jsonl", runtime.main, None if state is None else start)
-    totals: dict[str, float] = {}
-    counted = 0
+    means = Means()
 
     def save_checkpoint(step: int) -> None:
         rngs = runtime.gather(ckpt.capture_rng())
@@ -229,30 +220,21 @@ def _train(cfg: VbrTrainConfig, runtime, state: dict | None) -> TrainResult:
             loss = joint_loss(bpp, mse, sem, rate_lambda(model, rate), cfg.gamma, cfg.beta)
             check_finite(loss, step + 1, "semantic rate")
             loss.backward()
-            runtime.average_gradients(net_params)
-            if cfg.clip_max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(net_params, cfg.clip_max_norm)
-            if editor is not None:
+            if editor is not None:  # P's parameters are in the codec's optimizer, unclipped
                 runtime.average_gradients(editor.parameters())
-            optimizer.step()
-            aux_loss = model.aux_loss()
-            aux_loss.backward()
-            aux_optimizer.step()
+            aux = codec_step(runtime, model, net_params, optimizer, aux_optimizer, cfg.clip_max_norm)
 
-            values = {"loss": loss.item(), "bpp": bpp.item(), "sem": sem.item(), "rate": rate, "aux": aux_loss.item()}
+            values = {"loss": loss.item(), "bpp": bpp.item(), "sem": sem.item(), "rate": rate, "aux": aux}
             if mse is not None:
                 values["mse"] = mse.item()
             if editor is not None:
                 values["edit"] = (coded.detach() - x).abs().mean().item()  # how much P changed the image
-            for key, value in values.items():
-                totals[key] = totals.get(key, 0.0) + value
-            counted += 1
+            means.add(values)
             done = step + 1
             advance(loss=values["loss"], bpp=values["bpp"])
             if done % cfg.log_every == 0 or done == total:
-                final = {k: v / counted for k, v in totals.items()}
+                final = means.take()
                 metrics.log({"step": done, "stage": "vbr", **final, "seconds": round(clock.seconds(), 3)})
-                totals, counted = {}, 0
             if done % cfg.checkpoint_every == 0 and done < total:
                 save_checkpoint(done)
     save_checkpoint(total)
