@@ -162,21 +162,41 @@ class Batches:
         return math.ceil(self.per_rank / self.batch_size)
 
     def iterate(self, start: int, stop: int) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """Yield ``(step, x, labels)`` for global steps ``start <= step < stop``."""
-        step = start
-        while step < stop:
-            epoch, position = divmod(step, self.per_epoch)
-            sampler = EpochSampler(len(self.dataset), seed=self.seed, epoch=epoch, rank=self.rank,
-                                   world=self.world, start=position * self.batch_size)
-            # Its own generator: a DataLoader otherwise draws its worker seed from torch's global generator,
-            # which the training step's quantisation noise also draws from, and a resume would shift it.
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.workers,
-                                pin_memory=self.pin_memory, drop_last=False, generator=generator)
-            for x, labels in loader:
-                yield step, x, labels
+        """Yield ``(step, x, labels)`` for global steps ``start <= step < stop``.
+
+        One DataLoader serves the whole range, so its worker processes start once per run rather than once per
+        epoch (an epoch of a small folder is a handful of steps).
+        """
+        # Its own generator: a DataLoader otherwise draws its worker seed from torch's global generator, which the
+        # training step's quantisation noise also draws from, and a resume would shift it. Crops do not depend on
+        # it: every crop is seeded by (seed, epoch, index).
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + start)
+        loader = DataLoader(self.dataset, batch_sampler=StepBatches(self, start, stop), num_workers=self.workers,
+                            pin_memory=self.pin_memory, generator=generator)
+        for step, (x, labels) in enumerate(loader, start):
+            yield step, x, labels
+
+
+class StepBatches(Sampler):
+    """The items of global steps ``start..stop``, one list per step: step s is batch ``s % per_epoch`` of epoch
+    ``s // per_epoch`` (the epoch's last batch may be smaller), whatever step iteration starts from."""
+
+    def __init__(self, batches: Batches, start: int, stop: int):
+        self.batches, self.start, self.stop = batches, start, stop
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, tuple[int, ...]]]]:
+        b, step = self.batches, self.start
+        while step < self.stop:
+            epoch, position = divmod(step, b.per_epoch)
+            items = list(EpochSampler(len(b.dataset), seed=b.seed, epoch=epoch, rank=b.rank, world=b.world,
+                                      start=position * b.batch_size))
+            for first in range(0, len(items), b.batch_size):
+                yield items[first : first + b.batch_size]
                 step += 1
-                if step >= stop:
+                if step >= self.stop:
                     return
 
 
