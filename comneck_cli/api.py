@@ -50,12 +50,16 @@ def encode(image: np.ndarray, codec: Codec, *, metadata: dict | None = None,
     return encode_batch([image], codec, metadata=metadata)[0]
 
 
-def encode_batch(images: Sequence[np.ndarray], codec: Codec, *, metadata: dict | None = None) -> list[Record]:
+def encode_batch(images: Sequence[np.ndarray], codec: Codec, *, metadata: dict | None = None,
+                 bpp_target: float | None = None) -> list[Record]:
     """Encode several images, running g_a once per group of images that pad to the same size.
 
     The records are identical to what :func:`encode` writes image by image, up to the float rounding of a
     batched g_a (the strings stay decodable either way: the decoder only needs what is in the record).
+    With ``bpp_target`` each image is coded at its own rate (:func:`encode_to_bpp`), one at a time.
     """
+    if bpp_target is not None:
+        return [encode_to_bpp(image, codec, bpp_target, metadata=metadata) for image in images]
     records: list[Record | None] = [None] * len(images)
     for indices in _same_shape_groups([_padded_shape(im.shape[:2]) for im in images]):
         x = torch.cat([to_tensor(images[i], PAD_MULTIPLE) for i in indices])
@@ -104,7 +108,7 @@ def record_from_strings(image: np.ndarray, codec: Codec, strings: Sequence[bytes
     height, width = image.shape[:2]
     return Record(codec_id=codec.spec.codec_id, quality=codec.quality, weights_digest=codec.digest, height=height,
                   width=width, strings=tuple(strings), metadata=metadata, machine_only=codec.machine_only,
-                  rate=None if codec.rate is None else round(codec.rate * RATE_STEPS))
+                  rate=codec.stored_rate)
 
 
 def code_semantic(image: np.ndarray, codec: Codec, y: torch.Tensor, importance: ImportanceMap,
@@ -153,7 +157,7 @@ def check_record(record: Record, codec: Codec) -> None:
     if codec.spec.variable_rate and record.codec_id == codec.spec.codec_id:
         if record.rate is None:
             raise ComneckError(f"record of variable-rate codec {name} has no rate section; the file is damaged")
-        if record.rate != round(codec.rate * RATE_STEPS):
+        if record.rate != codec.stored_rate:
             raise ComneckError(f"record was coded at rate {record.rate / RATE_STEPS:g}, not {codec.rate:g}; "
                                "use codec.at_rate(record rate) or CodecCache.for_record")
     elif record.codec_id != codec.spec.codec_id or record.quality != codec.quality:

@@ -148,13 +148,9 @@ def encode_images(images: Sequence[Any], codec, names: Sequence[str] | None = No
     if not images:
         return []
 
-    def encode_part(part: list) -> list:
-        if bpp_target is None:
-            return api.encode_batch([im for _, im in part], codec)
-        return [api.encode_to_bpp(im, codec, bpp_target) for _, im in part]
-
     labelled = list(zip(names or [f"image {i + 1}" for i in range(len(images))], images))
-    records = api.split_on_oom(encode_part, labelled,
+    records = api.split_on_oom(lambda part: api.encode_batch([im for _, im in part], codec, bpp_target=bpp_target),
+                               labelled,
                                lambda item: f"{item[0]} ({item[1].shape[1]}×{item[1].shape[0]})")
     return [pack(record) for record in records]
 
@@ -283,10 +279,7 @@ def cnk_output_ok(target: Path, codec, source: str, bpp_target: float | None = N
         return False
     if bpp_target is not None:
         return abs(r.bits_per_pixel - bpp_target) <= 0.05 * bpp_target
-    from .codecs import RATE_STEPS
-
-    rate = None if codec.rate is None else round(codec.rate * RATE_STEPS)
-    return (r.quality, r.rate) == (codec.quality, rate)
+    return (r.quality, r.rate) == (codec.quality, codec.stored_rate)
 
 
 def image_output_ok(target: Path, height: int, width: int) -> bool:

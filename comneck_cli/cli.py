@@ -230,17 +230,13 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
     def encode_part(part: list) -> list:
         if editor is not None:
             edited = [editor(image) for _, image in part]
-            if bpp_target is None:
-                return api.encode_batch(edited, loaded, metadata=meta)
-            return [api.encode_to_bpp(image, loaded, bpp_target, metadata=meta) for image in edited]
+            return api.encode_batch(edited, loaded, metadata=meta, bpp_target=bpp_target)
         if guide is not None:
             maps = [semantic_map(image, guide, strength) for _, image in part]
             if bpp_target is None:
                 return [api.encode(image, loaded, importance=m) for (_, image), m in zip(part, maps)]
             return [api.encode_to_bpp(image, loaded, bpp_target, importance=m) for (_, image), m in zip(part, maps)]
-        if bpp_target is None:
-            return api.encode_batch([image for _, image in part], loaded)
-        return [api.encode_to_bpp(image, loaded, bpp_target) for _, image in part]
+        return api.encode_batch([image for _, image in part], loaded, bpp_target=bpp_target)
 
     to_dir = is_dir_target(output)
     gathered: list[bytes] = []  # for a single output stream (file or stdout)

@@ -360,6 +360,11 @@ class Codec:
         return replace(self, rate=rate, quality=min(max(round(rate), 1), 255))
 
     @property
+    def stored_rate(self) -> int | None:
+        """R as the record's rate section stores it (thousandths of a level); None for fixed-rate codecs."""
+        return None if self.rate is None else round(self.rate * RATE_STEPS)
+
+    @property
     def gain(self) -> Tensor | None:
         """The variable-rate codec's gain for ``rate`` (None for fixed-rate codecs)."""
         return rate_gain(self.model, self.rate) if self.spec.variable_rate else None
