@@ -191,6 +191,49 @@ def test_resume_equals_uninterrupted(image_folder, tmp_path, name):
         assert torch.equal(files[0].get_tensor(key), files[1].get_tensor(key)), key
 
 
+def test_precision_picks_bf16_autocast_of_the_transforms_only():
+    from compressai.registry import MODELS
+
+    from comneck_cli.train.loop import setup_runtime
+
+    assert not setup_runtime("cpu").bf16 and setup_runtime("cpu", "bf16").bf16
+    with pytest.raises(ComneckError, match="unknown precision 'fp16'"):
+        setup_runtime("cpu", "fp16")
+    runtime = setup_runtime("cpu", "bf16")
+    torch.manual_seed(0)
+    model = MODELS["mbt2018-mean-vbr"](**TINY_CODECS["mbt2018-mean-vbr"]).eval()
+    keys = list(model.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        exact = model.g_a(x)
+        with runtime.autocast_transforms(model):
+            fast = model.g_a(x)
+            # Outside g_a/g_s nothing autocasts: the hyperprior and likelihoods see float32.
+            assert not torch.is_autocast_enabled("cpu") and model.h_a(fast).dtype == torch.float32
+    assert fast.dtype == torch.float32 and not torch.equal(fast, exact)  # computed in bf16, handed back as float32
+    assert torch.allclose(fast, exact, rtol=0.05, atol=0.05 * exact.abs().max().item())
+    assert "forward" not in vars(model.g_a) and "forward" not in vars(model.g_s)  # the class forward is back
+    assert list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model.g_a(x), exact)
+
+
+def test_bf16_training_runs_and_its_resume_may_switch_precision(image_folder, tmp_path):
+    from comneck_cli.train import train_codec
+    from comneck_cli.train.loop import read_metrics
+
+    run = tmp_path / "run"
+    train_codec(codec_config("mbt2018-mean-vbr", image_folder, run, quality=None, steps=20, warmup=10,
+                             precision="bf16"))
+    train_codec(codec_config("mbt2018-mean-vbr", image_folder, run, quality=None, steps=24, config=None, lr=None,
+                             batch_size=None, crop=None, resume=run / "checkpoint.pt"))  # float32 from here
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 25))
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    first, last = first_last(rows[:20], "loss")
+    assert last < first, (first, last)
+
+
 def test_resume_refuses_a_different_trajectory(image_folder, tmp_path):
     from comneck_cli.train import train_codec
 

@@ -89,7 +89,7 @@ def train_adapter(cfg: AdapterTrainConfig) -> TrainResult:
         cfg.rates = tuple(check_rate(get_spec(cfg.codec), r) for r in sorted(cfg.rates))
     if cfg.semantic_strength and not variable:
         raise ComneckError(f"--semantic-strength needs a variable-rate codec, not {cfg.codec}")
-    runtime = setup_runtime(cfg.device)
+    runtime = setup_runtime(cfg.device, cfg.precision)
     try:
         return _train(cfg, runtime, state, variable)
     finally:

@@ -152,7 +152,7 @@ def train_codec(cfg: CodecTrainConfig) -> TrainResult:
     spec = get_spec(cfg.codec)
     if not spec.variable_rate:
         check_quality(spec, cfg.quality)
-    runtime = setup_runtime(cfg.device)
+    runtime = setup_runtime(cfg.device, cfg.precision)
     try:
         return _train(cfg, spec, runtime, state)
     finally:
@@ -207,13 +207,14 @@ def _train(cfg: CodecTrainConfig, spec: CodecSpec, runtime: Runtime, state: dict
             warming = level is not None and step < (cfg.warmup or 0)
             if warming:
                 level = model.levels - 1  # Kamisli et al.'s stage 1: the single-rate path at the top level's λ
-            with runtime.autocast():
-                if level is None:
+            if level is None:
+                with runtime.autocast():
                     latents = latent_path(model, spec.family, x, "noise")
-                    x_hat, likelihoods = model.g_s(latents.y_hat), latents.likelihoods
-                else:
+                    x_hat, likelihoods = model.g_s(latents.y_hat).float(), latents.likelihoods
+            else:
+                with runtime.autocast_transforms(model):
                     out = model(x, stage=1 if warming else 2, s=level)
-                    x_hat, likelihoods = out["x_hat"], out["likelihoods"]
+                x_hat, likelihoods = out["x_hat"], out["likelihoods"]
             bpp = rate_bpp(likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
             loss, mse = rd_loss(bpp, x_hat, x, cfg.lmbda if level is None else model.lmbda[level])
             check_finite(loss, step + 1, "rate-distortion")

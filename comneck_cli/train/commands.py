@@ -40,6 +40,10 @@ def _run_options(func: Callable) -> Callable:
                      help="Seed for initialisation, data order, crops and noise."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="Where to train; under torchrun each rank takes cuda:LOCAL_RANK."),
+        click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+                     help="Arithmetic of the networks: bf16 autocast (entropy models and rates stay float32), or "
+                          "float32. auto: bf16 on CUDA, float32 on CPU (exact and reproducible). bf16 also about "
+                          "halves a CPU step where the CPU has AVX-512 BF16."),
         click.option("--resume", type=_FILE, default=None,
                      help="Continue the run of this checkpoint.pt (its settings apply; --steps/--epochs may "
                           "extend it)."),

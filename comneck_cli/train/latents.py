@@ -45,8 +45,9 @@ class Latents:
 
 def _fp32() -> AbstractContextManager:
     """Turn autocast off for the entropy models (a no-op context when none is active)."""
-    if torch.is_autocast_enabled("cuda"):
-        return torch.autocast("cuda", enabled=False)
+    for device_type in ("cuda", "cpu"):
+        if torch.is_autocast_enabled(device_type):
+            return torch.autocast(device_type, enabled=False)
     return nullcontext()
 
 

@@ -25,6 +25,9 @@ from ..errors import ComneckError
 from .data import Batches, ImageFolderCrops, steps_for
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class Runtime:
     """Where this process trains: its device, and its rank among ``world`` torchrun processes."""
@@ -32,6 +35,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world: int = 1
+    bf16: bool = False
 
     @property
     def main(self) -> bool:
@@ -42,10 +46,33 @@ class Runtime:
         return self.world > 1
 
     def autocast(self) -> AbstractContextManager:
-        """bfloat16 autocast on CUDA; full float32 elsewhere (CPU runs are exact and reproducible)."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        """bfloat16 autocast where the run asked for it (``--precision``), else full float32."""
+        if self.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
+
+    @contextmanager
+    def autocast_transforms(self, model: nn.Module) -> Iterator[None]:
+        """Autocast only ``g_a`` and ``g_s`` (returning float32) while a model's own ``forward`` runs, so its
+        hyperprior, gains and likelihoods stay float32, as :func:`latents.latent_path` keeps them."""
+        if not self.bf16:
+            yield
+            return
+        modules = [getattr(model, name) for name in ("g_a", "g_s")]
+
+        def wrapped(forward: Callable) -> Callable:
+            def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+                with self.autocast():
+                    return forward(*args, **kwargs).float()
+            return run
+
+        for module in modules:
+            module.forward = wrapped(module.forward)
+        try:
+            yield
+        finally:
+            for module in modules:
+                del module.forward  # back to the class's forward
 
     def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
         """Average the gradients of ``parameters`` over all ranks (no-op in a single process)."""
@@ -97,10 +124,11 @@ class Runtime:
             dist.barrier()
 
 
-def setup_runtime(device: str) -> Runtime:
+def setup_runtime(device: str, precision: str = "auto") -> Runtime:
     """Pick the device once, and join the torchrun process group when ``WORLD_SIZE`` > 1.
 
     Under torchrun each rank takes ``cuda:LOCAL_RANK`` (NCCL), or the CPU (gloo) with ``--device cpu``.
+    ``precision``: ``bf16``, ``fp32`` or ``auto`` (bf16 on CUDA only, so CPU runs stay exact).
     """
     from ..api import resolve_device
 
@@ -115,7 +143,10 @@ def setup_runtime(device: str) -> Runtime:
             torch.cuda.set_device(chosen)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
-    return Runtime(device=chosen, rank=rank, world=world)
+    if precision not in PRECISIONS:
+        raise ComneckError(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
+    bf16 = precision == "bf16" or (precision == "auto" and chosen.type == "cuda")
+    return Runtime(device=chosen, rank=rank, world=world, bf16=bf16)
 
 
 def teardown(runtime: Runtime) -> None:
@@ -281,6 +312,7 @@ class RunConfig:
     crop: int | None = None
     seed: int | None = None
     device: str = "auto"
+    precision: str = "auto"
     resume: Path | None = None
     run_dir: Path | None = None
     checkpoint_every: int = 500

@@ -319,7 +319,7 @@ def train_neck(cfg: NeckTrainConfig) -> TrainResult:
     spec = get_spec(cfg.codec)
     if not spec.variable_rate:  # a variable-rate codec's neck serves every rate: no level to check
         check_quality(spec, cfg.quality)
-    runtime = setup_runtime(cfg.device)
+    runtime = setup_runtime(cfg.device, cfg.precision)
     try:
         return _train(cfg, runtime, state)
     finally:

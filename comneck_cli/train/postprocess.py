@@ -103,7 +103,7 @@ def train_postprocess(cfg: PostprocessTrainConfig) -> TrainResult:
     """Train (or resume) the post-processing U-Net for a codec and quality; export and register it."""
     state = _resolve(cfg)
     check_quality(get_spec(cfg.codec), cfg.quality)
-    runtime = setup_runtime(cfg.device)
+    runtime = setup_runtime(cfg.device, cfg.precision)
     try:
         return _train(cfg, runtime, state)
     finally:

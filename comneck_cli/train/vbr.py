@@ -129,7 +129,7 @@ def _resolve(cfg: VbrTrainConfig) -> dict[str, Any] | None:
 def train_vbr(cfg: VbrTrainConfig) -> TrainResult:
     """Train (or resume) the variable-rate codec, and P with ``pre_edit``, on semantic tokens; export and register."""
     state = _resolve(cfg)
-    runtime = setup_runtime(cfg.device)
+    runtime = setup_runtime(cfg.device, cfg.precision)
     try:
         return _train(cfg, runtime, state)
     finally:
