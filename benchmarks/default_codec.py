@@ -1,7 +1,8 @@
 """Issue #10: how good is the codec shipped in weights/? Rate-PSNR against Pillow JPEG and WebP on held-out photos.
 
 The held-out set is every RGB photograph scikit-image ships (none of them is in the training data, which is the
-mate-backgrounds and gnome-backgrounds wallpapers): astronaut, chelsea, coffee, hubble_deep_field, ihc,
+wallpapers of Debian's mate-backgrounds, gnome-backgrounds, plasma-workspace-wallpapers, lomiri-wallpapers and
+ukui-wallpapers): astronaut, chelsea, coffee, hubble_deep_field, ihc,
 motorcycle_left, motorcycle_right, retina and rocket, coded at their own size. Synthetic images (chessboard,
 color, phantom) and the grayscale ones are left out.
 
@@ -13,9 +14,10 @@ that range enter (at least four per method), negative = the codec needs fewer bi
 same PSNR.
 
     python benchmarks/default_codec.py [--weights NAME|FILE] [-o benchmarks/results/default_codec.json]
-        [--plot weights/mbt2018-mean-vbr.png] [--tiny]
+        [--plot weights/mbt2018-mean-vbr.png] [--card weights/mbt2018-mean-vbr.md] [--tiny]
 
-``--tiny`` (the smoke test) runs a few settings on two small crops.
+``--card`` rewrites the model card's results block (between ``CARD_BEGIN`` and ``CARD_END``) from this run, so the
+card quotes exactly what was measured. ``--tiny`` (the smoke test) runs a few settings on two small crops.
 """
 
 from __future__ import annotations
@@ -103,6 +105,50 @@ def in_range(curve: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return kept
 
 
+CARD_BEGIN = "<!-- results: written by benchmarks/default_codec.py --card from its JSON; do not edit by hand -->"
+CARD_END = "<!-- /results -->"
+CARD_RATES = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def card_results(report: dict) -> str:
+    """The model card's results block: BD-rates and the codec's mean points beside JPEG/WebP at the same bpp."""
+    curves, n = report["curves"], len(report["held_out"])
+    lines = [CARD_BEGIN, "",
+             f"Measured {report['date']} with `benchmarks/default_codec.py` on {n} held-out photos "
+             f"({report['machine']['cpus']} CPUs, {report['seconds']:.0f} s). BD-rate over "
+             f"{report['bpp_range'][0]}–{report['bpp_range'][1]} bpp, PSNR (RGB, 8 bit), whole-file bits; negative "
+             "means fewer bits than the anchor for the same PSNR.", "",
+             "| anchor | BD-rate of this codec |", "|---|---|"]
+    for anchor, result in report["bd_rate"].items():
+        value = result["bd_rate_percent"]
+        shown = "n/a" if value is None else f"{value:+.1f} %"
+        note = f" ({result['note']})" if result["note"] else ""
+        lines.append(f"| Pillow {anchor.upper()} | {shown}{note} |")
+    lines += ["", "| rate R | mean bpp | PSNR (dB) | JPEG at that bpp | WebP at that bpp |", "|---|---|---|---|---|"]
+    by_rate: dict[float, list[dict]] = {}
+    for row in report["rows"]:
+        if row["method"] == report["codec"] and row["setting"] in CARD_RATES:
+            by_rate.setdefault(row["setting"], []).append(row)
+    for rate, group in sorted(by_rate.items()):
+        bpp, value = float(np.mean([r["bpp"] for r in group])), float(np.mean([r["psnr"] for r in group]))
+        anchors = [np.interp(bpp, [p[0] for p in curves[m]], [p[1] for p in curves[m]]) for m in ("jpeg", "webp")]
+        lines.append(f"| {rate:g} | {bpp:.3f} | {value:.2f} | {anchors[0]:.2f} | {anchors[1]:.2f} |")
+    return "\n".join(lines + ["", CARD_END])
+
+
+def write_card(path: Path, block: str) -> None:
+    """Replace the card's results block (or append one) with ``block``, via a temporary file."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if CARD_BEGIN in text and CARD_END in text:
+        head, rest = text.split(CARD_BEGIN, 1)
+        text = head + block + rest.split(CARD_END, 1)[1]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def plot(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -130,6 +176,7 @@ def main() -> None:
     parser.add_argument("--weights", default=None, help="codec FILE or registry NAME (default: the registry's)")
     parser.add_argument("-o", "--output", type=Path, default=Path("benchmarks/results/default_codec.json"))
     parser.add_argument("--plot", type=Path, default=None, help="also write the rate-PSNR plot here (PNG)")
+    parser.add_argument("--card", type=Path, default=None, help="rewrite this model card's results block")
     parser.add_argument("--tiny", action="store_true", help="smoke test: two small crops, few settings")
     args = parser.parse_args()
 
@@ -160,10 +207,11 @@ def main() -> None:
               f"{'' if not result['note'] else '  (' + result['note'] + ')'}")
 
     from comneck_cli.codecs import load_codec
+    from weights import file_sha256
 
     source = load_codec(CODEC, 1, weights=args.weights).source
     report = {
-        "codec": CODEC, "weights": str(source), "held_out": list(images), "bpp_range": BPP_RANGE,
+        "codec": CODEC, "weights": str(source), "sha256": file_sha256(Path(source)), "held_out": list(images), "bpp_range": BPP_RANGE,
         "bd_rate": bd, "curves": curves, "rows": rows,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "seconds": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -172,7 +220,9 @@ def main() -> None:
     args.output.write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(curves, args.plot, f"{CODEC} (shipped) vs Pillow, {len(images)} held-out scikit-image photos")
-    print(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
+    if args.card:
+        write_card(args.card, card_results(report))
+    print(f"wrote {args.output}" + "".join(f" and {p}" for p in (args.plot, args.card) if p))
 
 
 if __name__ == "__main__":

@@ -79,3 +79,33 @@ def test_startup_section_reports_commands_modules_and_imports(report):
     assert all(isinstance(v, bool) for v in s["torch_imported"].values())
     for section in s["importtime"].values():
         assert section["modules"] > 0 and section["top_level"][0]["cumulative_us"] > 0
+
+
+DEFAULT_CODEC_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "default_codec.py"
+
+
+@pytest.mark.slow
+def test_default_codec_benchmark_writes_json_plot_and_the_cards_results_block(vbr_codec_file, tmp_path):
+    """The model card's results block comes from the run's JSON, replaces itself on a rerun and leaves the rest."""
+    sys.path.insert(0, str(DEFAULT_CODEC_BENCH.parent))
+    import default_codec
+
+    card = tmp_path / "card.md"
+    card.write_text("# Model card\n\nHow it was trained.\n\n## Results\n\nThe plot.\n")
+    out = tmp_path / "bench.json"
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, str(DEFAULT_CODEC_BENCH), "--tiny", "--weights", str(vbr_codec_file),
+                               "-o", str(out), "--plot", str(tmp_path / "plot.png"), "--card", str(card)],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["held_out"] == ["astronaut.png", "chelsea.png"] and set(report["bd_rate"]) == {"jpeg", "webp"}
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = card.read_text()
+    assert text.startswith("# Model card\n\nHow it was trained.\n\n## Results\n\nThe plot.\n\n")
+    assert text.count(default_codec.CARD_BEGIN) == 1 and text.count(default_codec.CARD_END) == 1
+    assert default_codec.card_results(report) in text
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 8 |")]
+    assert len(rows) == 2  # the rates the tiny sweep has among CARD_RATES
+    low, high = (float(row.split("|")[2]) for row in rows)
+    assert low < high  # bpp grows with R
