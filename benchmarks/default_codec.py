@@ -137,16 +137,16 @@ def card_results(report: dict) -> str:
 
 
 def write_card(path: Path, block: str) -> None:
-    """Replace the card's results block (or append one) with ``block``, via a temporary file."""
+    """Replace the card's results block (or append one) with ``block``, atomically."""
+    from comneck_cli.outputs import write_atomic
+
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if CARD_BEGIN in text and CARD_END in text:
         head, rest = text.split(CARD_BEGIN, 1)
         text = head + block + rest.split(CARD_END, 1)[1]
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, text.encode("utf-8"), force=True)
 
 
 def plot(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
@@ -211,8 +211,8 @@ def main() -> None:
 
     source = load_codec(CODEC, 1, weights=args.weights).source
     report = {
-        "codec": CODEC, "weights": str(source), "sha256": file_sha256(Path(source)), "held_out": list(images), "bpp_range": BPP_RANGE,
-        "bd_rate": bd, "curves": curves, "rows": rows,
+        "codec": CODEC, "weights": str(source), "sha256": file_sha256(Path(source)), "held_out": list(images),
+        "bpp_range": BPP_RANGE, "bd_rate": bd, "curves": curves, "rows": rows,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "seconds": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M"),
     }
