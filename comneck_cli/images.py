@@ -122,7 +122,7 @@ def size_label(data) -> str:
 
 
 def pad_amounts(height: int, width: int, multiple: int) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) centred zero padding up to a multiple, as CompressAI pads."""
+    """(left, right, top, bottom) centred padding up to a multiple, as CompressAI pads."""
     out_h = (height + multiple - 1) // multiple * multiple
     out_w = (width + multiple - 1) // multiple * multiple
     left, top = (out_w - width) // 2, (out_h - height) // 2
@@ -130,12 +130,16 @@ def pad_amounts(height: int, width: int, multiple: int) -> tuple[int, int, int, 
 
 
 def to_tensor(image: np.ndarray, multiple: int):
-    """uint8 H×W×3 -> float (1, 3, H', W') in [0, 1], zero-padded (centred) to a multiple."""
+    """uint8 H×W×3 -> float (1, 3, H', W') in [0, 1], padded (centred) to a multiple by repeating the edge pixels.
+
+    CompressAI pads with zeros; the black border and its sharp edge cost bits and ring into the picture at
+    low rate. Repeating the edges is flat and cheap to code. Decoders only crop, so this is an encoder choice.
+    """
     import torch
     import torch.nn.functional as F
 
     x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-    return F.pad(x, pad_amounts(image.shape[0], image.shape[1], multiple))
+    return F.pad(x, pad_amounts(image.shape[0], image.shape[1], multiple), mode="replicate")
 
 
 def from_tensor(x_hat, height: int, width: int, multiple: int) -> np.ndarray:

@@ -76,3 +76,18 @@ def test_pad_and_crop_are_inverse():
     assert x.shape == (1, 3, 64, 128)
     assert pad_amounts(37, 70, 64) == (29, 29, 13, 14)
     assert np.array_equal(from_tensor(x, 37, 70, 64), image)
+
+
+def test_padding_repeats_the_edge_pixels():
+    # the border must be as cheap to code as possible: flat continuations of the edges, no black frame
+    import torch
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, (37, 70, 3), dtype=np.uint8)
+    x = to_tensor(image, 64)[0]
+    left, _, top, _ = pad_amounts(37, 70, 64)
+    inner = x[:, top : top + 37, left : left + 70]
+    assert torch.equal(x[:, :top, left : left + 70], inner[:, :1].expand(-1, top, -1))
+    assert torch.equal(x[:, top + 37 :, left : left + 70], inner[:, -1:].expand(-1, 64 - 37 - top, -1))
+    assert torch.equal(x[:, :, :left], x[:, :, left : left + 1].expand(-1, -1, left))
+    assert torch.equal(x[:, :, left + 70 :], x[:, :, left + 69 : left + 70].expand(-1, -1, 128 - 70 - left))

@@ -114,10 +114,13 @@ def test_flat_folder_has_no_labels(image_folder, tmp_path):
 def test_small_images_are_padded_and_crops_are_seeded():
     from comneck_cli.train.data import random_crop
 
-    image = np.full((40, 100, 3), 255, np.uint8)
+    image = np.repeat(np.arange(0, 200, 5, dtype=np.uint8)[:, None, None], 100, axis=1).repeat(3, axis=2)
     x = random_crop(image, 64, np.random.default_rng(0))
     assert x.shape == (3, 64, 64)
-    assert float(x[:, :12].sum()) == 0 and float(x[:, 12:52].min()) == 1.0  # centred zero padding rows
+    assert torch.equal(x[:, 12:52], torch.from_numpy(image[:, :64]).permute(2, 0, 1).float() / 255)
+    # centred padding rows repeat the first and last image rows, as images.to_tensor pads for coding
+    assert torch.equal(x[:, :12], x[:, 12:13].expand(-1, 12, -1))
+    assert torch.equal(x[:, 52:], x[:, 51:52].expand(-1, 12, -1))
     big = np.random.default_rng(1).integers(0, 256, (300, 200, 3), dtype=np.uint8)
     a, b = (random_crop(big, 64, np.random.default_rng((0, 1, 2))) for _ in range(2))
     assert torch.equal(a, b)

@@ -35,7 +35,7 @@ def _run_options(func: Callable) -> Callable:
         click.option("--batch-size", type=click.IntRange(1), default=None, show_default="8",
                      help="Images per step (per process)."),
         click.option("--crop", type=click.IntRange(64), default=None, show_default="256",
-                     help="Side of the random square crops, a multiple of 64 (small images are zero-padded)."),
+                     help="Side of the random square crops, a multiple of 64 (small images are padded as for coding)."),
         click.option("--seed", type=int, default=None, show_default="0",
                      help="Seed for initialisation, data order, crops and noise."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,

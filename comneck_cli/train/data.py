@@ -65,7 +65,7 @@ def read_class_names(path: Path, folders: list[str]) -> list[str]:
 class ImageFolderCrops(Dataset):
     """Images under ``root`` -> ``(x, label)``: x a (3, crop, crop) float tensor in [0, 1].
 
-    Images smaller than the crop are zero-padded, centred, as CompressAI pads for coding. Items are
+    Images smaller than the crop are padded as coding pads them (centred, edge pixels repeated). Items are
     addressed by ``(index, seed)`` pairs from :class:`EpochSampler`; the seed fixes the crop position.
     """
 
@@ -108,7 +108,8 @@ class ImageFolderCrops(Dataset):
 
 
 def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> Tensor:
-    """uint8 H×W×3 -> (3, size, size) float in [0, 1]: a uniformly placed crop, zero-padded when smaller."""
+    """uint8 H×W×3 -> (3, size, size) float in [0, 1]: a uniformly placed crop, padded as coding pads
+    (``images.to_tensor``: centred, edges repeated) when smaller."""
     height, width = image.shape[:2]
     top = int(rng.integers(0, max(height - size, 0) + 1))
     left = int(rng.integers(0, max(width - size, 0) + 1))
@@ -116,7 +117,7 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> Tenso
     x = torch.from_numpy(np.array(patch, copy=True)).permute(2, 0, 1).float().div_(255.0)
     if x.shape[1:] != (size, size):
         pad_l, pad_r, pad_t, pad_b = pad_amounts(x.shape[1], x.shape[2], size)
-        x = torch.nn.functional.pad(x, (pad_l, pad_r, pad_t, pad_b))
+        x = torch.nn.functional.pad(x, (pad_l, pad_r, pad_t, pad_b), mode="replicate")
     return x
 
 
