@@ -256,7 +256,8 @@ def test_bd_rate_of_shifted_curves_is_the_shift():
     value, reason = bd_rate(anchor, [(r, d + 20) for r, d in anchor])
     assert value is None and "do not overlap" in reason
     value, reason = bd_rate(anchor, [(r, d + 3) for r, d in anchor])
-    assert value is not None and "overlap only partly" in reason
+    assert value is not None and reason.startswith("curves overlap only partly in the metric: ")
+    assert reason.split(": ")[1].split(" % of their joint range")[0].isdigit()
 
     # The report's table: every method against reconstruction, on every metric, or the reason.
     from comneck_cli.eval.report import bd_rates

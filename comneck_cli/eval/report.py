@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -59,7 +60,11 @@ def bd_rate(anchor: Iterable[tuple[float, float | None]], test: Iterable[tuple[f
     if not math.isfinite(value):
         return None, f"the {names[1]} and {names[0]} curves do not overlap in {metric}"
     overlap = next((m for m in messages if "overlap" in m.lower()), None)
-    return value, None if overlap is None else f"curves overlap only partly in {metric} ({overlap.split('.')[0]})"
+    if overlap is None:
+        return value, None
+    shared = re.search(r"overlap: '([0-9.]+)'", overlap)
+    share = f"{float(shared.group(1)):.0f} % of their joint range" if shared else "part of their range"
+    return value, f"curves overlap only partly in {metric}: {share}, the only part compared"
 
 
 def _curve(points, name: str, metric: str, higher_is_better: bool):
