@@ -22,6 +22,7 @@ _EXPORTS = {
     "check_record": "api",
     "resolve_device": "api",
     "CodecCache": "api",
+    "ImageEncoder": "api",
     "load_codec": "codecs",
     "save_codec": "codecs",
     "CODECS": "codecs",

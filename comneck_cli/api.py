@@ -10,17 +10,19 @@ The Click commands are thin wrappers over these functions::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
 
-from formats import PAD_MULTIPLE, ImportanceMap, Record, codec_name
+from formats import PAD_MULTIPLE, CnkError, ImportanceMap, Record, codec_name
 
 from .codecs import RATE_STEPS, Codec, load_codec
 from .errors import ComneckError
 from .images import from_tensor, to_tensor
+from .semantic import DEFAULT_STRENGTH
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -66,6 +68,85 @@ def encode_batch(images: Sequence[np.ndarray], codec: Codec, *, metadata: dict |
         for i, (strings, _) in zip(indices, codec.compress_batch(x)):
             records[i] = record_from_strings(images[i], codec, strings, metadata)
     return records  # type: ignore[return-value]
+
+
+@dataclass
+class ImageEncoder:
+    """Images -> records the way ``comneck encode`` and ``comneck batch encode`` code them.
+
+    Each image is first edited by the pre-editing module P (``editor``, ``preedit.PreEdit``) or given a semantic
+    importance map (``guide``, ``semantic.Guide``, with ``strength``), then coded at the codec's rate or, with
+    ``bpp_target``, at the rate that meets it. Plain and pre-edited images share g_a passes (:func:`encode_batch`).
+    Build one from command-line settings with :meth:`load`.
+    """
+
+    codec: Codec
+    bpp_target: float | None = None
+    guide: Any = None
+    strength: float = DEFAULT_STRENGTH
+    editor: Any = None
+
+    @classmethod
+    def load(cls, codec: Codec, *, bpp_target: float | None = None, semantic: bool = False,
+             semantic_strength: float | None = None, clip_model: str = "ViT-L-14", clip_tag: str | None = "openai",
+             clip_weights: str | Path | None = None, pre_edit: str | None = None,
+             device: torch.device | str = "cpu") -> "ImageEncoder":
+        """Check the options against each other and the codec, then load the CLIP guide or P they name.
+
+        ``pre_edit`` is ``""`` for the registry's ``{codec}-preedit``, a name or a file; None codes unedited.
+        """
+        check_guidance(codec.spec, semantic, semantic_strength, pre_edit)
+        if semantic:
+            from .semantic import load_guide
+
+            strength = DEFAULT_STRENGTH if semantic_strength is None else semantic_strength
+            guide = load_guide(clip_model, clip_tag, clip_weights, device=device)
+            return cls(codec, bpp_target, guide=guide, strength=strength)
+        if pre_edit is not None:
+            from .preedit import load_pre_edit
+
+            weights = Path(clip_weights) if clip_weights is not None else None
+            return cls(codec, bpp_target, editor=load_pre_edit(pre_edit or None, codec, clip_weights=weights,
+                                                               device=device))
+        return cls(codec, bpp_target)
+
+    def __call__(self, images: Sequence[np.ndarray]) -> list[Record]:
+        if self.editor is not None:
+            edited = [self.editor(image) for image in images]
+            return encode_batch(edited, self.codec, metadata={"pre_edit": self.editor.digest},
+                                bpp_target=self.bpp_target)
+        if self.guide is not None:
+            from .semantic import semantic_map
+
+            maps = [semantic_map(image, self.guide, self.strength) for image in images]
+            if self.bpp_target is None:
+                return [encode(image, self.codec, importance=m) for image, m in zip(images, maps)]
+            return [encode_to_bpp(image, self.codec, self.bpp_target, importance=m) for image, m in zip(images, maps)]
+        return encode_batch(list(images), self.codec, bpp_target=self.bpp_target)
+
+    def made(self, record: Record) -> bool:
+        """Whether ``record`` was coded this way, guidance-wise (resuming a batch job): a map of this strength
+        exactly when guided, P's digest exactly when pre-edited. Codec, rate and size are checked elsewhere."""
+        if (record.importance_map is not None) != (self.guide is not None):
+            return False
+        if self.guide is not None:
+            try:
+                stored = ImportanceMap.unpack(record.importance_map, record.height, record.width).strength
+            except CnkError:  # a damaged map is not this encoder's output
+                return False
+            if stored != round(self.strength * 1000):
+                return False
+        return (record.metadata or {}).get("pre_edit") == (self.editor.digest if self.editor is not None else None)
+
+
+def check_guidance(spec, semantic: bool, semantic_strength: float | None, pre_edit: str | None) -> None:
+    """``--semantic``, ``--semantic-strength`` and ``--pre-edit`` against each other and the codec (``CodecSpec``)."""
+    if semantic_strength is not None and not semantic:
+        raise ComneckError("--semantic-strength needs --semantic")
+    if semantic and pre_edit is not None:
+        raise ComneckError("pass --semantic or --pre-edit, not both")
+    if semantic and not spec.variable_rate:
+        raise ComneckError(f"--semantic needs a variable-rate codec (e.g. mbt2018-mean-vbr), not {spec.name}")
 
 
 def encode_to_bpp(image: np.ndarray, codec: Codec, target: float, *, tolerance: float = 0.05,

@@ -34,7 +34,7 @@ import click
 
 from .defaults import DEFAULT_CODEC
 from .errors import ComneckError
-from .options import clip_options
+from .options import clip_options, guidance_options
 from .presets import PRESETS
 
 STDIO = "-"
@@ -136,11 +136,10 @@ def read_image_file(source: str | Path | bytes, name: str, max_pixels: int | Non
     return image, [str(w.message) for w in caught]
 
 
-def encode_images(images: Sequence[Any], codec, names: Sequence[str] | None = None,
-                  bpp_target: float | None = None) -> list[bytes]:
-    """Packed ``.cnk`` records of uint8 H×W×3 images; ``g_a`` runs once per group of same padded size, and a
-    batch that runs out of GPU memory is split (``api.split_on_oom``; ``names`` label the one that fails).
-    With ``bpp_target`` each image is coded at the rate that meets it (``api.encode_to_bpp``)."""
+def encode_images(images: Sequence[Any], encoder, names: Sequence[str] | None = None) -> list[bytes]:
+    """Packed ``.cnk`` records of uint8 H×W×3 images by ``encoder`` (``api.ImageEncoder``: plain images share a g_a
+    pass per padded size); a batch that runs out of GPU memory is split (``api.split_on_oom``; ``names`` label the
+    one that fails)."""
     from formats import pack
 
     from . import api
@@ -149,8 +148,7 @@ def encode_images(images: Sequence[Any], codec, names: Sequence[str] | None = No
         return []
 
     labelled = list(zip(names or [f"image {i + 1}" for i in range(len(images))], images))
-    records = api.split_on_oom(lambda part: api.encode_batch([im for _, im in part], codec, bpp_target=bpp_target),
-                               labelled,
+    records = api.split_on_oom(lambda part: encoder([im for _, im in part]), labelled,
                                lambda item: f"{item[0]} ({item[1].shape[1]}×{item[1].shape[0]})")
     return [pack(record) for record in records]
 
@@ -258,10 +256,11 @@ def _image_size(path: str) -> tuple[int, int]:
     return height, width
 
 
-def cnk_output_ok(target: Path, codec, source: str, bpp_target: float | None = None) -> bool:
-    """One record, written by this codec, quality (or rate) and weights, for an image of the source's size.
+def cnk_output_ok(target: Path, encoder, source: str) -> bool:
+    """One record, written as ``encoder`` (``api.ImageEncoder``) writes: its codec, quality (or rate), weights and
+    guidance (semantic map, pre-editing P), for an image of the source's size.
 
-    With ``bpp_target`` the record's rate is whatever met the target: its bpp must be within 5% of it.
+    With a bpp target the record's rate is whatever met the target: its bpp must be within 5% of it.
     """
     from formats import CnkError, read_file
 
@@ -274,11 +273,13 @@ def cnk_output_ok(target: Path, codec, source: str, bpp_target: float | None = N
         return False
     if len(records) != 1:
         return False
-    r = records[0]
+    r, codec = records[0], encoder.codec
     if (r.codec_id, r.weights_digest) != (codec.spec.codec_id, codec.digest) or (r.height, r.width) != size:
         return False
-    if bpp_target is not None:
-        return abs(r.bits_per_pixel - bpp_target) <= 0.05 * bpp_target
+    if not encoder.made(r):
+        return False
+    if encoder.bpp_target is not None:
+        return abs(r.bits_per_pixel - encoder.bpp_target) <= 0.05 * encoder.bpp_target
     return (r.quality, r.rate) == (codec.quality, codec.stored_rate)
 
 
@@ -389,16 +390,26 @@ class EncodeJob(Job):
     weights: str | None = None
     rate: float | None = None
     bpp_target: float | None = None
+    semantic: bool = False
+    semantic_strength: float | None = None
+    clip_model: str = "ViT-L-14"
+    clip_tag: str | None = "openai"
+    clip_weights: str | None = None
+    pre_edit: str | None = None
     command, label = "encode", "encoding"
 
     def open(self) -> None:
         super().open()
         from . import api
 
-        self._codec = api.load_codec(self.codec, self.quality, weights=self.weights,
-                                     device=api.resolve_device(self.device))
+        device = api.resolve_device(self.device)
+        codec = api.load_codec(self.codec, self.quality, weights=self.weights, device=device)
         if self.rate is not None:
-            self._codec = self._codec.at_rate(self.rate)
+            codec = codec.at_rate(self.rate)
+        self._encoder = api.ImageEncoder.load(
+            codec, bpp_target=self.bpp_target, semantic=self.semantic, semantic_strength=self.semantic_strength,
+            clip_model=self.clip_model, clip_tag=self.clip_tag, clip_weights=self.clip_weights,
+            pre_edit=self.pre_edit, device=device)
 
     def run(self, items):
         from .outputs import write_atomic
@@ -407,8 +418,7 @@ class EncodeJob(Job):
         todo = []  # (position, item, image, warnings)
         for position, item in enumerate(items):
             try:
-                if not self.force and cnk_output_ok(self.target(item, CNK_SUFFIX), self._codec, item.source,
-                                                    self.bpp_target):
+                if not self.force and cnk_output_ok(self.target(item, CNK_SUFFIX), self._encoder, item.source):
                     outcomes[position] = self._outcome(item, "skipped")
                     continue
                 image, notes = read_image_file(item.source, item.label, self.max_pixels)
@@ -416,8 +426,8 @@ class EncodeJob(Job):
             except Exception as exc:  # noqa: BLE001 - recorded per input, the chunk goes on
                 outcomes[position] = self._failed(item, exc)
         try:
-            packed = encode_images([image for _, _, image, _ in todo], self._codec,
-                                   [item.label for _, item, _, _ in todo], self.bpp_target)
+            packed = encode_images([image for _, _, image, _ in todo], self._encoder,
+                                   [item.label for _, item, _, _ in todo])
         except Exception as exc:  # noqa: BLE001 - g_a of the whole group failed (e.g. out of memory)
             packed = [exc] * len(todo)
         for (position, item, _, notes), data in zip(todo, packed):
@@ -943,18 +953,24 @@ def batch() -> None:
               help="Variable-rate codecs: any rate R between the lowest and highest level; overrides -q.")
 @click.option("--bpp-target", type=float, default=None,
               help="Variable-rate codecs: each image at the rate whose record has this many bits per pixel (±5%).")
+@guidance_options
 @batch_options
-def batch_encode(run, quality: int, codec: str, weights: str | None, rate: float | None,
-                 bpp_target: float | None) -> Job:
+def batch_encode(run, quality: int, codec: str, weights: str | None, rate: float | None, bpp_target: float | None,
+                 semantic: bool, semantic_strength: float | None, clip_model: str, clip_tag: str,
+                 clip_weights: Path | None, pre_edit: str | None) -> Job:
     """Compress every image (PNG, JPEG, WebP, TIFF) into OUTPUT/<relative path>.cnk."""
     _quiet_imports()
+    from .api import check_guidance
     from .codecs import check_quality, check_rate_options, get_spec
 
     spec = get_spec(codec)
     check_quality(spec, quality)
     check_rate_options(spec, rate, bpp_target)
+    check_guidance(spec, semantic, semantic_strength, pre_edit)
     return EncodeJob(output="", codec=codec, quality=quality, weights=_file_or_name(weights), rate=rate,
-                     bpp_target=bpp_target)
+                     bpp_target=bpp_target, semantic=semantic, semantic_strength=semantic_strength,
+                     clip_model=clip_model, clip_tag=clip_tag, clip_weights=_file_or_name(clip_weights),
+                     pre_edit=_file_or_name(pre_edit) if pre_edit else pre_edit)
 
 
 @batch.command("decode")

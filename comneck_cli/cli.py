@@ -22,7 +22,7 @@ import click
 
 from .defaults import DEFAULT_CODEC
 from .errors import ComneckError
-from .options import clip_options
+from .options import clip_options, guidance_options
 from .presets import PRESETS
 
 STDIO = "-"
@@ -166,17 +166,7 @@ def main() -> None:
 @click.option("--bpp-target", type=float, default=None,
               help="Variable-rate codecs: search each image's rate so the record has this many bits per pixel "
                    "(within 5%; the container is counted).")
-@click.option("--semantic", is_flag=True,
-              help="Semantic-guided bit allocation (CoTAM): a shallow CLIP block's attention decides where bits go; "
-                   "the map travels in the record (counted in bpp). Variable-rate codecs only.")
-@click.option("--semantic-strength", type=click.FloatRange(0, 65.535), default=None, show_default="1.5",
-              help="With --semantic: how far the map moves the quantisation step, gain = g_R·2^(S·(m − mean m)).")
-@clip_options("open_clip model whose attention guides --semantic.",
-              "Local CLIP weights file for --semantic instead of the registry / open_clip cache.")
-@click.option("--pre-edit", "pre_edit", default=None, is_flag=False, flag_value="", metavar="[NAME|FILE]",
-              help="Edit each image with the pre-editing module P before coding (`comneck train vbr --pre-edit`): "
-                   "the registry's CODEC-preedit, or --pre-edit=NAME|FILE. P's CLIP comes from its registry entry "
-                   "or --clip-weights. Records carry P's digest in their metadata (pre_edit).")
+@guidance_options
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Images per g_a forward pass (same-size images batch; entropy coding stays per image).")
 @click.option("-o", "--output", default=None, type=click.Path(path_type=str, allow_dash=True),
@@ -201,42 +191,19 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
     spec = get_spec(codec)
     check_quality(spec, quality)
     check_rate_options(spec, rate, bpp_target)
-    if semantic_strength is not None and not semantic:
-        raise ComneckError("--semantic-strength needs --semantic")
-    if semantic and pre_edit is not None:
-        raise ComneckError("pass --semantic or --pre-edit, not both")
-    if semantic and not spec.variable_rate:
-        raise ComneckError(f"--semantic needs a variable-rate codec (e.g. mbt2018-mean-vbr), not {codec}")
+    api.check_guidance(spec, semantic, semantic_strength, pre_edit)  # before any model loads
     device = api.resolve_device(run.device)
     loaded = api.load_codec(codec, quality, weights=weights, device=device)
     if rate is not None:
         loaded = loaded.at_rate(rate)
     from formats import pack
 
-    guide = None
-    if semantic:
-        from .semantic import DEFAULT_STRENGTH, load_guide, semantic_map
-
-        guide = load_guide(clip_model, clip_tag, clip_weights, device=device)
-        strength = DEFAULT_STRENGTH if semantic_strength is None else semantic_strength
-
-    meta = editor = None
-    if pre_edit is not None:
-        from .preedit import load_pre_edit
-
-        editor = load_pre_edit(pre_edit or None, loaded, clip_weights=clip_weights, device=device)
-        meta = {"pre_edit": editor.digest}  # the record says which P edited its image
+    encoder = api.ImageEncoder.load(loaded, bpp_target=bpp_target, semantic=semantic,
+                                    semantic_strength=semantic_strength, clip_model=clip_model, clip_tag=clip_tag,
+                                    clip_weights=clip_weights, pre_edit=pre_edit, device=device)
 
     def encode_part(part: list) -> list:
-        if editor is not None:
-            edited = [editor(image) for _, image in part]
-            return api.encode_batch(edited, loaded, metadata=meta, bpp_target=bpp_target)
-        if guide is not None:
-            maps = [semantic_map(image, guide, strength) for _, image in part]
-            if bpp_target is None:
-                return [api.encode(image, loaded, importance=m) for (_, image), m in zip(part, maps)]
-            return [api.encode_to_bpp(image, loaded, bpp_target, importance=m) for (_, image), m in zip(part, maps)]
-        return api.encode_batch([image for _, image in part], loaded, bpp_target=bpp_target)
+        return encoder([image for _, image in part])
 
     to_dir = is_dir_target(output)
     gathered: list[bytes] = []  # for a single output stream (file or stdout)

@@ -20,3 +20,23 @@ def clip_options(model_help: str, weights_help: str) -> Callable[[Callable], Cal
         return click.option("--clip", "clip_model", default="ViT-L-14", show_default=True, help=model_help)(func)
 
     return decorate
+
+
+def guidance_options(func: Callable) -> Callable:
+    """``--semantic``/``--semantic-strength`` with their CLIP options, and ``--pre-edit``: what steers or edits an
+    image before it is coded (``api.ImageEncoder``), alike for ``encode`` and ``batch encode``."""
+    func = click.option(
+        "--pre-edit", "pre_edit", default=None, is_flag=False, flag_value="", metavar="[NAME|FILE]",
+        help="Edit each image with the pre-editing module P before coding (`comneck train vbr --pre-edit`): the "
+             "registry's CODEC-preedit, or --pre-edit=NAME|FILE. P's CLIP comes from its registry entry or "
+             "--clip-weights. Records carry P's digest in their metadata (pre_edit).")(func)
+    func = clip_options("open_clip model whose attention guides --semantic.",
+                        "Local CLIP weights file for --semantic (or P's CLIP) instead of the registry / open_clip "
+                        "cache.")(func)
+    func = click.option(
+        "--semantic-strength", type=click.FloatRange(0, 65.535), default=None, show_default="1.5",
+        help="With --semantic: how far the map moves the quantisation step, gain = g_R·2^(S·(m − mean m)).")(func)
+    return click.option(
+        "--semantic", is_flag=True,
+        help="Semantic-guided bit allocation (CoTAM): a shallow CLIP block's attention decides where bits go; the "
+             "map travels in the record (counted in bpp). Variable-rate codecs only.")(func)

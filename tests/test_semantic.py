@@ -184,6 +184,51 @@ def test_decoding_refuses_a_damaged_map_and_a_map_on_a_fixed_rate_codec(vbr, gui
 
 
 # --------------------------------------------------------------------------- command line
+def test_batch_encode_semantic_writes_what_encode_writes_and_resumes_by_guidance(vbr_codec_file, tiny_clip_file,
+                                                                                 photos, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from comneck_cli.cli import main
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name in ("coffee", "chelsea"):
+        shutil.copy(photos[name], src / photos[name].name)
+    runner = CliRunner()
+    codec = ["--codec", "mbt2018-mean-vbr", "--weights", str(vbr_codec_file), "--rate", "3", "--quiet"]
+    clip = ["--clip", TINY_CLIP, "--clip-tag", "none", "--clip-weights", str(tiny_clip_file)]
+    base = ["batch", "encode", "--input", str(src), "--output", str(out), *codec]
+
+    def outputs() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.cnk"))}
+
+    result = runner.invoke(main, [*base, "--semantic", "--semantic-strength", "2", *clip])
+    assert result.exit_code == 0, result.output
+    batched = outputs()
+    for name in ("coffee", "chelsea"):  # the same record `comneck encode` writes (different sizes: one g_a each)
+        single = tmp_path / f"{name}.cnk"
+        result = runner.invoke(main, ["encode", str(photos[name]), *codec, "--semantic", "--semantic-strength", "2",
+                                      *clip, "-o", str(single)])
+        assert result.exit_code == 0, result.output
+        assert batched[f"{name}.cnk"] == single.read_bytes()
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob("*.cnk")}
+    assert runner.invoke(main, [*base, "--semantic", "--semantic-strength", "2", *clip]).exit_code == 0
+    assert stamp == {p: p.stat().st_mtime_ns for p in out.glob("*.cnk")}  # done already: skipped
+    # Another strength, or no guidance, is other work: the records are redone, not skipped.
+    assert runner.invoke(main, [*base, "--semantic", "--semantic-strength", "1", *clip]).exit_code == 0
+    records = [unpack(data) for data in outputs().values()]
+    assert {ImportanceMap.unpack(r.importance_map, r.height, r.width).strength for r in records} == {1000}
+    assert runner.invoke(main, base).exit_code == 0
+    assert all(unpack(data).importance_map is None for data in outputs().values())
+    result = runner.invoke(main, ["batch", "encode", "--input", str(src), "--output", str(tmp_path / "x"),
+                                  "--codec", "mbt2018-mean", "--semantic", *clip])
+    assert result.exit_code != 0 and "--semantic needs a variable-rate codec" in result.output
+    assert not (tmp_path / "x").exists()
+    assert "Traceback" not in result.output and result.output.count("error") == 1
+
+
 def test_cli_encode_semantic_and_decode(vbr_codec_file, tiny_clip_file, photos, tmp_path):
     from click.testing import CliRunner
 

@@ -138,6 +138,31 @@ def test_resume_is_exact_and_defaults_register_both(photo_folder, vbr_codec_file
     assert unpack(out.read_bytes()).metadata == {"pre_edit": entry.sha256[:8]}
 
 
+def test_batch_encode_pre_edit_writes_what_encode_writes(trained, photos, tiny_clip_file, tmp_path):
+    _, p_file, _ = trained
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    for name in ("coffee", "chelsea"):
+        shutil.copy(photos[name], src / Path(photos[name]).name)
+    runner = CliRunner()
+    codec = ["--codec", "mbt2018-mean-vbr", "--weights", str(trained[0]), "--rate", "2.5", "--quiet"]
+    edit = [f"--pre-edit={p_file}", "--clip-weights", str(tiny_clip_file)]
+    base = ["batch", "encode", "--input", str(src), "--output", str(out), *codec]
+    result = runner.invoke(main, [*base, *edit])
+    assert result.exit_code == 0, result.output
+    for name in ("coffee", "chelsea"):
+        single = tmp_path / f"{name}.cnk"
+        result = runner.invoke(main, ["encode", str(photos[name]), *codec, *edit, "-o", str(single)])
+        assert result.exit_code == 0, result.output
+        assert (out / f"{name}.cnk").read_bytes() == single.read_bytes()
+        assert unpack(single.read_bytes()).metadata == {"pre_edit": _digest(p_file)}
+    stamp = {p: p.stat().st_mtime_ns for p in out.glob("*.cnk")}
+    assert runner.invoke(main, [*base, *edit]).exit_code == 0
+    assert stamp == {p: p.stat().st_mtime_ns for p in out.glob("*.cnk")}  # done already: skipped
+    assert runner.invoke(main, base).exit_code == 0  # unedited is other work: redone
+    assert all(unpack(p.read_bytes()).metadata is None for p in out.glob("*.cnk"))
+
+
 def test_bad_input_is_one_error_line(photo_folder, vbr_codec_file, tiny_clip_file, codec_files, photos, tmp_path):
     runner = CliRunner()
     cases = [
