@@ -703,8 +703,9 @@ def codecs_command() -> None:
     for spec in CODECS.values():
         qs = sorted(spec.qualities)
         chans = sorted({spec.latent_channels(q) for q in qs})
+        default = "; the default codec (weights shipped)" if spec.name == DEFAULT_CODEC else ""
         click.echo(f"{spec.name:22s} q{qs[0]}-{qs[-1]}  M={'/'.join(map(str, chans)):8s} "
-                   f"zoo={'yes' if spec.zoo else 'no ':3s} {spec.notes}")
+                   f"zoo={'yes' if spec.zoo else 'no ':3s} {spec.notes}{default}")
 
 
 @main.group("weights")

@@ -1,5 +1,5 @@
 """What a fresh install uses when nothing is named (torch-free, so the CLI can show it in --help)."""
 
-# CompressAI's zoo has weights for it (downloaded once, sha256-recorded). Issue #10 replaces it with the
-# variable-rate codec trained by this project once that codec beats JPEG and ships in weights/.
-DEFAULT_CODEC = "mbt2018-mean"
+# Shipped in weights/ (issue #10; model card weights/mbt2018-mean-vbr.md): one variable-rate file covers every -q,
+# so `comneck encode photo.png` works offline. The zoo codecs stay one --codec away.
+DEFAULT_CODEC = "mbt2018-mean-vbr"

@@ -181,8 +181,9 @@ def test_usage_and_option_errors(work, mbt):
 def test_weights_import_and_list(codec_files, work):
     r = run("weights", "import", "mbt2018-mean-q1", codec_files["mbt2018-mean"])
     assert r.exit_code == 0
-    listing = json.loads(run("weights", "list", "--json").stdout)
-    assert [e["name"] for e in listing] == ["mbt2018-mean-q1"]
+    listing = {e["name"]: e for e in json.loads(run("weights", "list", "--json").stdout)}
+    assert listing.keys() == {"mbt2018-mean-q1", "mbt2018-mean-vbr"}  # the import and the shipped default codec
+    assert listing["mbt2018-mean-vbr"]["origin"] == "shipped" and listing["mbt2018-mean-q1"]["origin"] == "user"
     # Registered: encode and decode need no --weights.
     assert run("encode", work / "camera.png", "--codec", "mbt2018-mean", "-q", "1").exit_code == 0
     assert run("decode", work / "camera.cnk", "-o", work / "c.png").exit_code == 0

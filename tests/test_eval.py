@@ -79,7 +79,8 @@ def test_report_numbers_match_an_independent_computation(common, tmp_path, codec
     original = np.asarray(Image.open(image).convert("RGB"))
 
     # Rate: the .cnk file `comneck encode` writes, container included.
-    r = run("encode", image, "-q", "1", "--weights", codec_files["mbt2018-mean"], "-o", tmp_path / "x.cnk")
+    r = run("encode", image, "--codec", "mbt2018-mean", "-q", "1", "--weights", codec_files["mbt2018-mean"], "-o",
+            tmp_path / "x.cnk")
     assert r.exit_code == 0, r.stderr
     bpp = 8 * (tmp_path / "x.cnk").stat().st_size / (64 * 64)
     assert image_row(report, "reconstruction")["bpp"] == image_row(report, "neck")["bpp"] == bpp
