@@ -152,12 +152,17 @@ def test_eval_compares_the_cotam_methods(trained, vbr_codec_file, tiny_clip_file
     assert out.exit_code == 0, out.output
     report = json.loads((tmp_path / "r1" / "points.json").read_text())
     skipped = {m["name"]: m for m in report["methods"]}["semantic-adapter"]
-    assert skipped["status"] != "ok" and "adapter" in json.dumps(skipped)
+    assert skipped["status"] != "ok" and "--adapter FILE" in json.dumps(skipped)
+    out = CliRunner().invoke(eval_command, [*args, "--adapter", str(trained[1].output), "-o", str(tmp_path / "r0")])
+    assert out.exit_code == 0, out.output
+    given = json.loads((tmp_path / "r0" / "points.json").read_text())["images"]
 
     registry.import_file("mbt2018-mean-vbr-adapter", trained[1].output, "adapter", {})
     out = CliRunner().invoke(eval_command, [*args, "-o", str(tmp_path / "r2")])
     assert out.exit_code == 0, out.output
     rows = json.loads((tmp_path / "r2" / "points.json").read_text())["images"]
+    untimed = [[{k: v for k, v in r.items() if k != "time"} for r in table] for table in (given, rows)]
+    assert untimed[0] == untimed[1]  # --adapter FILE is the registered adapter's evaluation
     codec = load_codec("mbt2018-mean-vbr", 5, weights=vbr_codec_file)
     from comneck_cli.clip import load_clip
     from comneck_cli.semantic import Guide, semantic_map

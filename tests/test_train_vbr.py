@@ -257,6 +257,10 @@ def test_eval_reports_the_pre_edit_method(trained, photos, tiny_clip_file, tmp_p
     assert out.exit_code == 0, out.output
     report = json.loads((tmp_path / "r1" / "points.json").read_text())
     assert "mbt2018-mean-vbr-preedit" in json.dumps({m["name"]: m for m in report["methods"]}["vbr-preedit"])
+    out = CliRunner().invoke(eval_command, [*args, "--pre-edit", str(p_file), "-o", str(tmp_path / "r0")])
+    assert out.exit_code == 0, out.output
+    given = {m["name"]: m for m in json.loads((tmp_path / "r0" / "points.json").read_text())["methods"]}
+    assert given["vbr-preedit"]["status"] == "ok", given["vbr-preedit"]
 
     registry.import_file("mbt2018-mean-vbr-preedit", p_file, "preedit")
     out = CliRunner().invoke(eval_command, [*args, "-o", str(tmp_path / "r2")])

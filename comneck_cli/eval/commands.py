@@ -106,6 +106,11 @@ class _Terminated(KeyboardInterrupt):
                    "digest.")
 @click.option("--postprocess", default=None,
               help="Post-processing U-Net per quality (FILE, or q1=FILE,...) for the postprocess method.")
+@click.option("--adapter", default=None,
+              help="Decoder adapter FILE or registry name for semantic-adapter. Default: the registry's CODEC-adapter.")
+@click.option("--pre-edit", "pre_edit", default=None,
+              help="Pre-editing module P (FILE or registry name) for vbr-preedit. Default: the registry's "
+                   "CODEC-preedit.")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Evaluate only the first N images (round-robin over the classes).")
 @click.option("--size", type=click.IntRange(0), default=256, show_default=True,
@@ -140,7 +145,7 @@ class _Terminated(KeyboardInterrupt):
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def eval_command(data: Path, output: Path, codec: str, qualities: tuple[int, ...], methods: tuple[str, ...] | None,
                  weights: str | None, neck: str | None, neck_weights: str | None, postprocess: str | None,
-                 limit: int | None, size: int, family: str | None, layer: int, select: str, clip_model: str | None,
+                 adapter: str | None, pre_edit: str | None, limit: int | None, size: int, family: str | None, layer: int, select: str, clip_model: str | None,
                  clip_tag: str | None,
                  clip_weights: Path | None, classes: Path | None, prompt: str, batch_size: int, device: str,
                  max_pixels: int | None, resume: bool, force: bool, quiet: bool, debug: bool) -> None:
@@ -185,7 +190,7 @@ def eval_command(data: Path, output: Path, codec: str, qualities: tuple[int, ...
             data=data, output=output, codec=codec, qualities=qualities, methods=methods,
             weights=parse_spec(weights, "--weights"), necks=parse_spec(neck, "--neck"),
             neck_weights=parse_spec(neck_weights, "--neck-weights"),
-            postprocess=parse_spec(postprocess, "--postprocess"),
+            postprocess=parse_spec(postprocess, "--postprocess"), adapter=adapter, pre_edit=pre_edit,
             limit=limit, size=size, layer=layer, select=select, pad_to_square=pad_to_square,
             clip_model=clip_model, clip_tag=clip_tag,
             clip_weights=clip_weights, classes=classes, prompt=prompt, batch_size=batch_size, device=device,

@@ -112,7 +112,8 @@ class Context:
 
     def __init__(self, *, device: torch.device, codec: str, qualities: tuple[int, ...], layer: int, select: str,
                  clip_model: str, clip_tag: str, clip_weights: Path | None, weights: Spec, necks: Spec,
-                 neck_weights: Spec, postprocess: Spec, pad_to_square: bool = False):
+                 neck_weights: Spec, postprocess: Spec, adapter: str | None = None, pre_edit: str | None = None,
+                 pad_to_square: bool = False):
         self.device = device
         self.codec_name = codec
         self.qualities = qualities
@@ -120,6 +121,7 @@ class Context:
         self.pad_to_square = pad_to_square
         self.clip_model, self.clip_tag, self.clip_weights = clip_model, clip_tag, clip_weights
         self.weights, self.necks, self.neck_weights, self.postprocess = weights, necks, neck_weights, postprocess
+        self.adapter, self.pre_edit = adapter, pre_edit  # file or name; None: the codec's registry entry
         self._codecs: dict[object, Codec] = {}
         self._clip = None
         self._reference: FeatureExtractor | None = None
@@ -427,8 +429,8 @@ class Semantic(Method):
 
 
 class SemanticAdapter(Semantic):
-    """CoTAM end to end: the semantic record's reconstruction through the decoder adapter (registry
-    ``{codec}-adapter``), as ``decode --for mllm`` writes it; people see g_s's output."""
+    """CoTAM end to end: the semantic record's reconstruction through the decoder adapter (``--adapter``, else the
+    registry's ``{codec}-adapter``), as ``decode --for mllm`` writes it; people see g_s's output."""
 
     name = "semantic-adapter"
     what = "CoTAM: semantic record -> g_s -> decoder adapter -> full CLIP tower; people see g_s's output"
@@ -437,7 +439,7 @@ class SemanticAdapter(Semantic):
         from ..adapter import load_adapter, resolve_adapter
 
         point = super().plan_quality(ctx, quality)
-        path = resolve_adapter(None, point.codec)
+        path = resolve_adapter(ctx.adapter, point.codec)
         adapter, info = load_adapter(path, device=ctx.device)
         info.check_codec(point.codec, path)
         point.unet, point.models["adapter"] = adapter, file_digest(path)
@@ -452,9 +454,9 @@ class SemanticAdapter(Semantic):
 
 
 class VbrPreedit(Method):
-    """arXiv 2407.17060's pipeline: the pre-editing module P (registry ``{codec}-preedit``, trained jointly with the
-    codec by ``comneck train vbr --pre-edit``) edits x, the variable-rate codec codes the edit at R = q, and the
-    decoded image goes to the full tower. The rate is the pre-edited record's bytes; PSNR is against the original x.
+    """arXiv 2407.17060's pipeline: the pre-editing module P (``--pre-edit``, else the registry's ``{codec}-preedit``;
+    trained jointly with the codec by ``comneck train vbr --pre-edit``) edits x, the variable-rate codec codes the
+    edit at R = q, and the decoded image goes to the full tower. The rate is the pre-edited record's bytes; PSNR is against the original x.
     ``reconstruction`` with the same variable-rate codec is the same pipeline without P."""
 
     name = "vbr-preedit"
@@ -470,7 +472,7 @@ class VbrPreedit(Method):
         if not codec.spec.variable_rate:
             raise ComneckError(f"{self.name} needs a variable-rate codec (--codec mbt2018-mean-vbr), not {codec.name}")
         if self._loaded is None or self._loaded.info.codec_digest != codec.digest.hex():
-            self._loaded = load_pre_edit(None, codec, clip_weights=ctx.clip_weights, device=ctx.device)
+            self._loaded = load_pre_edit(ctx.pre_edit, codec, clip_weights=ctx.clip_weights, device=ctx.device)
         editor = self._loaded
         models = {"codec": codec.digest.hex(), "preedit": file_digest(editor.source)}
         return Point(self.name, f"q{quality}", quality, models, codec=codec, pre_edit=editor,

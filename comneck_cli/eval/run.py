@@ -57,6 +57,8 @@ class EvalConfig:
     necks: dict = field(default_factory=dict)
     neck_weights: dict = field(default_factory=dict)
     postprocess: dict = field(default_factory=dict)
+    adapter: str | None = None  # semantic-adapter's file or name; None: the registry's CODEC-adapter
+    pre_edit: str | None = None  # vbr-preedit's P, file or name; None: the registry's CODEC-preedit
     limit: int | None = None
     size: int = 256
     layer: int = -2
@@ -104,7 +106,7 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None,
     ctx = Context(device=device, codec=cfg.codec, qualities=tuple(cfg.qualities), layer=cfg.layer, select=cfg.select,
                   clip_model=clip_model, clip_tag=clip_tag, clip_weights=cfg.clip_weights, weights=cfg.weights,
                   necks=cfg.necks, neck_weights=cfg.neck_weights, postprocess=cfg.postprocess,
-                  pad_to_square=cfg.pad_to_square)
+                  adapter=cfg.adapter, pre_edit=cfg.pre_edit, pad_to_square=cfg.pad_to_square)
     methods = {name: get_method(name) for name in dict.fromkeys(cfg.methods)}
     needs_codec = any(name != "uncompressed" for name in methods)
     if cfg.select not in ("pooled", "projected"):  # C(x) must have the layer, or nothing can be compared
