@@ -81,3 +81,28 @@ def test_model_card_quotes_the_benchmark_of_the_shipped_file():
     for anchor in ("jpeg", "webp"):
         assert result["bd_rate"][anchor]["bd_rate_percent"] is not None
     assert result["bd_rate"]["jpeg"]["bd_rate_percent"] < 0  # issue #10: fewer bits than JPEG for the same PSNR
+
+
+@pytest.mark.parametrize("rate", [1.0, 3.4, 8.0])
+def test_shipped_codec_decodes_the_encoders_y_hat_whatever_the_thread_count(photos, rate):
+    """The float16 file runs in float32: the hyperprior the decoder recomputes must give the encoder's very scales."""
+    import torch
+
+    from comneck_cli import api
+    from comneck_cli.codecs import load_codec
+    from comneck_cli.images import to_tensor
+    from formats import PAD_MULTIPLE
+
+    codec = load_codec(DEFAULT_CODEC, 3).at_rate(rate)
+    image = read_image(photos["chelsea"])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        strings, y_hat = codec.compress(to_tensor(image, PAD_MULTIPLE))
+        torch.set_num_threads(2)
+        record = api.encode(image, codec)
+        assert list(record.strings) == strings
+        decoded = api.decode_latents(record, codec)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(decoded, y_hat)
