@@ -16,6 +16,7 @@ thread (:func:`one_thread`): a convolution split over another number of threads 
 from __future__ import annotations
 
 import json
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -452,20 +453,22 @@ class Codec:
         return self.model.g_s(y_hat.to(self.device)).clamp_(0, 1)
 
 
+_ONE_THREAD_LOCK = threading.RLock()
+
+
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Run the entropy parameters' networks (h_a, h_s, context models) on one CPU thread, encoder and decoder
     alike, so their floats, and through the scale table the rANS state, do not depend on torch's thread count.
-    They work at 1/16 and 1/64 of the image's resolution: this costs little next to g_a and g_s."""
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    They work at 1/16 and 1/64 of the image's resolution: this costs little next to g_a and g_s. The thread count is
+    process-wide, so a lock keeps another Python thread from restoring it while one of these runs."""
+    with _ONE_THREAD_LOCK:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
 
 def save_codec(

@@ -166,3 +166,19 @@ def test_large_images_run_g_a_in_tiles_and_still_decode_exactly(codec, monkeypat
     strings, y_hat = codec.code(tiled)
     assert torch.equal(codec.decompress_latents(strings, 320, 448), y_hat)
 
+
+
+def test_entropy_parameters_run_on_one_thread_and_the_count_comes_back():
+    from comneck_cli.codecs import one_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_thread():
+            assert torch.get_num_threads() == 1
+            with one_thread():  # re-entrant (an RLock): nesting must not deadlock
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
