@@ -22,7 +22,7 @@ from formats import PAD_MULTIPLE, CnkError, ImportanceMap, Record, codec_name
 from .codecs import RATE_STEPS, Codec, load_codec
 from .errors import ComneckError
 from .images import from_tensor, to_tensor
-from .semantic import DEFAULT_STRENGTH
+from .semantic import DEFAULT_STRENGTH, strength_steps
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -134,7 +134,7 @@ class ImageEncoder:
                 stored = ImportanceMap.unpack(record.importance_map, record.height, record.width).strength
             except CnkError:  # a damaged map is not this encoder's output
                 return False
-            if stored != round(self.strength * 1000):
+            if stored != strength_steps(self.strength):
                 return False
         return (record.metadata or {}).get("pre_edit") == (self.editor.digest if self.editor is not None else None)
 

@@ -136,19 +136,25 @@ def _normalise(m: Tensor) -> Tensor:
     return (m - low) / (high - low) if high > low else torch.zeros_like(m)
 
 
+def strength_steps(strength: float) -> int:
+    """The strength S as the importance map stores it (thousandths, SPEC §7.1)."""
+    steps = round(strength * 1000)
+    if not 0 <= steps <= 0xFFFF:
+        raise ComneckError(f"--semantic-strength must be between 0 and 65.535, not {strength:g}")
+    return steps
+
+
 def quantise(importance: np.ndarray, height: int, width: int, strength: float, *, block: int = MAP_BLOCK,
              bits: int = MAP_BITS) -> ImportanceMap:
     """Importance in [0, 1] on the y grid -> the record's map: cell means over ``block``² positions, ``bits`` levels."""
-    strength_steps = round(strength * 1000)
-    if not 0 <= strength_steps <= 0xFFFF:
-        raise ComneckError(f"--semantic-strength must be between 0 and 65.535, not {strength:g}")
+    steps = strength_steps(strength)
     rows, cols = ImportanceMap.grid(height, width, block)
     padded = np.full((rows * block, cols * block), np.nan)
     padded[: importance.shape[0], : importance.shape[1]] = importance
     cells = np.nanmean(padded.reshape(rows, block, cols, block), axis=(1, 3))
     top = (1 << bits) - 1
     levels = np.clip(np.rint(cells * top), 0, top).astype(np.uint8)
-    return ImportanceMap(block=block, bits=bits, strength=strength_steps, rows=rows, cols=cols,
+    return ImportanceMap(block=block, bits=bits, strength=steps, rows=rows, cols=cols,
                          levels=levels.tobytes())
 
 

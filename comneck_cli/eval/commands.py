@@ -145,8 +145,8 @@ class _Terminated(KeyboardInterrupt):
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def eval_command(data: Path, output: Path, codec: str, qualities: tuple[int, ...], methods: tuple[str, ...] | None,
                  weights: str | None, neck: str | None, neck_weights: str | None, postprocess: str | None,
-                 adapter: str | None, pre_edit: str | None, limit: int | None, size: int, family: str | None, layer: int, select: str, clip_model: str | None,
-                 clip_tag: str | None,
+                 adapter: str | None, pre_edit: str | None, limit: int | None, size: int, family: str | None,
+                 layer: int, select: str, clip_model: str | None, clip_tag: str | None,
                  clip_weights: Path | None, classes: Path | None, prompt: str, batch_size: int, device: str,
                  max_pixels: int | None, resume: bool, force: bool, quiet: bool, debug: bool) -> None:
     """Compare the neck with the paper's baselines and traditional codecs: rate against PSNR, MS-SSIM, feature

@@ -456,7 +456,8 @@ class SemanticAdapter(Semantic):
 class VbrPreedit(Method):
     """arXiv 2407.17060's pipeline: the pre-editing module P (``--pre-edit``, else the registry's ``{codec}-preedit``;
     trained jointly with the codec by ``comneck train vbr --pre-edit``) edits x, the variable-rate codec codes the
-    edit at R = q, and the decoded image goes to the full tower. The rate is the pre-edited record's bytes; PSNR is against the original x.
+    edit at R = q, and the decoded image goes to the full tower. The rate is the pre-edited record's bytes; PSNR is
+    against the original x.
     ``reconstruction`` with the same variable-rate codec is the same pipeline without P."""
 
     name = "vbr-preedit"

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..errors import ComneckError
-from ..images import ImageConversionWarning, pad_amounts, read_image
+from ..images import ImageConversionWarning, read_image, to_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 UNLABELLED = -1
@@ -109,16 +109,11 @@ class ImageFolderCrops(Dataset):
 
 def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> Tensor:
     """uint8 H×W×3 -> (3, size, size) float in [0, 1]: a uniformly placed crop, padded as coding pads
-    (``images.to_tensor``: centred, edges repeated) when smaller."""
+    (:func:`images.to_tensor`: centred, edges repeated) when smaller."""
     height, width = image.shape[:2]
     top = int(rng.integers(0, max(height - size, 0) + 1))
     left = int(rng.integers(0, max(width - size, 0) + 1))
-    patch = image[top : top + size, left : left + size]
-    x = torch.from_numpy(np.array(patch, copy=True)).permute(2, 0, 1).float().div_(255.0)
-    if x.shape[1:] != (size, size):
-        pad_l, pad_r, pad_t, pad_b = pad_amounts(x.shape[1], x.shape[2], size)
-        x = torch.nn.functional.pad(x, (pad_l, pad_r, pad_t, pad_b), mode="replicate")
-    return x
+    return to_tensor(image[top : top + size, left : left + size], size)[0]  # a smaller patch pads up to size
 
 
 class EpochSampler(Sampler):
