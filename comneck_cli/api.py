@@ -17,11 +17,11 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from formats import PAD_MULTIPLE, CnkError, ImportanceMap, Record, codec_name
+from formats import PAD_MULTIPLE, CnkError, ImportanceMap, Limits, Record, codec_name
 
 from .codecs import RATE_STEPS, Codec, load_codec
 from .errors import ComneckError
-from .images import from_tensor, to_tensor
+from .images import check_size, from_tensor, to_tensor
 from .semantic import DEFAULT_STRENGTH, strength_steps
 
 T = TypeVar("T")
@@ -41,27 +41,37 @@ def resolve_device(name: str) -> torch.device:
 
 
 def encode(image: np.ndarray, codec: Codec, *, metadata: dict | None = None,
-           importance: ImportanceMap | None = None) -> Record:
+           importance: ImportanceMap | None = None, limits: Limits | None = None) -> Record:
     """uint8 H×W×3 -> one record: entropy-coded strings plus what a decoder needs to check them.
 
     With ``importance`` (``semantic.semantic_map``; variable-rate codecs) each latent position is quantised with
-    its own gain and the map travels in the record (SPEC §7.1).
+    its own gain and the map travels in the record (SPEC §7.1). An image larger than ``limits`` allow (default
+    the environment's) is refused before g_a runs: its record would be refused by every reader.
     """
     if importance is not None:
+        check_encodable([image], limits)
         return code_semantic(image, codec, codec.analyze(to_tensor(image, PAD_MULTIPLE)), importance, metadata)
-    return encode_batch([image], codec, metadata=metadata)[0]
+    return encode_batch([image], codec, metadata=metadata, limits=limits)[0]
+
+
+def check_encodable(images: Sequence[np.ndarray], limits: Limits | None = None) -> None:
+    """Refuse any image whose record the ``.cnk`` reader would refuse under ``limits``: the writer's own bound."""
+    for image in images:
+        check_size(image.shape[0], image.shape[1], "image to encode", limits)
 
 
 def encode_batch(images: Sequence[np.ndarray], codec: Codec, *, metadata: dict | None = None,
-                 bpp_target: float | None = None) -> list[Record]:
+                 bpp_target: float | None = None, limits: Limits | None = None) -> list[Record]:
     """Encode several images, running g_a once per group of images that pad to the same size.
 
     The records are identical to what :func:`encode` writes image by image, up to the float rounding of a
     batched g_a (the strings stay decodable either way: the decoder only needs what is in the record).
-    With ``bpp_target`` each image is coded at its own rate (:func:`encode_to_bpp`), one at a time.
+    With ``bpp_target`` each image is coded at its own rate (:func:`encode_to_bpp`), one at a time. Sizes are
+    checked against ``limits`` first, as in :func:`encode`.
     """
+    check_encodable(images, limits)
     if bpp_target is not None:
-        return [encode_to_bpp(image, codec, bpp_target, metadata=metadata) for image in images]
+        return [encode_to_bpp(image, codec, bpp_target, metadata=metadata, limits=limits) for image in images]
     records: list[Record | None] = [None] * len(images)
     for indices in _same_shape_groups([_padded_shape(im.shape[:2]) for im in images]):
         x = torch.cat([to_tensor(images[i], PAD_MULTIPLE) for i in indices])
@@ -85,12 +95,13 @@ class ImageEncoder:
     guide: Any = None
     strength: float = DEFAULT_STRENGTH
     editor: Any = None
+    limits: Limits | None = None  # default: the environment's
 
     @classmethod
     def load(cls, codec: Codec, *, bpp_target: float | None = None, semantic: bool = False,
              semantic_strength: float | None = None, clip_model: str = "ViT-L-14", clip_tag: str | None = "openai",
              clip_weights: str | Path | None = None, pre_edit: str | None = None,
-             device: torch.device | str = "cpu") -> "ImageEncoder":
+             device: torch.device | str = "cpu", limits: Limits | None = None) -> "ImageEncoder":
         """Check the options against each other and the codec, then load the CLIP guide or P they name.
 
         ``pre_edit`` is ``""`` for the registry's ``{codec}-preedit``, a name or a file; None codes unedited.
@@ -101,28 +112,30 @@ class ImageEncoder:
 
             strength = DEFAULT_STRENGTH if semantic_strength is None else semantic_strength
             guide = load_guide(clip_model, clip_tag, clip_weights, device=device)
-            return cls(codec, bpp_target, guide=guide, strength=strength)
+            return cls(codec, bpp_target, guide=guide, strength=strength, limits=limits)
         if pre_edit is not None:
             from .preedit import load_pre_edit
 
             weights = Path(clip_weights) if clip_weights is not None else None
             return cls(codec, bpp_target, editor=load_pre_edit(pre_edit or None, codec, clip_weights=weights,
-                                                               device=device))
-        return cls(codec, bpp_target)
+                                                               device=device), limits=limits)
+        return cls(codec, bpp_target, limits=limits)
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[Record]:
+        check_encodable(images, self.limits)  # before P or the CLIP guide run on an image no reader would take
         if self.editor is not None:
             edited = [self.editor(image) for image in images]
             return encode_batch(edited, self.codec, metadata={"pre_edit": self.editor.digest},
-                                bpp_target=self.bpp_target)
+                                bpp_target=self.bpp_target, limits=self.limits)
         if self.guide is not None:
             from .semantic import semantic_map
 
             maps = [semantic_map(image, self.guide, self.strength) for image in images]
             if self.bpp_target is None:
-                return [encode(image, self.codec, importance=m) for image, m in zip(images, maps)]
-            return [encode_to_bpp(image, self.codec, self.bpp_target, importance=m) for image, m in zip(images, maps)]
-        return encode_batch(list(images), self.codec, bpp_target=self.bpp_target)
+                return [encode(image, self.codec, importance=m, limits=self.limits) for image, m in zip(images, maps)]
+            return [encode_to_bpp(image, self.codec, self.bpp_target, importance=m, limits=self.limits)
+                    for image, m in zip(images, maps)]
+        return encode_batch(list(images), self.codec, bpp_target=self.bpp_target, limits=self.limits)
 
     def made(self, record: Record) -> bool:
         """Whether ``record`` was coded this way, guidance-wise (resuming a batch job): a map of this strength
@@ -150,17 +163,20 @@ def check_guidance(spec, semantic: bool, semantic_strength: float | None, pre_ed
 
 
 def encode_to_bpp(image: np.ndarray, codec: Codec, target: float, *, tolerance: float = 0.05,
-                  metadata: dict | None = None, importance: ImportanceMap | None = None) -> Record:
+                  metadata: dict | None = None, importance: ImportanceMap | None = None,
+                  limits: Limits | None = None) -> Record:
     """Encode at the rate R whose record (container included) lands on ``target`` bits per pixel.
 
     Bisects R over the variable-rate codec's range, re-coding the same g_a output (the transform runs once).
     Returns the first record within ``tolerance`` (relative) of the target, else the closest one found; a
     target outside what the codec reaches gives the end of the range, and the caller can read its bpp.
-    With ``importance`` every trial is a semantic record (map section included in the bpp).
+    With ``importance`` every trial is a semantic record (map section included in the bpp). Sizes are checked
+    against ``limits`` first, as in :func:`encode`.
     """
     from .codecs import check_rate_options
 
     check_rate_options(codec.spec, None, target)
+    check_encodable([image], limits)
     y = codec.analyze(to_tensor(image, PAD_MULTIPLE))
     lo, hi = float(min(codec.spec.qualities)), float(max(codec.spec.qualities))
     best = None

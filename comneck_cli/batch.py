@@ -34,7 +34,7 @@ import click
 
 from .defaults import DEFAULT_CODEC
 from .errors import ComneckError
-from .options import clip_options, guidance_options
+from .options import CODEC_CHOICE, check_codec_usage, clip_options, guidance_options
 from .presets import PRESETS
 
 STDIO = "-"
@@ -108,6 +108,10 @@ def _listed(lines: Iterable[str], relative_to: Path | None) -> tuple[list[Item],
         if source in seen:
             continue
         seen.add(source)
+        if source.is_dir():  # `.` or a folder: it has no file name for an output to mirror
+            refused.append({"path": entry, "reason": "is a folder, not a file; list the files in it, or give "
+                                                     "the folder itself as --input"})
+            continue
         try:
             relative = source.relative_to(base).as_posix()
         except ValueError:
@@ -260,7 +264,8 @@ def cnk_output_ok(target: Path, encoder, source: str) -> bool:
     """One record, written as ``encoder`` (``api.ImageEncoder``) writes: its codec, quality (or rate), weights and
     guidance (semantic map, pre-editing P), for an image of the source's size.
 
-    With a bpp target the record's rate is whatever met the target: its bpp must be within 5% of it.
+    With a bpp target the record's rate is whatever met the target: its bpp must be within 5% of it, or the target
+    must be out of the codec's reach and the record at the rate closest to it (else every rerun would redo it).
     """
     from formats import CnkError, read_file
 
@@ -279,7 +284,10 @@ def cnk_output_ok(target: Path, encoder, source: str) -> bool:
     if not encoder.made(r):
         return False
     if encoder.bpp_target is not None:
-        return abs(r.bits_per_pixel - encoder.bpp_target) <= 0.05 * encoder.bpp_target
+        from .codecs import bpp_out_of_reach
+
+        return (abs(r.bits_per_pixel - encoder.bpp_target) <= 0.05 * encoder.bpp_target
+                or bpp_out_of_reach(codec.spec, r.rate, r.bits_per_pixel, encoder.bpp_target) is not None)
     return (r.quality, r.rate) == (codec.quality, codec.stored_rate)
 
 
@@ -343,7 +351,8 @@ def _reason(exc: BaseException, *names: str) -> str:
 class Job:
     """Settings of one batch command; picklable, so Ray can ship it to each worker before :meth:`open`.
 
-    ``run`` returns one outcome per input: ``{"path", "status" (done|skipped|failed), "reason", "warnings"}``.
+    ``run`` gives one outcome per input, in input order: ``{"path", "status" (done|skipped|failed), "reason",
+    "warnings"}``.
     """
 
     output: str
@@ -367,13 +376,24 @@ class Job:
         limits = Limits.from_env()
         return limits if self.max_pixels is None else replace(limits, max_pixels=self.max_pixels)
 
-    def run(self, items: Sequence[Item]) -> list[dict[str, Any]]:
+    def run(self, items: Sequence[Item]) -> Iterable[dict[str, Any]]:
         raise NotImplementedError
 
     def target(self, item: Item, suffix: str, number: int | None = None) -> Path:
         stem = Path(item.relative).with_suffix("")
         name = f"{stem.name}_{number:04d}{suffix}" if number is not None else f"{stem.name}{suffix}"
         return Path(self.output) / stem.parent / name
+
+    @property
+    def output_suffix(self) -> str:
+        """The extension of this job's outputs."""
+        raise NotImplementedError
+
+    def targets(self, item: Item, count: int = 1) -> list[Path]:
+        """Every output of ``item``: one, or ``name_0001``... for a stream of ``count`` records."""
+        if count == 1:
+            return [self.target(item, self.output_suffix)]
+        return [self.target(item, self.output_suffix, n) for n in range(1, count + 1)]
 
     def _outcome(self, item: Item, status: str, reason: str = "", notes: Sequence[str] = (), tb: str = "") -> dict:
         return {"path": item.label, "status": status, "reason": reason, "warnings": list(notes), "traceback": tb}
@@ -397,6 +417,7 @@ class EncodeJob(Job):
     clip_weights: str | None = None
     pre_edit: str | None = None
     command, label = "encode", "encoding"
+    output_suffix = CNK_SUFFIX
 
     def open(self) -> None:
         super().open()
@@ -409,7 +430,7 @@ class EncodeJob(Job):
         self._encoder = api.ImageEncoder.load(
             codec, bpp_target=self.bpp_target, semantic=self.semantic, semantic_strength=self.semantic_strength,
             clip_model=self.clip_model, clip_tag=self.clip_tag, clip_weights=self.clip_weights,
-            pre_edit=self.pre_edit, device=device)
+            pre_edit=self.pre_edit, device=device, limits=self.limits())
 
     def run(self, items):
         from .outputs import write_atomic
@@ -464,32 +485,31 @@ class DecodeJob(Job):
         self._cache = api.CodecCache(api.resolve_device(self.device), self.weights)
         self._limits = self.limits()
 
-    def targets(self, item: Item, count: int) -> list[Path]:
-        suffix = DECODE_FORMATS[self.fmt]
-        if count == 1:
-            return [self.target(item, suffix)]
-        return [self.target(item, suffix, n) for n in range(1, count + 1)]
+    @property
+    def output_suffix(self) -> str:
+        return DECODE_FORMATS[self.fmt]
 
     def run(self, items):
+        """Yields each input's outcome as soon as its images are written: g_s is slow, and an interrupted job
+        must count what it finished, not only whole chunks."""
         from .images import WRITE_FORMATS
         from .outputs import write_atomic
 
-        outcomes = []
         for item in items:
             try:
                 records = _read_records(item, self._limits)
                 pending = [(t, r) for t, r in zip(self.targets(item, len(records)), records)
                            if self.force or not image_output_ok(t, r.height, r.width)]
                 if not pending:
-                    outcomes.append(self._outcome(item, "skipped"))
+                    yield self._outcome(item, "skipped")
                     continue
                 for target, record in pending:
                     data = decode_record_bytes(record, self._cache, WRITE_FORMATS[DECODE_FORMATS[self.fmt]])
                     write_atomic(target, data, force=True)
-                outcomes.append(self._outcome(item, "done"))
+                outcome = self._outcome(item, "done")
             except Exception as exc:  # noqa: BLE001
-                outcomes.append(self._failed(item, exc))
-        return outcomes
+                outcome = self._failed(item, exc)
+            yield outcome
 
 
 @dataclass
@@ -507,6 +527,10 @@ class FeaturesJob(Job):
     pad_to_square: bool = False
     suffixes = (CNK_SUFFIX,)
     command, label = "features", "features"
+
+    @property
+    def output_suffix(self) -> str:
+        return f".{self.fmt}"
 
     def __post_init__(self) -> None:
         if self.via == "uncompressed":
@@ -528,7 +552,7 @@ class FeaturesJob(Job):
         from .features import save_features
 
         runner = self._runner
-        suffix = f".{self.fmt}"
+        suffix = self.output_suffix
         failed: dict[int, dict] = {}
         # Every output of the chunk: (position of its input, target, label, payload).
         units: list[tuple[int, Path, str, Any]] = []
@@ -634,11 +658,10 @@ def run_ray(job: Job, plan: list[list[Item]], options: RayOptions, debug: bool =
     """Ray Data over the plan's chunks; a fixed pool of actors, each with ``num_gpus`` GPUs and ``num_cpus``
     CPUs. Starts a Ray instance on this machine unless one is running in this process, ``--address`` names a
     cluster, or ``RAY_ADDRESS`` is set."""
-    try:
-        import ray
-        import ray.data  # noqa: F401 - fail here, with the install hint, not inside a worker
-    except ImportError:
-        raise ComneckError(RAY_MISSING) from None
+    problem = _ray_problem()  # here, with the install hint or the real reason, not inside a worker
+    if problem is not None:
+        raise ComneckError(problem)
+    import ray
     started = False
     if not ray.is_initialized():
         address = options.address or os.environ.get("RAY_ADDRESS")
@@ -821,7 +844,8 @@ def batch_options(func: Callable) -> Callable:
                   help="A folder (searched recursively), a text file listing paths (one a line), or - for such "
                        "a list on stdin.")
     @click.option("--output", required=True, type=click.Path(path_type=Path, file_okay=False),
-                  help="Folder for the outputs; they mirror the inputs' relative paths (a/b.png -> OUT/a/b.cnk).")
+                  help="Folder for the outputs; they mirror the inputs' relative paths (encode: a/b.png -> "
+                       "OUT/a/b.cnk; decode: a/b.cnk -> OUT/a/b.png; features: a/b.cnk -> OUT/a/b.pt).")
     @click.option("--relative-to", type=click.Path(path_type=Path, file_okay=False), default=None,
                   help="For a list: the folder whose relative paths the outputs mirror. Default: the current folder.")
     @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
@@ -877,6 +901,7 @@ def batch_options(func: Callable) -> Callable:
 def _execute(run, job: Job, input_spec: str, output: Path, relative_to: Path | None, engine: str,
              options: RayOptions, batch_size: int) -> None:
     from .cli import progress
+    from .outputs import make_folder
 
     if relative_to is not None and (input_spec != STDIO and Path(input_spec).is_dir()):
         raise click.UsageError("--relative-to applies to a list of paths; a folder --input is mirrored from itself")
@@ -885,9 +910,9 @@ def _execute(run, job: Job, input_spec: str, output: Path, relative_to: Path | N
     refused += clashes
     if not items and not refused:
         raise ComneckError(f"no inputs: {input_spec} holds no {' / '.join(job.suffixes)} files")
-    if engine == "ray" and not _ray_available():
-        raise ComneckError(RAY_MISSING)
-    output.mkdir(parents=True, exist_ok=True)
+    if engine == "ray" and (problem := _ray_problem()) is not None:
+        raise ComneckError(problem)
+    make_folder(output)
     plan = chunks(items, batch_size)
     report = Report(run, output, job.command)
     try:
@@ -908,28 +933,51 @@ def _execute(run, job: Job, input_spec: str, output: Path, relative_to: Path | N
 
 
 def _without_clashes(job: Job, items: list[Item]) -> tuple[list[Item], list[dict[str, str]]]:
-    """Two inputs that would write the same output (a/b.png and a/b.jpg): the second is refused."""
-    suffix = ".x"  # the stem decides the name; any suffix compares the same
-    first: dict[Path, Item] = {}
-    kept, refused = [], []
+    """Every input's outputs, planned before any is written (``outputs.clashes``): an input that would write what an
+    earlier one writes is refused -- a/b.png and a/b.jpg (both OUT/a/b.cnk), or a stream's numbered outputs and
+    another input's (a.cnk's record 1 and a_0001.cnk, both OUT/a_0001.png)."""
+    from .outputs import clashes
+
+    counts = _stream_counts(job, items)
+    refused = clashes([(item.label, job.targets(item, counts.get(item, 1))) for item in items])
+    kept = [item for index, item in enumerate(items) if index not in refused]
+    return kept, [{"path": items[index].label, "reason": reason} for index, reason in refused.items()]
+
+
+def _stream_counts(job: Job, items: list[Item]) -> dict[Item, int]:
+    """The records in each ``.cnk`` input whose numbered outputs could meet another input's: ``a.cnk`` beside
+    ``a_0001.cnk`` (read, both of them). Other inputs are not read while planning: their outputs can only meet
+    by sharing a stem, whatever their record counts."""
+    if CNK_SUFFIX not in job.suffixes:
+        return {}
+    by_stem = {Path(item.relative).with_suffix("").as_posix().casefold(): item for item in items}
+    counts: dict[Item, int] = {}
     for item in items:
-        key = job.target(item, suffix)
-        if key in first:
-            refused.append({"path": item.label, "reason": f"would write the same output as {first[key].label}; "
-                                                          f"rename one of them"})
-            continue
-        first[key] = item
-        kept.append(item)
-    return kept, refused
+        stem, underscore, number = Path(item.relative).with_suffix("").as_posix().casefold().rpartition("_")
+        parent = by_stem.get(stem) if underscore and len(number) >= 4 and number.isdigit() else None
+        if parent is not None:
+            for each in (parent, item):
+                if each not in counts:
+                    try:
+                        counts[each] = max(1, len(_read_records(each, job.limits())))
+                    except (ComneckError, OSError):  # its worker reports the damage
+                        counts[each] = 1
+    return counts
 
 
-def _ray_available() -> bool:
-    import importlib.util
-
+def _ray_problem() -> str | None:
+    """Why ``--engine ray`` cannot run here, or None. Ray is imported, not only looked for: an installed Ray whose
+    import fails (e.g. a pyarrow built for another numpy) must say so, not that Ray is missing."""
     try:
-        return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.data") is not None
-    except (ImportError, ValueError):
-        return False
+        import ray  # noqa: F401
+        import ray.data  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - whatever a broken install raises, it is the reason to show
+        if isinstance(exc, ModuleNotFoundError) and exc.name in ("ray", "ray.data"):
+            return RAY_MISSING
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return (f"--engine ray: Ray is installed but importing it failed ({type(exc).__name__}: {first}); "
+                "fix that installation, or use --engine local")
+    return None
 
 
 @click.group("batch", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -944,7 +992,7 @@ def batch() -> None:
 @batch.command("encode")
 @click.option("-q", "--quality", type=click.IntRange(1, 255), default=3, show_default=True,
               help="Codec quality level (higher = more bits); the codec's range is checked.")
-@click.option("--codec", default=DEFAULT_CODEC, show_default=True,
+@click.option("--codec", type=CODEC_CHOICE, default=DEFAULT_CODEC, show_default=True,
               help="Codec name (see `comneck codecs`).")
 @click.option("--weights", default=None,
               help="Codec weights file or registry name instead of CODEC-qQ / the zoo (on Ray: a file every "
@@ -952,21 +1000,20 @@ def batch() -> None:
 @click.option("--rate", type=float, default=None,
               help="Variable-rate codecs: any rate R between the lowest and highest level; overrides -q.")
 @click.option("--bpp-target", type=float, default=None,
-              help="Variable-rate codecs: each image at the rate whose record has this many bits per pixel (±5%).")
+              help="Variable-rate codecs: each image at the rate whose record has this many bits per pixel (±5%); "
+                   "beyond the codec's reach, at its closest rate.")
 @guidance_options
 @batch_options
 def batch_encode(run, quality: int, codec: str, weights: str | None, rate: float | None, bpp_target: float | None,
                  semantic: bool, semantic_strength: float | None, clip_model: str, clip_tag: str,
                  clip_weights: Path | None, pre_edit: str | None) -> Job:
     """Compress every image (PNG, JPEG, WebP, TIFF) into OUTPUT/<relative path>.cnk."""
+    check_codec_usage(codec, quality, rate, bpp_target)
     _quiet_imports()
     from .api import check_guidance
-    from .codecs import check_quality, check_rate_options, get_spec
+    from .codecs import get_spec
 
-    spec = get_spec(codec)
-    check_quality(spec, quality)
-    check_rate_options(spec, rate, bpp_target)
-    check_guidance(spec, semantic, semantic_strength, pre_edit)
+    check_guidance(get_spec(codec), semantic, semantic_strength, pre_edit)
     return EncodeJob(output="", codec=codec, quality=quality, weights=_file_or_name(weights), rate=rate,
                      bpp_target=bpp_target, semantic=semantic, semantic_strength=semantic_strength,
                      clip_model=clip_model, clip_tag=clip_tag, clip_weights=_file_or_name(clip_weights),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -16,16 +17,21 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import click
+from formats import CnkError  # stdlib-only, like the registry: importing the CLI still imports no torch
+from weights import WeightsError
 
 from .defaults import DEFAULT_CODEC
 from .errors import ComneckError
-from .options import clip_options, guidance_options
+from .options import CODEC_CHOICE, check_codec_usage, clip_options, guidance_options
+from .outputs import clashes, is_dir_target, refuse_terminal
 from .presets import PRESETS
 
 STDIO = "-"
+NO_RECORDS = "no records in file (empty input)"  # decode, features and info agree on an empty .cnk
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,13 +47,10 @@ class Run:
     failures: list[str] = field(default_factory=list)
 
     def limits(self):
-        """The .cnk reader's limits: the environment's, with --max-pixels applied (one bound for images and records)."""
-        from dataclasses import replace
+        """The environment's limits with --max-pixels applied: one bound for images, frames, records and features."""
+        from .images import input_limits
 
-        from formats import Limits
-
-        limits = Limits.from_env()
-        return limits if self.max_pixels is None else replace(limits, max_pixels=self.max_pixels)
+        return input_limits(max_pixels=self.max_pixels)
 
     def warn(self, message: str) -> None:
         if not self.quiet:
@@ -71,7 +74,8 @@ def common_options(func: Callable) -> Callable:
     """Options every data command takes."""
 
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                  help="Where g_a / g_s (and later the neck and CLIP) run; entropy coding always runs on the CPU.")
+                  help="Where the networks run (the codec's transforms, the neck, CLIP); entropy coding always runs "
+                       "on the CPU.")
     @click.option("--quiet", is_flag=True, help="No progress bar, no warnings; errors still print.")
     @click.option("--force", is_flag=True, help="Overwrite existing output files.")
     @click.option("--fail-fast", is_flag=True, help="Stop at the first input that fails instead of going on.")
@@ -114,7 +118,7 @@ def _guard(run: Run) -> Iterator[None]:
     """Turn user-facing errors into one line and exit 1; Ctrl-C / SIGTERM into a clear message and 130 / 143."""
     try:
         yield
-    except ComneckError as exc:
+    except (ComneckError, CnkError, WeightsError) as exc:  # the sentences of the library, the container, the registry
         if run.debug:
             traceback.print_exc()
         click.echo(f"comneck: error: {exc}", err=True)
@@ -157,7 +161,7 @@ def main() -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str, allow_dash=True))
 @click.option("-q", "--quality", type=click.IntRange(1, 255), default=3, show_default=True,
               help="Codec quality level (higher = more bits); the codec's range is checked.")
-@click.option("--codec", default=DEFAULT_CODEC, show_default=True,
+@click.option("--codec", type=CODEC_CHOICE, default=DEFAULT_CODEC, show_default=True,
               help="Codec name (see `comneck codecs`).")
 @click.option("--weights", default=None,
               help="Codec weights file or registry name (e.g. mbt2018-mean-q3-d2) instead of CODEC-qQ / the zoo.")
@@ -165,7 +169,8 @@ def main() -> None:
               help="Variable-rate codecs: any rate R between the lowest and highest level (e.g. 3.4); overrides -q.")
 @click.option("--bpp-target", type=float, default=None,
               help="Variable-rate codecs: search each image's rate so the record has this many bits per pixel "
-                   "(within 5%; the container is counted).")
+                   "(within 5%; the container is counted). A target beyond the codec's highest (or lowest) rate "
+                   "writes that rate's record and warns with the bpp reached.")
 @guidance_options
 @click.option("--batch-size", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Images per g_a forward pass (same-size images batch; entropy coding stays per image).")
@@ -180,30 +185,33 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
 
     A folder of frames or a video file (.mp4 .mkv .avi .mov .webm ...) becomes one stream with a record per frame.
     """
+    check_codec_usage(codec, quality, rate, bpp_target)
+    if output not in (None, STDIO) and not is_dir_target(output):
+        check_target(Path(output), run.force)  # before torch and the model, not after them
+    if output == STDIO or (output is None and STDIO in images):
+        refuse_terminal(".cnk records")
     _quiet_imports()
     from . import api
-    from .codecs import get_spec, check_quality
+    from .codecs import bpp_out_of_reach, get_spec
     from .images import read_image, size_label
-    from .outputs import is_dir_target, write_atomic, write_stdout
-
-    from .codecs import check_rate_options
+    from .outputs import write_atomic, write_stdout
 
     spec = get_spec(codec)
-    check_quality(spec, quality)
-    check_rate_options(spec, rate, bpp_target)
     api.check_guidance(spec, semantic, semantic_strength, pre_edit)  # before any model loads
     device = api.resolve_device(run.device)
-    loaded = api.load_codec(codec, quality, weights=weights, device=device)
-    if rate is not None:
-        loaded = loaded.at_rate(rate)
     from formats import pack
 
-    encoder = api.ImageEncoder.load(loaded, bpp_target=bpp_target, semantic=semantic,
-                                    semantic_strength=semantic_strength, clip_model=clip_model, clip_tag=clip_tag,
-                                    clip_weights=clip_weights, pre_edit=pre_edit, device=device)
+    @functools.cache
+    def encoder() -> api.ImageEncoder:
+        # Loaded for the first image that passed the size limits: an input every reader would refuse loads no model.
+        loaded = api.load_codec(codec, quality, weights=weights, device=device)
+        return api.ImageEncoder.load(loaded if rate is None else loaded.at_rate(rate), bpp_target=bpp_target,
+                                     semantic=semantic, semantic_strength=semantic_strength, clip_model=clip_model,
+                                     clip_tag=clip_tag, clip_weights=clip_weights, pre_edit=pre_edit, device=device,
+                                     limits=run.limits())
 
     def encode_part(part: list) -> list:
-        return encoder([image for _, image in part])
+        return encoder()([image for _, image in part])
 
     to_dir = is_dir_target(output)
     gathered: list[bytes] = []  # for a single output stream (file or stdout)
@@ -215,6 +223,8 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
             return Path(output) / f"{'stdin' if name == STDIO else Path(name).stem}.cnk"
         return None
 
+    images = tuple(_without_clashes(run, images, lambda name: ("stdin" if name == STDIO else name,
+                                                                [target_for(name)])))
     from .video import is_video_source
 
     videos = [name for name in images if name != STDIO and is_video_source(name)]  # one stream per video
@@ -235,13 +245,16 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
                         run.warn(str(w.message))
                     batch.append((name, image))
                 except ComneckError as exc:
-                    run.fail(name, exc)
+                    run.fail("stdin" if name == STDIO else name, exc)
                     advance()
             records = api.split_on_oom(
                 encode_part, batch,
                 lambda item: f"{item[0]} ({size_label(item[1])})",
             ) if batch else []
             for (name, _), record in zip(batch, records):
+                missed = bpp_target and bpp_out_of_reach(spec, record.rate, record.bits_per_pixel, bpp_target)
+                if missed:
+                    run.warn(f"{name}: {missed}; wrote that record")
                 try:
                     target = target_for(name)
                     if target is None:
@@ -261,6 +274,28 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
             write_stdout(b"".join(gathered))
         else:
             write_atomic(Path(output), b"".join(gathered), force=run.force)
+
+
+def _without_clashes(run: Run, entries: Sequence[T], claim: Callable[[T], tuple[str, list[Path | None]]]
+                     ) -> list[T]:
+    """``entries`` (inputs, or decode's records) less those that would write an output that an earlier entry of
+    this run writes (``outputs.clashes``): each refused one fails, naming the other. ``claim(entry)`` gives its
+    label and output paths (None: stdout or the one shared stream, which cannot clash)."""
+    claims = [(label, [t for t in targets if t is not None]) for label, targets in map(claim, entries)]
+    refused = clashes(claims)
+    for index, reason in refused.items():
+        run.fail(claims[index][0], ComneckError(reason))
+    return [entry for index, entry in enumerate(entries) if index not in refused]
+
+
+def check_target(target: Path, force: bool) -> None:
+    """Refuse an output file that exists (without --force) or whose folder cannot be written, before any model
+    loads: the same refusal after minutes of loading and coding would waste them."""
+    if target.exists() and not force:
+        raise ComneckError(f"{target} already exists; pass --force to overwrite it")
+    folder = next((p for p in target.absolute().parents if p.exists()), Path("/"))
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ComneckError(f"cannot write {target}: {folder} is not a writable folder")
 
 
 def _encode_video(run: Run, name: str, target: Path | None, encode_part: Callable, gathered: list[bytes]) -> None:
@@ -284,7 +319,8 @@ def _encode_video(run: Run, name: str, target: Path | None, encode_part: Callabl
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=str, allow_dash=True))
 @click.option("-o", "--output", default=None, type=click.Path(path_type=str, allow_dash=True),
               help="Output image (format from the extension: .png .jpg .webp .tif), a folder, or - for PNG on "
-                   "stdout. Several records to one name are numbered name_0001.png... Default: beside each file.")
+                   "stdout. Several records to one name are numbered name_0001.png... Default: NAME.decoded.png "
+                   "beside each NAME.cnk (never the name of the image it was coded from).")
 @click.option("--weights", default=None,
               help="Codec weights file or registry name; must be what encoded the records (checked by digest).")
 @click.option("--for", "audience", type=click.Choice(["human", "mllm"]), default="human", show_default=True,
@@ -295,10 +331,12 @@ def _encode_video(run: Run, name: str, target: Path | None, encode_part: Callabl
 def decode(run: Run, files: tuple[str, ...], output: str | None, weights: str | None, audience: str,
            adapter: str | None) -> None:
     """Reconstruct images from .cnk FILES (or - for stdin) through the synthesis transform g_s."""
+    if output == STDIO or (output is None and STDIO in files):
+        refuse_terminal("PNG images")  # before torch and the models load
     _quiet_imports()
     from . import api
     from .images import encode_image_bytes, image_format_for
-    from .outputs import is_dir_target, numbered, write_atomic, write_stdout
+    from .outputs import decoded_name, numbered, write_atomic, write_stdout
 
     cache = api.CodecCache(api.resolve_device(run.device), weights)
     if adapter is not None and audience != "mllm":
@@ -318,19 +356,29 @@ def decode(run: Run, files: tuple[str, ...], output: str | None, weights: str | 
     to_dir = is_dir_target(output)
     jobs = _records(run, files)
     many = len(jobs) > 1
-    with progress(run, len(jobs), "decoding") as advance:
-        for index, (label, source, record_no, count, record) in enumerate(jobs, start=1):
+
+    def target_for(index: int, source: str, record_no: int, count: int) -> Path | None:
+        if output is None and source != STDIO:
+            target = decoded_name(Path(source))
+            return numbered(target, record_no) if count > 1 else target
+        if to_dir:
+            stem = "stdin" if source == STDIO else Path(source).stem
+            return Path(output) / (f"{stem}_{record_no:04d}.png" if count > 1 else f"{stem}.png")
+        if output in (None, STDIO):
+            return None
+        return numbered(Path(output), index) if many else Path(output)
+
+    def claim(entry: tuple) -> tuple[str, list[Path | None]]:
+        index, (label, source, record_no, count, _) = entry
+        return label, [target_for(index, source, record_no, count)]
+
+    # Every record's name is planned before the first is written: a stream's numbered outputs must not
+    # replace those of another input (a.cnk's second record and a_0002.cnk, both -> OUT/a_0002.png).
+    planned = _without_clashes(run, list(enumerate(jobs, start=1)), claim)
+    with progress(run, len(planned), "decoding") as advance:
+        for index, (label, source, record_no, count, record) in planned:
             try:
-                if output is None and source != STDIO:
-                    target = Path(source).with_suffix(".png")
-                    target = numbered(target, record_no) if count > 1 else target
-                elif to_dir:
-                    stem = "stdin" if source == STDIO else Path(source).stem
-                    target = Path(output) / (f"{stem}_{record_no:04d}.png" if count > 1 else f"{stem}.png")
-                elif output in (None, STDIO):
-                    target = None
-                else:
-                    target = numbered(Path(output), index) if many else Path(output)
+                target = target_for(index, source, record_no, count)
                 fmt = image_format_for(target)
                 codec = cache.for_record(record)
                 image = api.decode(record, codec)
@@ -367,7 +415,7 @@ def _parse_records(run: Run, source: str, data: bytes) -> list[tuple[str, str, i
     try:
         found = list(iter_records(io.BytesIO(data), run.limits()))
         if not found:
-            raise CnkError("no records in file (empty input)")
+            raise CnkError(NO_RECORDS)
     except CnkError as exc:
         run.fail(source, ComneckError(str(exc)))
         return []
@@ -413,15 +461,18 @@ def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str
     The default is what LLaVA-style MLLMs read: the penultimate hidden state's patch tokens, (N, 256, 1024)
     for ViT-L/14 at 224, straight from the compressed latents without decoding the image.
     """
+    if not is_dir_target(output):
+        check_target(Path(output), run.force)  # before torch, CLIP and the neck
     _quiet_imports()
     from . import api
     from .features import FeatureExtractor, metadata, resolve_neck, save_features
     from .images import size_label
-    from .outputs import is_dir_target
 
     layer, select, clip_model, clip_tag, pad_to_square = apply_preset(family, layer, select, clip_model, clip_tag)
     device = api.resolve_device(run.device)
     items = _feature_inputs(run, inputs, want_images=via == "uncompressed")
+    if is_dir_target(output):
+        items = _without_clashes(run, items, lambda item: (item[0], [Path(output) / f"{item[1]}.{fmt}"]))
     if not items:
         return
     cache = api.CodecCache(device, weights)
@@ -577,6 +628,7 @@ def info(files: tuple[str, ...], as_json: bool, debug: bool) -> None:
     run = Run(debug=debug)
     rows = []
     for source in files:
+        before = len(rows)
         try:
             with nullcontext(sys.stdin.buffer) if source == STDIO else open(source, "rb") as f:
                 for number, record in enumerate(iter_records(f), start=1):
@@ -601,6 +653,8 @@ def info(files: tuple[str, ...], as_json: bool, debug: bool) -> None:
                         "metadata": record.metadata,
                         "importance_map_bytes": len(record.importance_map or b""),
                     })
+            if len(rows) == before:
+                raise CnkError(NO_RECORDS)
         except (CnkError, OSError) as exc:
             msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             run.fail(source, ComneckError(msg))
@@ -630,7 +684,8 @@ def _print_info_table(rows: list[dict]) -> None:
 
 # --------------------------------------------------------------------------- complexity
 @main.command()
-@click.option("--codec", default="elic2022-official", show_default=True, help="Codec whose g_s is counted.")
+@click.option("--codec", type=CODEC_CHOICE, default="elic2022-official", show_default=True,
+              help="Codec whose g_s is counted, sized as the file `encode` would load (registered, else the zoo's).")
 @click.option("-q", "--quality", type=int, default=None, help="Codec quality (sets N, M). Default: the highest.")
 @click.option("--clip", "clip_model", default="ViT-L-14", show_default=True, help="open_clip model name.")
 @click.option("--size", type=click.IntRange(64, 4096), default=256, show_default=True,
@@ -643,10 +698,12 @@ def complexity(codec: str, quality: int | None, clip_model: str, size: int, k: i
 
     Random weights (counts do not depend on them), so nothing is downloaded.
     """
+    if quality is not None:
+        check_codec_usage(codec, quality)
     _quiet_imports()
     run = Run()
     with _guard(run):
-        rows = complexity_rows(codec, quality, clip_model, size, k)
+        rows, sized = complexity_rows(codec, quality, clip_model, size, k)
     if as_json:
         click.echo(json.dumps([{"component": r.name, "params": r.params, "kmac_per_px": r.kmac_per_px}
                                for r in rows], indent=2))
@@ -654,7 +711,7 @@ def complexity(codec: str, quality: int | None, clip_model: str, size: int, k: i
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{codec} + {clip_model}, {size}×{size}, k={k}")
+    table = Table(title=f"{codec} ({sized}) + {clip_model}, {size}×{size}, k={k}")
     table.add_column("component")
     table.add_column("params (M)", justify="right")
     table.add_column("kMAC/pixel", justify="right")
@@ -663,11 +720,12 @@ def complexity(codec: str, quality: int | None, clip_model: str, size: int, k: i
     Console().print(table)
 
 
-def complexity_rows(codec: str, quality: int | None, clip_model: str, size: int, k: int) -> list:
-    """Build the three models with random weights and count them (see comneck_cli.complexity)."""
+def complexity_rows(codec: str, quality: int | None, clip_model: str, size: int, k: int) -> tuple[list, str]:
+    """Build the three models with random weights and count them (see comneck_cli.complexity). Returns the rows
+    and the codec's size and where it comes from (``codecs.file_config``)."""
     import open_clip
 
-    from .codecs import check_quality, get_spec
+    from .codecs import check_quality, file_config, get_spec, latent_channels
     from .complexity import component_costs
     from .neck import TransformNeck
 
@@ -678,7 +736,8 @@ def complexity_rows(codec: str, quality: int | None, clip_model: str, size: int,
         raise ComneckError(f"unknown CLIP model {clip_model!r}; use an open_clip model name such as ViT-L-14")
     if size % 64:
         raise ComneckError(f"--size must be a multiple of 64 (the codec's padding), not {size}")
-    codec_model = spec.constructor()(**spec.qualities[quality])
+    config, source = file_config(spec, quality)
+    codec_model = spec.constructor()(**config)
     logging.disable(logging.WARNING)  # open_clip logs "initialized randomly", which is the point here
     try:
         clip = open_clip.create_model(clip_model, pretrained=None)
@@ -687,25 +746,30 @@ def complexity_rows(codec: str, quality: int | None, clip_model: str, size: int,
     visual = clip.visual
     grid = size // 16
     neck = TransformNeck(
-        latent_channels=spec.latent_channels(quality), width=visual.transformer.width,
+        latent_channels=latent_channels(config), width=visual.transformer.width,
         heads=visual.transformer.resblocks[0].attn.num_heads, grid=(grid, grid),
     )
-    return component_costs(codec_model, clip, neck, image_size=size, k=k)
+    sized = ", ".join(f"{key}={value}" for key, value in config.items())
+    return component_costs(codec_model, clip, neck, image_size=size, k=k), f"q{quality}, {sized}: {source}"
 
 
 # --------------------------------------------------------------------------- codecs & weights
 @main.command("codecs")
 def codecs_command() -> None:
-    """List the codecs comneck can use, their quality levels and latent channels."""
+    """List the codecs comneck can use, their quality levels and sizes (N, and M = latent channels): those of the
+    registered file where one is registered (its metadata), else CompressAI's zoo table."""
     _quiet_imports()
-    from .codecs import CODECS
+    from .codecs import CODECS, file_config, latent_channels
 
     for spec in CODECS.values():
         qs = sorted(spec.qualities)
-        chans = sorted({spec.latent_channels(q) for q in qs})
+        configs = [file_config(spec, q) for q in qs]
+        ns = "/".join(dict.fromkeys(str(config["N"]) for config, _ in configs))
+        ms = "/".join(dict.fromkeys(str(latent_channels(config)) for config, _ in configs))
+        registered = "; size from the registered file" if any(s.startswith("registered") for _, s in configs) else ""
         default = "; the default codec (weights shipped)" if spec.name == DEFAULT_CODEC else ""
-        click.echo(f"{spec.name:22s} q{qs[0]}-{qs[-1]}  M={'/'.join(map(str, chans)):8s} "
-                   f"zoo={'yes' if spec.zoo else 'no ':3s} {spec.notes}{default}")
+        click.echo(f"{spec.name:22s} q{qs[0]}-{qs[-1]}  N={ns:8s} M={ms:8s} "
+                   f"zoo={'yes' if spec.zoo else 'no ':3s} {spec.notes}{registered}{default}")
 
 
 @main.group("weights")
@@ -719,7 +783,8 @@ def weights_list(as_json: bool) -> None:
     """List registered model files: name, kind, origin, sha256 and what they were made for."""
     import weights as registry
 
-    entries = registry.entries()
+    with _guard(Run()):  # a damaged manifest
+        entries = registry.entries()
     if as_json:
         click.echo(json.dumps([{"name": e.name, "kind": e.kind, "origin": e.origin, "sha256": e.sha256,
                                 "path": str(e.path()), "info": e.info} for e in entries.values()], indent=2))
@@ -759,6 +824,11 @@ def weights_import(name: str, file: Path, kind: str | None, half: bool) -> None:
     if half and kind != "codec":
         raise click.UsageError("--half applies to codec files only")
     try:
+        if info.get("codec") is not None:  # refuse notes.txt or another codec's file now, not at first use
+            _quiet_imports()
+            from .codecs import check_codec_file
+
+            check_codec_file(file, info["codec"], info.get("quality"))
         if half:
             import tempfile
 

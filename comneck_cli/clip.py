@@ -21,9 +21,12 @@ Everything here is batch-first: tokens are ``(B, 1 + P, width)`` with the class 
 
 from __future__ import annotations
 
+import logging
+import os
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -83,14 +86,25 @@ def load_clip(
             f"unknown weights tag {pretrained!r} for CLIP model {name}; use one of: {tags} "
             "(or pass a local weights file)"
         )
+    download = weights_file is None and bool(pretrained) and not _hub_cached(tag_cfg, cache_dir)
+    if download:
+        # Not cached: fail at once rather than after a minute of Hugging Face's retries when nothing can be fetched.
+        why = "HF_HUB_OFFLINE is set" if _hub_offline() else _hub_unreachable()
+        if why is not None:
+            raise ComneckError(
+                f"CLIP weights {name}/{pretrained} are not in the local cache and cannot be downloaded ({why}); "
+                "download them on a connected machine (HF_HOME cache) or register a local file with "
+                f"`comneck weights import {weights_entry_name(name, pretrained)} FILE`"
+            )
     try:
-        model = open_clip.create_model(
-            name,
-            pretrained=source,
-            force_quick_gelu=quick_gelu,
-            device=device,
-            cache_dir=None if cache_dir is None else str(cache_dir),
-        )
+        with _quiet_logs() if download else nullcontext():  # open_clip's ERROR:root: and the hub's retry warnings
+            model = open_clip.create_model(
+                name,
+                pretrained=source,
+                force_quick_gelu=quick_gelu,
+                device=device,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+            )
     except Exception as exc:  # open_clip wraps hub/url/state-dict failures in RuntimeError and others
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if weights_file is not None:
@@ -102,10 +116,65 @@ def load_clip(
             raise ComneckError(
                 f"CLIP weights {name}/{pretrained} are not in the local cache and cannot be downloaded; download "
                 "them on a connected machine (HF_HOME cache) or register a local file with "
-                f"`comneck weights import {weights_entry_name(name, pretrained)} FILE`"
+                f"`comneck weights import {weights_entry_name(name, pretrained)} FILE` (offline, HF_HUB_OFFLINE=1 "
+                "makes this fail at once)"
             ) from exc
         raise ComneckError(f"CLIP model {name}/{pretrained} could not be built ({first})") from exc
     return model.eval()
+
+
+def _hub_cached(tag_cfg: dict, cache_dir: Path | None) -> bool:
+    """Whether open_clip would find the tag's weights in the Hugging Face cache (True for tags it does not fetch
+    from the hub: their URL download is open_clip's own business). Looks only in the cache, never on the network."""
+    from huggingface_hub import hf_hub_download
+    from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives  # open_clip's own choice of file
+
+    model_id, filename = os.path.split(tag_cfg.get("hf_hub", ""))
+    if not model_id:
+        return True
+    filename = filename or HF_WEIGHTS_NAME
+    for candidate in (*_get_safe_alternatives(filename), filename):
+        try:
+            hf_hub_download(model_id, candidate, cache_dir=None if cache_dir is None else str(cache_dir),
+                            local_files_only=True)
+            return True
+        except Exception:  # noqa: BLE001 - LocalEntryNotFoundError and kin: not cached under this name
+            continue
+    return False
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    # huggingface_hub reads the variable once, at import; a change since then counts too.
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face endpoint cannot be reached (a 3-second connection attempt), or None; with a proxy set,
+    None (the download goes through it)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as exc:
+        return f"{url.hostname} is unreachable: {exc.strerror or exc}; HF_HUB_OFFLINE=1 skips trying"
+    return None
+
+
+@contextmanager
+def _quiet_logs() -> Iterator[None]:
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _vision_tower(visual: nn.Module) -> "VisionTransformer":

@@ -29,8 +29,12 @@ from torch import Tensor, nn
 import weights as registry
 from formats import CODEC_IDS, PAD_MULTIPLE, latent_grids
 
+from .defaults import CODEC_LEVELS, quality_problem, rate_problem
+from . import rans
+from ._compressai import import_compressai
 from .errors import ComneckError
 from .modelfiles import read_safetensors
+
 
 class Family:
     """How one kind of CompressAI model maps x to strings and strings to ``y_hat``.
@@ -108,11 +112,25 @@ class Autoregressive(Family):
         return [y_string, z_string], F.pad(y_hat, (-pad, -pad, -pad, -pad))
 
     def decompress(self, model, strings, grid, gain=None):
+        """CompressAI's ``_decompress_ar`` step for step, decoding through comneck's bounded rANS stream
+        (:mod:`comneck_cli.rans`) instead of ``compressai.ans.RansDecoder``: the same y_hat, bit for bit."""
         z_hat = self.decode_side_info(model, strings[1], grid)
         params = model.h_s(z_hat)
         pad = (self.kernel - 1) // 2
         y_hat = torch.zeros((1, model.M, grid[0] + 2 * pad, grid[1] + 2 * pad))
-        model._decompress_ar(strings[0], y_hat, params, grid[0], grid[1], self.kernel, pad)
+        gc = model.gaussian_conditional
+        tables = rans.tables_of(gc._quantized_cdf, gc._cdf_length, gc._offset)
+        stream = rans.Stream(strings[0])
+        for h in range(grid[0]):
+            for w in range(grid[1]):
+                # the 5×5 masked convolution only where it is needed, and 1×1 entropy parameters at (h, w)
+                y_crop = y_hat[:, :, h : h + self.kernel, w : w + self.kernel]
+                ctx_p = F.conv2d(y_crop, model.context_prediction.weight, bias=model.context_prediction.bias)
+                p = params[:, :, h : h + 1, w : w + 1]
+                scales_hat, means_hat = model.entropy_parameters(torch.cat((p, ctx_p), dim=1)).chunk(2, 1)
+                symbols = rans.decode(stream, gc.build_indexes(scales_hat), tables)
+                rv = torch.from_numpy(symbols.astype("float32")).reshape(1, -1, 1, 1)
+                y_hat[:, :, h + pad : h + pad + 1, w + pad : w + pad + 1] = gc.dequantize(rv, means_hat)
         return F.pad(y_hat, (-pad, -pad, -pad, -pad))
 
 
@@ -200,12 +218,16 @@ def rate_gain(model: nn.Module, rate: float) -> Tensor:
 
 @dataclass(frozen=True)
 class CodecSpec:
-    """One named codec: its CompressAI architecture, family and per-quality constructor arguments."""
+    """One named codec: its CompressAI architecture, family and per-quality constructor arguments.
+
+    The quality levels are ``defaults.CODEC_LEVELS`` (torch-free, so the CLI checks -q before loading anything);
+    the constructor arguments of a zoo codec are CompressAI's own table, ``compressai.zoo.image.cfgs``.
+    """
 
     name: str
     family: Family
-    qualities: dict[int, dict[str, Any]]
     zoo: bool
+    config: dict[str, Any] | None = None  # the arguments at every level when the zoo has none for this codec
     notes: str = ""
 
     @property
@@ -216,70 +238,54 @@ class CodecSpec:
     def variable_rate(self) -> bool:
         return self.family.variable_rate
 
+    @property
+    def qualities(self) -> dict[int, dict[str, Any]]:
+        """Constructor arguments (``N``, ``M``) per quality level, as the zoo (or the paper) sizes them."""
+        if self.config is not None:
+            return {q: dict(self.config) for q in CODEC_LEVELS[self.name]}
+        import_compressai()
+        from compressai.zoo.image import cfgs
+
+        return {q: dict(zip(("N", "M"), cfgs[self.name][q])) for q in CODEC_LEVELS[self.name]}
+
     def constructor(self) -> Callable[..., nn.Module]:
+        import_compressai()
         from compressai.registry import MODELS
+
+        from . import elic_comneck  # noqa: F401 - registers elic-comneck, which CompressAI does not have
 
         return MODELS[self.name]
 
     def latent_channels(self, quality: int) -> int:
-        config = self.qualities[quality]
-        return config.get("M", config["N"])  # cheng2020's latents have N channels
+        return latent_channels(self.qualities[quality])
 
 
-def _nm(table: dict[int, tuple[int, int]]) -> dict[int, dict[str, int]]:
-    return {q: {"N": n, "M": m} for q, (n, m) in table.items()}
+def latent_channels(config: dict[str, Any]) -> int:
+    """The channels of y_hat for constructor arguments ``config``."""
+    if "groups" in config:  # ELIC's M is the sum of its channel groups
+        return int(sum(config["groups"]))
+    return int(config.get("M", config["N"]))  # cheng2020's latents have N channels
 
-
-_SMALL, _LARGE = (128, 192), (192, 320)
 
 CODECS: dict[str, CodecSpec] = {
     spec.name: spec
     for spec in (
-        CodecSpec(
-            "bmshj2018-hyperprior",
-            ScaleHyperprior(),
-            _nm({q: _SMALL if q <= 5 else _LARGE for q in range(1, 9)}),
-            zoo=True,
-        ),
-        CodecSpec(
-            "mbt2018-mean",
-            MeanScaleHyperprior(),
-            _nm({q: _SMALL if q <= 4 else _LARGE for q in range(1, 9)}),
-            zoo=True,
-        ),
-        CodecSpec(
-            "mbt2018",
-            Autoregressive(),
-            _nm({q: (192, 192) if q <= 4 else _LARGE for q in range(1, 9)}),
-            zoo=True,
-            notes="autoregressive: slow to decode",
-        ),
-        CodecSpec(
-            "cheng2020-anchor",
-            Autoregressive(),
-            {q: {"N": 128 if q <= 3 else 192} for q in range(1, 7)},
-            zoo=True,
-            notes="autoregressive: slow to decode",
-        ),
-        CodecSpec(
-            "elic2022-official",
-            LatentCodecModel(),
-            # The ComNeck paper trains ELIC itself at λ = 0.004, 0.008, 0.016, 0.032.
-            {q: {"N": 192, "M": 320} for q in range(1, 5)},
-            zoo=False,
-            notes="the ComNeck paper's codec; no zoo weights",
-        ),
-        CodecSpec(
-            "mbt2018-mean-vbr",
-            VariableRate(),
-            # One file for every level; -q q is rate q, --rate picks any point in between.
-            {q: {"N": 192, "M": 320} for q in range(1, 9)},
-            zoo=False,
-            notes="variable rate: one model, any --rate in 1..8",
-        ),
+        CodecSpec("bmshj2018-hyperprior", ScaleHyperprior(), zoo=True),
+        CodecSpec("mbt2018-mean", MeanScaleHyperprior(), zoo=True),
+        CodecSpec("mbt2018", Autoregressive(), zoo=True, notes="autoregressive: slow to decode"),
+        CodecSpec("cheng2020-anchor", Autoregressive(), zoo=True, notes="autoregressive: slow to decode"),
+        # The ComNeck paper trains ELIC itself (CompressAI's default N=192, M=320).
+        CodecSpec("elic2022-official", LatentCodecModel(), zoo=False, config={"N": 192, "M": 320},
+                  notes="the ComNeck paper's codec; no zoo weights"),
+        # One file for every level; -q q is rate q, --rate picks any point in between. CompressAI's default size;
+        # the shipped file is smaller (its metadata says so: file_config).
+        CodecSpec("mbt2018-mean-vbr", VariableRate(), zoo=False, config={"N": 192, "M": 320},
+                  notes="variable rate: one model, any --rate in 1..8"),
+        # The ComNeck authors' own ELIC (comneck_cli.elic_comneck), coded through its CompressAI-style latent codec.
+        CodecSpec("elic-comneck", LatentCodecModel(), zoo=False, config={"N": 192, "M": 320},
+                  notes="the ComNeck authors' released codec (issue #18); no zoo weights"),
     )
 }
-
 
 
 def get_spec(name: str) -> CodecSpec:
@@ -290,9 +296,9 @@ def get_spec(name: str) -> CodecSpec:
 
 
 def check_quality(spec: CodecSpec, quality: int) -> None:
-    if quality not in spec.qualities:
-        lo, hi = min(spec.qualities), max(spec.qualities)
-        raise ComneckError(f"codec {spec.name} has quality levels {lo}..{hi}, not {quality}")
+    problem = quality_problem(spec.name, quality)
+    if problem is not None:
+        raise ComneckError(problem)
 
 
 def registry_name(codec: str, quality: int | None) -> str:
@@ -309,31 +315,60 @@ def registry_name(codec: str, quality: int | None) -> str:
 # of the 64-pixel padding so every tile and border maps onto whole latent positions.
 ANALYSIS_TILE = 1024
 ANALYSIS_HALO = 64
+# Decoder-side g_s tiling (Codec.synthesize), in latent positions (16 pixels each): the same 1024² pixel tiles, with
+# 8 positions of real neighbours. g_s's receptive field is a few positions wide (four 5×5 transposed convolutions;
+# cheng2020/ELIC add 3×3 residual blocks), so the seams differ from a whole-image g_s by float rounding only
+# (README, "Reliability": measured < 1e-5 of the [0, 1] range, far below a grey level).
+SYNTHESIS_TILE = ANALYSIS_TILE // 16
+SYNTHESIS_HALO = 8
+
+
+def run_tiled(transform: Callable[[Tensor], Tensor], x: Tensor, tile: int, halo: int, scale: float) -> Tensor:
+    """``transform`` (g_a or g_s) over x (B, C, H, W) in tiles of ``tile``² input positions, each with a ``halo`` of
+    real neighbours cropped away in the output, which is ``scale`` times the input's size (1/16 for g_a, 16 for
+    g_s), so the transform's activations (hundreds of bytes per pixel) never exist for the whole image at once."""
+    height, width = x.shape[-2:]
+    out = None
+    for top in range(0, height, tile):
+        for left in range(0, width, tile):
+            t0, l0 = max(top - halo, 0), max(left - halo, 0)
+            part = transform(x[..., t0 : min(top + tile + halo, height), l0 : min(left + tile + halo, width)])
+            if out is None:
+                out = part.new_empty(*part.shape[:2], int(height * scale), int(width * scale))
+            rows, cols = int(min(tile, height - top) * scale), int(min(tile, width - left) * scale)
+            dt, dl = int((top - t0) * scale), int((left - l0) * scale)
+            out[..., int(top * scale) : int(top * scale) + rows, int(left * scale) : int(left * scale) + cols] = (
+                part[..., dt : dt + rows, dl : dl + cols])
+    return out
 
 RATE_STEPS = 1000  # records store a variable-rate codec's R in thousandths of a level (SPEC.md, section 0x83)
 
 
 def check_rate(spec: CodecSpec, rate: float) -> float:
     """Validate R for a variable-rate codec and snap it to the grid the record stores."""
-    if not spec.variable_rate:
-        raise ComneckError(f"codec {spec.name} has fixed quality levels; --rate needs a variable-rate codec "
-                           f"({', '.join(n for n, c in CODECS.items() if c.variable_rate)})")
-    lo, hi = min(spec.qualities), max(spec.qualities)
-    if not lo <= rate <= hi:
-        raise ComneckError(f"codec {spec.name} takes --rate between {lo} and {hi}, not {rate:g}")
+    problem = rate_problem(spec.name, rate, None)
+    if problem is not None:
+        raise ComneckError(problem)
     return round(rate * RATE_STEPS) / RATE_STEPS
 
 
 def check_rate_options(spec: CodecSpec, rate: float | None, bpp_target: float | None) -> None:
     """What ``--rate``/``--bpp-target`` need before any model loads: at most one, a variable-rate codec, in range."""
-    if rate is not None and bpp_target is not None:
-        raise ComneckError("pass --rate or --bpp-target, not both")
-    if rate is not None:
-        check_rate(spec, rate)
-    if bpp_target is not None:
-        check_rate(spec, min(spec.qualities))
-        if not bpp_target > 0:
-            raise ComneckError(f"--bpp-target must be positive, not {bpp_target:g}")
+    problem = rate_problem(spec.name, rate, bpp_target)
+    if problem is not None:
+        raise ComneckError(problem)
+
+
+def bpp_out_of_reach(spec: CodecSpec, stored_rate: int | None, bpp: float, target: float) -> str | None:
+    """Why a record coded for ``target`` bits per pixel could not meet it, or None: at the codec's highest rate
+    below the target (or its lowest above it), no rate reaches the target for that image and the record is the
+    closest there is."""
+    levels = CODEC_LEVELS[spec.name]
+    if stored_rate == levels[-1] * RATE_STEPS and bpp < target:
+        return f"{target:g} bpp is out of reach: {spec.name}'s highest rate ({levels[-1]}) gives {bpp:.3f} bpp"
+    if stored_rate == levels[0] * RATE_STEPS and bpp > target:
+        return f"{target:g} bpp is out of reach: {spec.name}'s lowest rate ({levels[0]}) gives {bpp:.3f} bpp"
+    return None
 
 
 @dataclass
@@ -404,21 +439,13 @@ class Codec:
         what was coded either way.
         """
         height, width = x.shape[-2:]
+
+        def g_a(part: Tensor) -> Tensor:
+            return self.model.g_a(part.to(self.device)).float().cpu()
+
         if height * width <= ANALYSIS_TILE**2:
-            return self.model.g_a(x.to(self.device)).float().cpu()
-        stride = PAD_MULTIPLE // 4  # g_a's downsampling: 16 pixels per latent position
-        rows = []
-        for top in range(0, height, ANALYSIS_TILE):
-            row = []
-            for left in range(0, width, ANALYSIS_TILE):
-                t0, l0 = max(top - ANALYSIS_HALO, 0), max(left - ANALYSIS_HALO, 0)
-                t1, l1 = min(top + ANALYSIS_TILE + ANALYSIS_HALO, height), min(left + ANALYSIS_TILE + ANALYSIS_HALO, width)
-                y = self.model.g_a(x[..., t0:t1, l0:l1].to(self.device)).float().cpu()
-                core_h, core_w = min(ANALYSIS_TILE, height - top), min(ANALYSIS_TILE, width - left)
-                dt, dl = (top - t0) // stride, (left - l0) // stride
-                row.append(y[..., dt : dt + core_h // stride, dl : dl + core_w // stride])
-            rows.append(torch.cat(row, dim=-1))
-        return torch.cat(rows, dim=-2)
+            return g_a(x)
+        return run_tiled(g_a, x, ANALYSIS_TILE, ANALYSIS_HALO, 1 / 16)
 
     @torch.inference_mode()
     def code(self, y: Tensor, gain: Tensor | None = None) -> tuple[list[bytes], Tensor]:
@@ -449,8 +476,19 @@ class Codec:
 
     @torch.inference_mode()
     def synthesize(self, y_hat: Tensor) -> Tensor:
-        """``g_s``: y_hat -> x_hat in [0, 1], on the codec's device."""
-        return self.model.g_s(y_hat.to(self.device)).clamp_(0, 1)
+        """``g_s``: y_hat (B, M, h, w) -> x_hat (B, 3, 16h, 16w) in [0, 1], on the codec's device.
+
+        Grids above ``SYNTHESIS_TILE``² positions (images above 1024² pixels) run g_s tile by tile with a
+        ``SYNTHESIS_HALO``-position border, as :meth:`analyze` tiles g_a, so decoding memory is bounded by the
+        output image, not by g_s's activations; smaller grids run whole, exactly as before.
+        """
+
+        def g_s(part: Tensor) -> Tensor:
+            return self.model.g_s(part.to(self.device)).clamp_(0, 1)
+
+        if y_hat.shape[-2] * y_hat.shape[-1] <= SYNTHESIS_TILE**2:
+            return g_s(y_hat)
+        return run_tiled(g_s, y_hat, SYNTHESIS_TILE, SYNTHESIS_HALO, 16)
 
 
 _ONE_THREAD_LOCK = threading.RLock()
@@ -527,6 +565,7 @@ def _read_state(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def _build(spec: CodecSpec, quality: int, state: dict[str, Tensor], meta: dict[str, str], path: Path) -> nn.Module:
+    import_compressai()
     from compressai.zoo.pretrained import load_pretrained
 
     if meta.get("format") == "comneck-codec":
@@ -534,7 +573,20 @@ def _build(spec: CodecSpec, quality: int, state: dict[str, Tensor], meta: dict[s
             raise ComneckError(
                 f"weights {path} hold codec {meta.get('codec')!r}, not {spec.name!r}; pass --codec {meta.get('codec')}"
             )
-        config = json.loads(meta.get("config", "{}"))
+        raw = meta.get("config", "{}")
+        try:
+            config = json.loads(raw)
+        except ValueError:
+            config = None
+
+        def size(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+        # save_codec writes sizes only (N, M, ELIC's groups): anything else is damage, said here, not in torch.
+        if not (isinstance(config, dict) and all(size(v) or (isinstance(v, list) and v and all(map(size, v)))
+                                                 for v in config.values())):
+            raise ComneckError(f"weights {path} carry a damaged codec config {raw[:60]!r} (not a JSON object of "
+                               f"sizes, whole numbers or lists of them); export or import the file again")
     else:
         config = None
     try:
@@ -544,14 +596,68 @@ def _build(spec: CodecSpec, quality: int, state: dict[str, Tensor], meta: dict[s
         else:
             model = spec.constructor()(**config)
             model.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError, AssertionError, AttributeError) as exc:
+    except (RuntimeError, KeyError, TypeError, ValueError, AssertionError, AttributeError) as exc:
         raise ComneckError(
             f"weights {path} do not fit codec {spec.name} (quality {quality}): {str(exc).splitlines()[0]}"
         ) from exc
+    check_entropy_tables(model, path)
     return model
 
 
+# CompressAI codes at 16-bit precision: a table holds at most 2**16 symbols, each of frequency at least 1.
+MAX_TABLE_SYMBOLS = 1 << 16
+
+
+def _entropy_table_problem(module: nn.Module) -> str | None:
+    """What is wrong with one entropy model's tables and what ``update()`` builds them from, or None."""
+    quantiles = getattr(module, "quantiles", None)  # EntropyBottleneck: (channels, 1, 3) lower, median, upper
+    if quantiles is not None:
+        q = quantiles.detach().double()
+        if not torch.isfinite(q).all():
+            return "its quantiles are not finite"
+        if (q[:, 0, 2] - q[:, 0, 0]).max() >= MAX_TABLE_SYMBOLS:
+            return "its quantiles span more symbols than a 16-bit table holds"
+    scale_table = getattr(module, "scale_table", None)  # GaussianConditional
+    if scale_table is not None:
+        scales = scale_table.detach().double()
+        if scales.numel() == 0 or not torch.isfinite(scales).all() or (scales <= 0).any() or (scales.diff() <= 0).any():
+            return "its scale table is not positive, finite and increasing"
+        # update() gives the widest Gaussian 2·ceil(scale·multiplier) + 1 symbols
+        if 2 * float(scales.max()) * -module._standardized_quantile(module.tail_mass / 2) + 3 >= MAX_TABLE_SYMBOLS:
+            return "its scale table needs more symbols than a 16-bit table holds"
+    cdfs, lengths, offsets = module._quantized_cdf, module._cdf_length, module._offset
+    if cdfs.numel() == 0:
+        return None  # no tables in the file: load_codec builds them with update() from the checked inputs
+    if any(t.dtype != torch.int32 for t in (cdfs, lengths, offsets)):
+        return "its tables are not int32"
+    # EntropyBottleneck: a row per channel; GaussianConditional: a row per scale-table entry (build_indexes)
+    rows = quantiles.shape[0] if quantiles is not None else scale_table.numel() if scale_table is not None else None
+    if cdfs.dim() != 2 or cdfs.shape[0] != (rows or cdfs.shape[0]):
+        return f"it has CDF rows of shape {tuple(cdfs.shape)} for {rows} distributions"
+    try:
+        rans.tables_of(cdfs, lengths, offsets)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def check_entropy_tables(model: nn.Module, path: Path) -> None:
+    """Refuse damaged entropy tables before CompressAI's coder or comneck's decoder use them.
+
+    CompressAI's encoder trusts the tables: a zero frequency (zeroed or non-increasing CDFs) divides by zero in
+    its C++ ``Rans64EncPut`` (SIGFPE) and an index past the rows reads outside them. comneck's decoder checks
+    the same rules again (:mod:`comneck_cli.rans`); here they become one error naming the file.
+    """
+    for name, module in model.named_modules():
+        if hasattr(module, "_quantized_cdf"):
+            problem = _entropy_table_problem(module)
+            if problem is not None:
+                raise ComneckError(f"codec weights {path}: the entropy tables are damaged ({name}: {problem}); "
+                                   "re-export the codec or fetch the file again")
+
+
 def _tables_present(model: nn.Module) -> bool:
+    import_compressai()
     from compressai.entropy_models import EntropyModel
 
     return all(m._quantized_cdf.numel() > 0 for m in model.modules() if isinstance(m, EntropyModel))
@@ -583,6 +689,7 @@ def resolve_weights(spec: CodecSpec, quality: int, weights: Path | None = None) 
 def _download_zoo(spec: CodecSpec, quality: int, name: str) -> Path:
     import tempfile
 
+    import_compressai()
     from compressai.zoo.image import model_urls
     from torch.hub import download_url_to_file
 
@@ -609,6 +716,13 @@ def _download_zoo(spec: CodecSpec, quality: int, name: str) -> Path:
     return entry.path()
 
 
+def _check_file_quality(spec: CodecSpec, quality: int, meta: dict[str, str], path: Path, fix: str) -> None:
+    """A comneck file of a fixed-rate codec is trained for one quality: refuse it for another, saying ``fix``."""
+    trained_for = meta.get("quality")
+    if meta.get("format") == "comneck-codec" and not spec.variable_rate and trained_for not in (None, str(quality)):
+        raise ComneckError(f"weights {path} were trained for {spec.name} quality {trained_for}, not {quality}; {fix}")
+
+
 def load_codec(
     name: str, quality: int, *, weights: Path | str | None = None, device: torch.device | str = "cpu"
 ) -> Codec:
@@ -618,14 +732,11 @@ def load_codec(
     path = resolve_weights(spec, quality, weights)
     digest = bytes.fromhex(registry.file_sha256(path)[:8])
     state, meta = _read_state(path)
-    if meta.get("format") == "comneck-codec" and not spec.variable_rate and meta.get("quality") not in (None, str(quality)):
-        raise ComneckError(
-            f"weights {path} were trained for {spec.name} quality {meta['quality']}, not {quality}; "
-            f"pass -q {meta['quality']}"
-        )
+    _check_file_quality(spec, quality, meta, path, f"pass -q {meta.get('quality')}")
     model = _build(spec, quality, state, meta, path).eval()
     if not _tables_present(model):
         model.update(force=True)
+    rans.bound_entropy_decoders(model)
     device = torch.device(device)
     model.g_a.to(device)
     model.g_s.to(device)
@@ -635,7 +746,40 @@ def load_codec(
 
 
 def weights_info(path: Path) -> dict[str, str]:
-    """The comneck metadata of a safetensors codec file (empty for other files)."""
+    """The comneck metadata of a safetensors codec file (empty for other files); the tensors are not read."""
+    from safetensors import SafetensorError, safe_open
+
     if Path(path).suffix != ".safetensors":
         return {}
-    return _read_state(Path(path))[1]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ComneckError(f"{path} is not a comneck codec weights file (not a valid safetensors file: {exc})") from exc
+
+
+def file_config(spec: CodecSpec, quality: int) -> tuple[dict[str, Any], str]:
+    """(constructor arguments, where they come from) of the codec ``load_codec(spec.name, quality)`` would load:
+    the registered file's own metadata when a comneck file is registered under that name (the shipped
+    mbt2018-mean-vbr is N=128, M=192), else the zoo table's (CompressAI's defaults where the zoo has none)."""
+    name = registry_name(spec.name, quality)
+    entry = registry.lookup(name)
+    # Only the safetensors header is read (no pickle, no tensors), so the sha256 check of loading is not needed.
+    if entry is not None and entry.path().is_file():
+        config = weights_info(entry.path()).get("config")
+        if config:
+            return json.loads(config), f"registered file {name}"
+    return spec.qualities[quality], "CompressAI zoo table" if spec.zoo else "CompressAI default"
+
+
+def check_codec_file(path: Path, codec: str, quality: int | None) -> dict[str, str]:
+    """Refuse a file that is not weights of ``codec`` (at ``quality``; None for a variable-rate codec) before it
+    is registered: it must load as a state dict and build the codec with its shapes. Returns its metadata."""
+    spec = get_spec(codec)
+    quality = min(CODEC_LEVELS[codec]) if quality is None else quality
+    check_quality(spec, quality)
+    state, meta = _read_state(Path(path))
+    _check_file_quality(spec, quality, meta, path,
+                        f"import them as {registry_name(spec.name, int(meta.get('quality') or quality))}")
+    _build(spec, quality, state, meta, Path(path))
+    return meta

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 import weights as registry
-from formats import Record
+from formats import CnkError, Limits, Record, latent_grids
 
 from .api import check_record
 from .clip import ClipHead, ClipTail, load_clip, weights_entry_name
@@ -89,6 +89,9 @@ class FeatureExtractor:
     info: NeckInfo | None = None
     neck_path: Path | None = None
     pad_to_square: bool = False  # LLaVA-1.5's expand2square before CLIP's own preprocessing
+    clip_model: str | None = None  # the tower's open_clip name and weights tag, for the features' metadata;
+    clip_tag: str | None = None  # a neck's info says them where there is one
+    limits: Limits | None = None  # max_tokens bounds the latent grids the neck and C' take (default: environment's)
     _preprocess: object = field(default=None, repr=False)
 
     @property
@@ -113,7 +116,7 @@ class FeatureExtractor:
     def for_clip(cls, model_name: str, tag: str | None, *, clip_weights: Path | None = None, k: int = 0,
                  device="cpu") -> "FeatureExtractor":
         clip = resolve_clip(model_name, tag, clip_weights, device=device)
-        return cls(clip=clip, k=k, device=torch.device(device))
+        return cls(clip=clip, k=k, device=torch.device(device), clip_model=model_name, clip_tag=tag)
 
     def preprocess(self, image: np.ndarray) -> Tensor:
         """open_clip's own eval transform (resize shortest side, centre crop, normalise) for one uint8 image."""
@@ -133,6 +136,8 @@ class FeatureExtractor:
         """C'(T(y_hat)) for latents of one grid size, batched: (B, ...) features."""
         if self.neck is None:
             raise ComneckError("no neck loaded; pass --neck")
+        for y_hat in y_hats:
+            self.check_tokens(*y_hat.shape[-2:], "latents")
         return self._tail_features(self.neck(torch.cat(list(y_hats)).to(self.device)), layer, select)
 
     @torch.inference_mode()
@@ -147,8 +152,18 @@ class FeatureExtractor:
                         embedding=select == "pooled", projected=select == "projected")
         return out.select(layer, select).float().cpu()
 
+    def check_tokens(self, rows: int, cols: int, subject: str) -> None:
+        """Refuse a latent grid with more positions than ``limits.max_tokens``: the neck and C' attend over all of
+        them at once, so their memory grows with its square (README, "Reliability")."""
+        try:
+            (self.limits or Limits.from_env()).check_tokens(rows, cols, subject)
+        except CnkError as exc:
+            raise ComneckError(str(exc)) from None
+
     def check(self, record: Record, codec: Codec) -> None:
-        """Refuse a record the neck was not trained for (codec, quality, or codec weights)."""
+        """Refuse, before anything is decoded, a record the neck was not trained for (codec, quality, or codec
+        weights) or whose latent grid is over the token limit."""
+        self.check_tokens(*latent_grids(record.height, record.width)[0], "record")
         if self.info is None:
             return
         self.info.check_matches(
@@ -170,6 +185,8 @@ def metadata(extractor: FeatureExtractor, via: str, layer: int, select: str, sou
         "clip_image_size": str(getattr(visual, "image_size", "")),
         "pad_to_square": str(extractor.pad_to_square),
     }
+    if extractor.clip_model is not None:
+        meta.update(clip_model=extractor.clip_model, clip_tag=str(extractor.clip_tag))
     if extractor.info is not None:
         meta.update(
             clip_model=extractor.info.clip_model, clip_tag=str(extractor.info.clip_tag), k=str(extractor.info.k),

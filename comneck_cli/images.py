@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from formats import Limits
+from formats import CnkError, Limits
 
 from .errors import ComneckError
 
@@ -27,37 +28,50 @@ class ImageConversionWarning(UserWarning):
     """Information was dropped while turning the input into 8-bit RGB."""
 
 
+def input_limits(limits: Limits | None = None, max_pixels: int | None = None) -> Limits:
+    """``limits`` (default: the environment's, ``Limits.from_env()``) with ``max_pixels`` (``--max-pixels``) applied:
+    the one set of bounds for images, video frames, records written and read, and the features path."""
+    limits = limits if limits is not None else Limits.from_env()
+    return limits if max_pixels is None else replace(limits, max_pixels=max_pixels)
+
+
+def check_size(height: int, width: int, subject: str, limits: Limits | None = None) -> None:
+    """Refuse, as ComneckError, an image size a ``.cnk`` reader with these limits would refuse."""
+    try:
+        input_limits(limits).check_image(height, width, subject)
+    except CnkError as exc:
+        raise ComneckError(str(exc)) from None
+
+
 def read_image(
-    source: Path | str | bytes | BinaryIO, name: str | None = None, *, max_pixels: int | None = None
+    source: Path | str | bytes | BinaryIO, name: str | None = None, *, max_pixels: int | None = None,
+    limits: Limits | None = None,
 ) -> np.ndarray:
     """Decode an image file into uint8 RGB (H, W, 3), EXIF orientation applied.
 
     Grayscale converts losslessly; alpha, 16-bit samples and CMYK lose information and warn with
-    ``ImageConversionWarning``. A file that is not an image, is truncated, or has more than ``max_pixels``
-    pixels (decompression-bomb protection; default ``COMNECK_MAX_PIXELS`` or Pillow's 89,478,485) raises
-    ComneckError before its pixels are decoded.
+    ``ImageConversionWarning``. A file that is not an image, is truncated, or whose header declares a size the
+    ``.cnk`` reader would refuse (``limits``, default the environment's, with ``max_pixels`` applied: more than
+    89,478,485 pixels, Pillow's decompression-bomb threshold, or a side over 65,536) raises ComneckError before
+    its pixels are decoded, so the encoder never writes a record its own reader refuses.
     """
     label = name or (str(source) if isinstance(source, (str, Path)) else "input")
     data = source if not isinstance(source, bytes) else io.BytesIO(source)
-    limit = max_pixels or Limits.from_env().max_pixels
+    limits = input_limits(limits, max_pixels)
     try:
         with warnings.catch_warnings():
             # Our own check below replaces Pillow's warning; its hard error (2× the limit) stays on.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+            previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limits.max_pixels
             try:
-                img = Image.open(data)
+                img = Image.open(data)  # lazy: only the header is read until load()
             finally:
                 Image.MAX_IMAGE_PIXELS = previous
         with img:
             if img.format not in READ_FORMATS:
                 raise ComneckError(f"{label}: unsupported image format {img.format}; use PNG, JPEG, WebP or TIFF")
             width, height = img.size
-            if width * height > limit:
-                raise ComneckError(
-                    f"{label}: image is {width}×{height} ({width * height} pixels), over the limit of {limit} "
-                    "pixels (decompression-bomb protection); if the file is trusted, raise --max-pixels"
-                )
+            check_size(height, width, label, limits)
             if width < 1 or height < 1:
                 raise ComneckError(f"{label}: image has no pixels")
             img = ImageOps.exif_transpose(img)
@@ -66,13 +80,21 @@ def read_image(
     except ComneckError:
         raise
     except Image.DecompressionBombError as exc:
+        # Pillow's text names its own threshold, twice ours: say the limit the user set.
         raise ComneckError(
-            f"{label}: image is too large to decode safely ({exc}; decompression-bomb protection); "
+            f"{label}: image is over the limit of {limits.max_pixels} pixels (decompression-bomb protection); "
             "if the file is trusted, raise --max-pixels"
         ) from exc
+    except MemoryError:  # within a raised --max-pixels, but more than this machine holds
+        raise ComneckError(f"{label}: not enough memory to decode this image; lower --max-pixels to refuse such "
+                           "images before decoding, or use a machine with more memory") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise ComneckError(f"{label}: no such file") from exc
+        if isinstance(exc, UnidentifiedImageError):  # Pillow's text shows a path or an object's repr
+            empty = source == b"" or (isinstance(source, (str, Path)) and Path(source).stat().st_size == 0)
+            what = "empty input" if empty else "not PNG, JPEG, WebP or TIFF data"
+            raise ComneckError(f"{label}: not a readable image ({what})") from exc
         raise ComneckError(f"{label}: not a readable image ({str(exc).splitlines()[0] or type(exc).__name__})") from exc
     array = np.asarray(rgb, dtype=np.uint8)
     if array.ndim != 3 or array.shape[0] < 1 or array.shape[1] < 1:
@@ -89,6 +111,9 @@ def _to_rgb(img: Image.Image, label: str) -> Image.Image:
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         _warn(label, f"{mode} samples reduced to 8 bits")
         array = np.asarray(img, dtype=np.float64)
+        if mode == "F" and np.isnan(array).any():  # NaN has no 8-bit value (numpy's cast would warn)
+            _warn(label, "NaN samples set to 0")
+            array = np.nan_to_num(array, nan=0.0, posinf=np.inf, neginf=-np.inf)
         top = 65535.0 if mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
         gray = np.clip(np.rint(array / top * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
@@ -129,6 +154,10 @@ def pad_amounts(height: int, width: int, multiple: int) -> tuple[int, int, int, 
     return left, out_w - width - left, top, out_h - height - top
 
 
+# Rows converted at a time by to_tensor / from_tensor: their temporaries stay a band, not a second whole image.
+_CONVERT_ROWS = 256
+
+
 def to_tensor(image: np.ndarray, multiple: int):
     """uint8 H×W×3 -> float (1, 3, H', W') in [0, 1], padded (centred) to a multiple by repeating the edge pixels.
 
@@ -136,19 +165,31 @@ def to_tensor(image: np.ndarray, multiple: int):
     low rate. Repeating the edges is flat and cheap to code. Decoders only crop, so this is an encoder choice.
     """
     import torch
-    import torch.nn.functional as F
 
-    x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-    return F.pad(x, pad_amounts(image.shape[0], image.shape[1], multiple), mode="replicate")
+    height, width = image.shape[:2]
+    left, right, top, bottom = pad_amounts(height, width, multiple)
+    # One float tensor, filled band by band and padded in place: no whole-image float temporaries.
+    x = torch.empty(1, 3, top + height + bottom, left + width + right)
+    for row in range(0, height, _CONVERT_ROWS):
+        band = torch.from_numpy(np.array(image[row : row + _CONVERT_ROWS], copy=True)).permute(2, 0, 1)
+        x[0, :, top + row : top + row + band.shape[1], left : left + width] = band.float().div_(255.0)
+    x[..., :top, left : left + width] = x[..., top : top + 1, left : left + width]
+    x[..., top + height :, left : left + width] = x[..., top + height - 1 : top + height, left : left + width]
+    x[..., :left] = x[..., left : left + 1]
+    x[..., left + width :] = x[..., left + width - 1 : left + width]
+    return x
 
 
 def from_tensor(x_hat, height: int, width: int, multiple: int) -> np.ndarray:
-    """Crop the padding back off and round to uint8 H×W×3."""
+    """Crop the padding back off and round to uint8 H×W×3 (band by band, so memory beyond x_hat is the output)."""
     import torch
 
     left, _, top, _ = pad_amounts(height, width, multiple)
-    crop = x_hat[0, :, top : top + height, left : left + width]
-    return crop.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    for row in range(0, height, _CONVERT_ROWS):
+        band = x_hat[0, :, top + row : top + min(row + _CONVERT_ROWS, height), left : left + width]
+        out[row : row + band.shape[1]] = band.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu()
+    return out
 
 
 def image_format_for(path: Path | None) -> str:

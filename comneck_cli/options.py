@@ -7,6 +7,8 @@ from typing import Callable
 
 import click
 
+from .defaults import CODEC_LEVELS, quality_problem, rate_problem
+
 
 def clip_options(model_help: str, weights_help: str) -> Callable[[Callable], Callable]:
     """``--clip``/``--clip-tag``/``--clip-weights``: the open_clip tower a command loads, ViT-L-14/openai by default;
@@ -40,3 +42,17 @@ def guidance_options(func: Callable) -> Callable:
         "--semantic", is_flag=True,
         help="Semantic-guided bit allocation (CoTAM): a shallow CLIP block's attention decides where bits go; the "
              "map travels in the record (counted in bpp). Variable-rate codecs only.")(func)
+
+
+CODEC_CHOICE = click.Choice(list(CODEC_LEVELS))  # torch-free: `--codec nope` is a usage error at once
+
+
+def check_codec_usage(codec: str, quality: int | None, rate: float | None = None,
+                      bpp_target: float | None = None) -> None:
+    """-q, --rate and --bpp-target against the codec's levels, as usage errors (exit 2) before torch is imported
+    or any model loads; the library's own checks (``codecs.check_quality``...) say the same in ComneckErrors."""
+    problem = rate_problem(codec, rate, bpp_target)
+    if problem is None and quality is not None and rate is None:
+        problem = quality_problem(codec, quality)
+    if problem is not None:
+        raise click.UsageError(problem)

@@ -11,11 +11,45 @@ import errno
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
+from typing import Sequence
 
 from .errors import ComneckError
 
 STDIO = "-"
+_UMASK_LOCK = threading.Lock()
+
+
+def umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``os.umask`` can only set it, so
+    reading it that way briefly sets another mask that a concurrent thread's file would get)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)  # the strictest mask while it is briefly swapped
+        os.umask(mask)
+    return mask
+
+
+def make_folder(folder: Path) -> None:
+    """Create ``folder`` and its parents (nothing if it exists), or say in one sentence why it cannot be."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ComneckError(f"cannot create folder {folder}: {exc.strerror or exc}") from None
+
+
+def refuse_terminal(what: str = "binary data") -> None:
+    """Refuse to write ``what`` to stdout when it is a terminal (as gzip does): it would only garble the screen."""
+    if sys.stdout.isatty():
+        raise ComneckError(f"refusing to write {what} to a terminal; redirect stdout (> FILE or | COMMAND) or "
+                           "pass -o FILE")
 
 
 def write_atomic(path: Path, data: bytes, *, force: bool = False) -> None:
@@ -31,6 +65,7 @@ def write_atomic(path: Path, data: bytes, *, force: bool = False) -> None:
         raise ComneckError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask())  # mkstemp makes 0600; give what open() would, before linking
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -57,8 +92,20 @@ def write_atomic(path: Path, data: bytes, *, force: bool = False) -> None:
 
 
 def write_stdout(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+    """Write ``data`` to stdout; a full device or a closed pipe is a ComneckError."""
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+    except OSError as exc:
+        # What stayed in the buffer would fail again at exit, where Python prints it as "Exception ignored":
+        # point stdout at /dev/null so that the one error line is all the user sees.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # no real file descriptor (tests' captured output)
+            pass
+        raise ComneckError(f"cannot write to stdout: {exc.strerror or exc}") from None
 
 
 def is_dir_target(output: str | None) -> bool:
@@ -66,6 +113,55 @@ def is_dir_target(output: str | None) -> bool:
     return output is not None and output != STDIO and (output.endswith(("/", os.sep)) or Path(output).is_dir())
 
 
+def decoded_name(source: Path) -> Path:
+    """``photo.cnk`` -> ``photo.decoded.png``, the default output of ``decode``: ``encode`` wrote ``photo.cnk`` from
+    ``photo.png`` (or ``.jpg``...), so decoding beside it must not take -- or with ``--force`` replace -- that name."""
+    return source.with_name(f"{source.stem}.decoded.png")
+
+
 def numbered(path: Path, index: int) -> Path:
     """``photo.png`` -> ``photo_0002.png`` for the second of several outputs sharing one name."""
     return path.with_name(f"{path.stem}_{index:04d}{path.suffix}")
+
+
+def clashes(claims: Sequence[tuple[str, Sequence[Path]]]) -> dict[int, str]:
+    """Plan a run's outputs before anything is written, so that no output replaces another of the same run.
+
+    ``claims`` holds, in the order the run takes its inputs, each input's label and every path it would write. An
+    input that would write a path that an earlier input also writes is refused: the result maps its index to the
+    reason, one sentence naming the earlier input. Paths compare as the file system sees them: absolute, and
+    regardless of case in a folder whose file system ignores case. Refusing (rather than renaming) keeps every
+    name a pure function of its input, which resuming a batch relies on.
+    """
+    owners: dict[str, str] = {}
+    refused: dict[int, str] = {}
+    folds: dict[Path, bool] = {}
+    for index, (label, paths) in enumerate(claims):
+        keys = [(_path_key(Path(path), folds), path) for path in paths]
+        taken = next(((path, owners[key]) for key, path in keys if key in owners), None)
+        if taken is not None:
+            refused[index] = f"would write the same output as {taken[1]} ({taken[0]}); rename one of them"
+            continue
+        owners.update((key, label) for key, _ in keys)
+    return refused
+
+
+def _path_key(path: Path, folds: dict[Path, bool]) -> str:
+    full = Path(os.path.abspath(path))
+    if full.parent not in folds:
+        folds[full.parent] = _ignores_case(full.parent)
+    return str(full).casefold() if folds[full.parent] else str(full)
+
+
+def _ignores_case(folder: Path) -> bool:
+    """Whether ``folder`` (or, before it exists, its nearest existing parent) is on a file system that ignores
+    case (macOS and Windows by default): one whose name with its case swapped is the same folder."""
+    for existing in (folder, *folder.parents):
+        swapped = existing.with_name(existing.name.swapcase()) if existing.name else existing
+        if swapped == existing or not existing.exists():
+            continue  # no letters to swap, or not there yet: ask the parent
+        try:
+            return swapped.exists() and os.path.samefile(existing, swapped)
+        except OSError:
+            return False
+    return False

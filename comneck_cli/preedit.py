@@ -18,8 +18,9 @@ parameter. P here is deliberately light (a few 3×3 convolutions at full resolut
   texture, which would cost bits), its output stays in [0, 1], and it starts as (nearly) the identity: the identity's
   logit starts at 4 (w_0 ≈ 0.96).
 
-P is trained jointly with the variable-rate codec (``comneck train vbr --pre-edit``) on R + λ_R·β·L_sem, L_sem the
-MSE between CLIP tokens of the decoded image and of the original x at several layers (``train.vbr``). A trained P
+P is trained jointly with the variable-rate codec (``comneck train vbr --pre-edit``) on R + λ_R·(γ·MSE + β·(L_sem +
+ρ·L_rank)), L_sem the MSE between CLIP tokens of the decoded image and of the original x at several layers and L_rank
+the gap between their log effective ranks (``train.vbr``). A trained P
 is a safetensors file whose metadata (:class:`PreEditInfo`) names the codec weights it was trained with, the CLIP
 whose tokens guide it and the guidance layers; ``comneck encode --pre-edit`` runs it before the codec.
 """

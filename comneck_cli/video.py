@@ -14,6 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
+from formats import Limits
+
 from .errors import ComneckError
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts"})
@@ -35,19 +37,25 @@ def frame_files(folder: Path) -> list[Path]:
     return files
 
 
-def frames(source: str | Path, *, max_pixels: int | None = None) -> Iterator[np.ndarray]:
-    """uint8 H×W×3 frames of a frame folder or a video file, in order, one at a time."""
-    from .images import read_image
+def frames(source: str | Path, *, max_pixels: int | None = None, limits: Limits | None = None) -> Iterator[np.ndarray]:
+    """uint8 H×W×3 frames of a frame folder or a video file, in order, one at a time.
+
+    Every frame is held to the same size limits as an image (``limits``, default the environment's, with
+    ``max_pixels`` applied), checked before its pixels are converted."""
+    from .images import input_limits, read_image
 
     source = Path(source)
+    limits = input_limits(limits, max_pixels)
     if source.is_dir():
         for path in frame_files(source):
-            yield read_image(path, name=str(path), max_pixels=max_pixels)
+            yield read_image(path, name=str(path), limits=limits)
         return
-    yield from _video_frames(source, max_pixels)
+    yield from _video_frames(source, limits)
 
 
-def _video_frames(path: Path, max_pixels: int | None) -> Iterator[np.ndarray]:
+def _video_frames(path: Path, limits: Limits) -> Iterator[np.ndarray]:
+    from .images import check_size
+
     try:
         import av
     except ImportError:
@@ -60,11 +68,12 @@ def _video_frames(path: Path, max_pixels: int | None) -> Iterator[np.ndarray]:
     with container:
         if not container.streams.video:
             raise ComneckError(f"{path} has no video stream")
+        stream = container.streams.video[0].codec_context
+        check_size(stream.height, stream.width, str(path), limits)  # the header's size, before any frame decodes
         count = 0
         try:
             for frame in container.decode(video=0):
-                if max_pixels is not None and frame.width * frame.height > max_pixels:
-                    raise ComneckError(f"{path}: {frame.width}×{frame.height} frames exceed --max-pixels {max_pixels}")
+                check_size(frame.height, frame.width, f"{path} frame {count + 1}", limits)  # sizes may change
                 count += 1
                 yield frame.to_ndarray(format="rgb24")
         except av.error.FFmpegError as exc:

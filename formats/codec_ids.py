@@ -20,6 +20,7 @@ CODEC_IDS: dict[str, int] = {
     "bmshj2018-hyperprior-vbr": 11,
     "mbt2018-mean-vbr": 12,
     "mbt2018-vbr": 13,
+    "elic-comneck": 14,
 }
 
 CODEC_NAMES: dict[int, str] = {codec_id: name for name, codec_id in CODEC_IDS.items()}

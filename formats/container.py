@@ -51,9 +51,13 @@ DEFAULT_MAX_SIDE = 65536
 # Pillow's decompression-bomb threshold: the same bound for images read and records decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
 DEFAULT_MAX_RECORD_BYTES = 256 * 1024 * 1024
+# Latent positions (tokens) the neck and CLIP's attention take: a 1024×1024 image's 64×64 grid. Attention memory
+# grows with the square of this, unlike everything else, which grows with the pixels.
+DEFAULT_MAX_TOKENS = 4096
 ENV_MAX_SIDE = "COMNECK_MAX_SIDE"
 ENV_MAX_PIXELS = "COMNECK_MAX_PIXELS"
 ENV_MAX_RECORD_BYTES = "COMNECK_MAX_RECORD_BYTES"
+ENV_MAX_TOKENS = "COMNECK_MAX_TOKENS"
 
 # Strings are read in chunks so a truncated record claiming 200 MB costs at most one chunk of memory
 # before the truncation is noticed, instead of one allocation of the claimed size.
@@ -74,20 +78,22 @@ def latent_grids(height: int, width: int) -> tuple[tuple[int, int], tuple[int, i
 # --------------------------------------------------------------------------- limits
 @dataclass(frozen=True)
 class Limits:
-    """Upper bounds a reader enforces before it reads or allocates anything a record declares.
+    """The one set of size bounds for every way in: images and video frames read, records written and read, and
+    the latent grids the neck and CLIP take.
 
-    They exist so a hostile or damaged file cannot make the reader allocate gigabytes or report an
-    absurd image size to the codec (a decoder allocates H×W×3 floats and more). ``Limits.from_env()``
-    (what the readers use when given no ``Limits``) honours ``COMNECK_MAX_SIDE``, ``COMNECK_MAX_PIXELS``
-    and ``COMNECK_MAX_RECORD_BYTES``.
+    They exist so a hostile or damaged file cannot make comneck allocate gigabytes (a decoder allocates H×W×3
+    floats and more), and so the encoder never writes a record its own reader refuses. ``Limits.from_env()``
+    (what everything uses when given no ``Limits``) honours ``COMNECK_MAX_SIDE``, ``COMNECK_MAX_PIXELS``,
+    ``COMNECK_MAX_RECORD_BYTES`` and ``COMNECK_MAX_TOKENS``.
     """
 
     max_side: int = DEFAULT_MAX_SIDE
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_tokens: int = DEFAULT_MAX_TOKENS
 
     def __post_init__(self) -> None:
-        for name in ("max_side", "max_record_bytes", "max_pixels"):
+        for name in ("max_side", "max_record_bytes", "max_pixels", "max_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise CnkError(f"limit {name} must be a positive integer, got {value!r}")
@@ -97,7 +103,29 @@ class Limits:
         """Defaults overridden by the environment, read now (not at import) so a caller can change them."""
         return cls(max_side=_env_int(ENV_MAX_SIDE, DEFAULT_MAX_SIDE),
                    max_record_bytes=_env_int(ENV_MAX_RECORD_BYTES, DEFAULT_MAX_RECORD_BYTES),
-                   max_pixels=_env_int(ENV_MAX_PIXELS, DEFAULT_MAX_PIXELS))
+                   max_pixels=_env_int(ENV_MAX_PIXELS, DEFAULT_MAX_PIXELS),
+                   max_tokens=_env_int(ENV_MAX_TOKENS, DEFAULT_MAX_TOKENS))
+
+    def check_side(self, name: str, value: int, subject: str) -> None:
+        """Refuse one image side (``name`` is height or width) over ``max_side``; ``subject`` opens the sentence."""
+        if value > self.max_side:
+            raise CnkError(f"{subject}: image {name} of {value} pixels, over the limit of {self.max_side} per "
+                           f"side; if the file is trusted, raise {ENV_MAX_SIDE}")
+
+    def check_image(self, height: int, width: int, subject: str) -> None:
+        """Refuse an image size that a ``.cnk`` reader would refuse (each side, then the pixel count)."""
+        self.check_side("height", height, subject)
+        self.check_side("width", width, subject)
+        if height * width > self.max_pixels:
+            raise CnkError(f"{subject}: {width}×{height} image ({height * width} pixels), over the limit of "
+                           f"{self.max_pixels} pixels; if the file is trusted, raise --max-pixels or {ENV_MAX_PIXELS}")
+
+    def check_tokens(self, rows: int, cols: int, subject: str) -> None:
+        """Refuse a latent grid (one token per position; ``latent_grids``) larger than the neck and CLIP take."""
+        if rows * cols > self.max_tokens:
+            raise CnkError(f"{subject}: latent grid {cols}×{rows} ({rows * cols} tokens), over the limit of "
+                           f"{self.max_tokens} tokens for the neck and CLIP (their attention memory grows with its "
+                           f"square); encode a smaller image, or if the memory is there, raise {ENV_MAX_TOKENS}")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -207,7 +235,11 @@ class Record:
             if not isinstance(self.metadata, dict):
                 raise CnkError(f"metadata must be a dict (a JSON object), got {type(self.metadata).__name__}")
             try:
-                set_(self, "metadata", json.loads(_metadata_json(self.metadata)))
+                # Through UTF-8 bytes, as pack writes it: a lone surrogate (JSON's "\ud800") is no Unicode text.
+                set_(self, "metadata", json.loads(_metadata_json(self.metadata).encode("utf-8")))
+            except UnicodeEncodeError as exc:
+                raise CnkError(f"metadata must be Unicode text, but it holds a lone UTF-16 surrogate "
+                               f"({exc.object[exc.start:exc.end]!r}), which UTF-8 cannot encode") from None
             except (TypeError, ValueError, RecursionError) as exc:
                 raise CnkError(f"metadata must be JSON-serialisable (str keys; str, number, bool, None, "
                                f"list, dict values): {exc}") from None
@@ -334,6 +366,7 @@ class _RecordReader:
         self.stream = stream
         self.pos = 0  # bytes of this record consumed so far
         self.crc = 0
+        self.end = 0  # the record's declared size, once its header has told it (0 until then)
 
     def exact(self, n: int, *, eof_ok: bool = False, checksum: bool = True) -> bytes | None:
         """Exactly ``n`` bytes; ``None`` only if ``eof_ok`` and the stream ended before any byte."""
@@ -350,7 +383,8 @@ class _RecordReader:
             if not chunk:
                 if eof_ok and self.pos == 0 and remaining == n:
                     return None
-                raise CnkError(f"truncated .cnk record: expected {remaining} more bytes at byte {self.pos} "
+                missing = max(remaining, self.end - self.pos)  # all that is missing, not only this read's
+                raise CnkError(f"truncated .cnk record: expected {missing} more bytes at byte {self.pos} "
                                f"of the record; the file is incomplete (interrupted download or copy?)")
             chunks.append(chunk)
             remaining -= len(chunk)
@@ -377,9 +411,7 @@ def _check_size(reader: _RecordReader, still_needed: int, limits: Limits) -> Non
 
 def _read_side(reader: _RecordReader, name: str, limits: Limits) -> int:
     value = reader.varint(f"image {name}")
-    if value > limits.max_side:
-        raise CnkError(f".cnk record declares an image {name} of {value} pixels, over the limit of "
-                       f"{limits.max_side}; if the file is trusted, raise {ENV_MAX_SIDE}")
+    limits.check_side(name, value, ".cnk record")  # before the next varint: a 2^34 height stops here
     return value
 
 
@@ -414,9 +446,7 @@ def _read(stream: BinaryIO, limits: Limits) -> tuple[Record, int] | None:
     digest = reader.exact(DIGEST_BYTES)
     height = _read_side(reader, "height", limits)
     width = _read_side(reader, "width", limits)
-    if height * width > limits.max_pixels:
-        raise CnkError(f".cnk record declares a {width}×{height} image ({height * width} pixels), over the limit of "
-                       f"{limits.max_pixels} pixels; if the file is trusted, raise {ENV_MAX_PIXELS} or --max-pixels")
+    limits.check_image(height, width, ".cnk record")
 
     count = reader.byte()
     lengths = []
@@ -441,6 +471,7 @@ def _read(stream: BinaryIO, limits: Limits) -> tuple[Record, int] | None:
             _check_size(reader, length + 2 * (section_count - index - 1) + strings_and_crc, limits)
             sections.append((tag, reader.exact(length)))
 
+    reader.end = reader.pos + strings_and_crc
     strings = tuple(reader.exact(length) for length in lengths)
     computed = reader.crc
     stored = int.from_bytes(reader.exact(CRC_BYTES, checksum=False), "big")

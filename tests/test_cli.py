@@ -48,9 +48,11 @@ def test_encode_decode_round_trip_beside_inputs(work, mbt, codec_files):
 def test_decode_matches_library_decode(work, mbt, codec_files):
     from comneck_cli import decode, load_codec
 
+    original = (work / "camera.png").read_bytes()
     run("encode", work / "camera.png", *mbt)
     r = run("decode", work / "camera.cnk", "--weights", codec_files["mbt2018-mean"])
-    assert r.exit_code == 1 and "camera.png already exists" in r.stderr  # never clobbers the original photo
+    assert r.exit_code == 0 and (work / "camera.decoded.png").is_file()  # the default name is never the source's
+    assert (work / "camera.png").read_bytes() == original
     run("decode", work / "camera.cnk", "-o", work / "camera_hat.png", "--weights", codec_files["mbt2018-mean"])
     codec = load_codec("mbt2018-mean", 1, weights=codec_files["mbt2018-mean"])
     expected = decode(unpack((work / "camera.cnk").read_bytes()), codec)
@@ -168,9 +170,9 @@ def test_unknown_codec_id_and_wrong_weights(good_cnk, codec_files, other_weights
 
 
 def test_usage_and_option_errors(work, mbt):
-    assert run("encode", work / "camera.png", "--codec", "elic2022-official", "-q", "7").exit_code == 1
+    assert run("encode", work / "camera.png", "--codec", "elic2022-official", "-q", "7").exit_code == 2
     r = run("encode", work / "camera.png", "--codec", "nope")
-    assert r.exit_code == 1 and "unknown codec 'nope'" in r.stderr
+    assert r.exit_code == 2 and "'nope' is not one of" in r.stderr
     assert run("encode", work / "camera.png", "-q", "0").exit_code == 2
     assert run("encode").exit_code == 2
     if not __import__("torch").cuda.is_available():

@@ -52,7 +52,8 @@ def data(tmp_path, photos):
 
 @pytest.fixture
 def common(data, codec_files, neck_file, tiny_clip_file):
-    return ["--data", data, "--qualities", "1", "--weights", f"q1={codec_files['mbt2018-mean']}", "--neck", neck_file,
+    return ["--data", data, "--codec", "mbt2018-mean", "--qualities", "1", "--weights",
+            f"q1={codec_files['mbt2018-mean']}", "--neck", neck_file,
             "--clip-weights", tiny_clip_file, "--size", "64"]
 
 
@@ -160,8 +161,9 @@ def test_report_numbers_match_an_independent_computation(common, tmp_path, codec
 
 def test_methods_that_cannot_run_are_reported_with_their_reason(data, tmp_path, codec_files, tiny_clip_file):
     out = tmp_path / "report"
-    r = evaluate("--data", data, "-o", out, "--qualities", "1", "--weights", codec_files["mbt2018-mean"],
-                 "--clip", TINY_CLIP, "--clip-tag", "test", "--clip-weights", tiny_clip_file, "--size", "64",
+    r = evaluate("--data", data, "-o", out, "--codec", "mbt2018-mean", "--qualities", "1", "--weights",
+                 codec_files["mbt2018-mean"], "--clip", TINY_CLIP, "--clip-tag", "test", "--clip-weights", tiny_clip_file,
+                 "--size", "64",
                  "--methods", "reconstruction,neck,postprocess,jxl")
     assert r.exit_code == 0, r.stderr
     report, summary = report_of(out), (out / "summary.md").read_text()
@@ -345,7 +347,8 @@ def test_registry_lookups_machine_only_neck_and_unlabelled_data(tmp_path, photos
     registry.import_file("mbt2018-mean-q1", codec_files["mbt2018-mean"], "codec")
     registry.import_file("mbt2018-mean-q1-neck", tmp_path / "d3.safetensors", "neck")
     out = tmp_path / "report"
-    args = ["--data", flat, "--qualities", "1", "--methods", "neck,reconstruction", "--clip-weights", tiny_clip_file,
+    args = ["--data", flat, "--codec", "mbt2018-mean", "--qualities", "1", "--methods", "neck,reconstruction",
+            "--clip-weights", tiny_clip_file,
             "--size", "64", "--limit", "2"]
     r = evaluate(*args, "-o", tmp_path / "bad", "--layer", "1")
     skipped = report_of(tmp_path / "bad")["skipped"]
@@ -392,3 +395,22 @@ def test_option_parsing_and_the_cli_stays_light():
     assert tuple(METHODS) == METHOD_NAMES
     code = "import sys, comneck_cli.eval.commands; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_pixel_methods_run_without_clip_weights(data, tmp_path, codec_files, monkeypatch):
+    """Issue #23.12: `eval --methods jpeg,webp` offline: PSNR/MS-SSIM are measured, CLIP's metrics say why not."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-cache"))
+    out = tmp_path / "report"
+    args = ["--data", data, "--codec", "mbt2018-mean", "--qualities", "1", "--weights",
+            f"q1={codec_files['mbt2018-mean']}", "--size", "64", "-o", out]
+    r = evaluate(*args, "--methods", "reconstruction,jpeg,webp")
+    assert r.exit_code == 0, r.stderr
+    assert "feature metrics and accuracy are not measured" in r.stderr
+    rows = report_of(out)["images"]
+    assert len(rows) == 4 * 3
+    assert all(row["psnr"] is not None and row["feature_mse"] is None and row["correct"] is None for row in rows), rows
+    assert "CLIP: not available" in (out / "summary.md").read_text()
+    # a method that compares features still needs the tower: one error line, not a pixels-only report
+    r = evaluate(*args, "--methods", "uncompressed", "--force")
+    assert r.exit_code == 1 and "CLIP weights" in r.stderr

@@ -176,7 +176,7 @@ def test_spec_example_matches_the_code():
 
 
 def test_codec_table_and_latent_grids():
-    assert len(CODEC_IDS) == 13 and CODEC_IDS["elic2022-official"] == 9 and CODEC_IDS["mbt2018-vbr"] == 13
+    assert len(CODEC_IDS) == 14 and CODEC_IDS["elic2022-official"] == 9 and CODEC_IDS["elic-comneck"] == 14
     assert all(CODEC_NAMES[i] == n for n, i in CODEC_IDS.items())
     assert codec_name(10) == "elic2022-chandelier" and codec_name(200) is None
     assert unpack(pack(Record(200, 1, DIGEST, 1, 1, (b"",)))).codec_name is None  # unknown id: read, not refused

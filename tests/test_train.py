@@ -98,6 +98,41 @@ def test_image_folder_classes_and_class_file(image_folder, tmp_path):
         ImageFolderCrops(image_folder, 64, classes_file=mapping)
 
 
+def test_wordnet_id_folders_get_open_clips_imagenet_names_and_its_80_templates(image_folder, tmp_path):
+    """`--data imagenet/train` prompts "a bad photo of a tench.", not "a photo of a n01440764."."""
+    import shutil
+
+    from open_clip import OPENAI_IMAGENET_TEMPLATES
+
+    from comneck_cli.train.data import ImageFolderCrops
+    from comneck_cli.train.neck import DEFAULT_TEMPLATES, default_templates
+
+    for wnid, folder in zip(("n01440764", "n01443537", "n15075141"), ("cat", "coffee", "rocket")):
+        shutil.copytree(image_folder / folder, tmp_path / "imagenet" / wnid)
+    data = ImageFolderCrops(tmp_path / "imagenet", 64)
+    assert data.classes == ["tench", "goldfish", "toilet paper"]  # the first two and the last of ImageNet-1k
+    assert data.class_source.startswith("open_clip's ImageNet class names")
+    templates = default_templates(data)
+    assert len(templates) == 80 and templates[0].format("tench") == OPENAI_IMAGENET_TEMPLATES[0]("tench")
+    shutil.copytree(image_folder / "cat", tmp_path / "imagenet" / "n99999999")  # not an ImageNet-1k id
+    plain = ImageFolderCrops(tmp_path / "imagenet", 64)
+    assert plain.classes[-1] == "n99999999" and plain.class_source == "the folder names"
+    assert default_templates(plain) == DEFAULT_TEMPLATES
+
+
+def test_resized_centre_crops_are_the_authors_protocol():
+    """Short side to the crop size (bicubic), then the centre square: the same every epoch, the whole short side."""
+    from PIL import Image
+
+    from comneck_cli.train.data import resize_centre_crop
+
+    image = np.random.default_rng(0).integers(0, 256, (300, 451, 3), dtype=np.uint8)
+    x = resize_centre_crop(image, 256)
+    expected = np.asarray(Image.fromarray(image).resize((385, 256), Image.BICUBIC))[:, 64:320]
+    assert x.shape == (3, 256, 256)
+    assert torch.equal(x, torch.from_numpy(expected.copy()).permute(2, 0, 1).float() / 255)
+
+
 def test_flat_folder_has_no_labels(image_folder, tmp_path):
     import shutil
 

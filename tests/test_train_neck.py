@@ -27,7 +27,24 @@ def tiny_clip_config():
     open_clip.add_model_config(TINY_CONFIGS)
 
 
+def scratch_neck(folder: Path, codec: str = CODEC, quality: int = 8, codec_file: Path | None = None) -> Path:
+    """A randomly initialised neck file for the tiny CLIP (width 64, 4 heads) and a codec's latent channels: what
+    d2/d3 tests start from where the point is not the d1 neck's training."""
+    from comneck_cli.codecs import load_codec
+    from comneck_cli.neck import NeckInfo, TransformNeck, save_neck
+
+    channels = load_codec(codec, quality, weights=codec_file).latent_channels
+    torch.manual_seed(0)
+    neck = TransformNeck(channels, 64, 4, (4, 4))
+    path = folder / f"scratch-neck-{channels}.safetensors"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_neck(neck, path, NeckInfo(codec=codec, quality=quality, codec_digest="0" * 8, clip_model=TINY_CLIP,
+                                   clip_tag="none", k=2, scenario="d1", config=neck.config))
+    return path
+
+
 def neck_config(scenario: str, codec_file: Path, data: Path, folder: Path, **kw):
+    """d2/d3 start from a scratch neck unless ``neck_init`` is given (None: the registry's d1 neck)."""
     from comneck_cli.train import NeckTrainConfig
 
     settings = dict(scenario=scenario, codec=CODEC, quality=8, codec_weights=codec_file, data=data,
@@ -35,6 +52,8 @@ def neck_config(scenario: str, codec_file: Path, data: Path, folder: Path, **kw)
                     run_dir=folder / "run", log_every=1, checkpoint_every=1000, quiet=True, register=None,
                     output=folder / "neck.safetensors", device="cpu")
     settings.update(kw)
+    if settings["scenario"] != "d1" and "neck_init" not in kw and settings.get("resume") is None:
+        settings["neck_init"] = scratch_neck(folder / "init", settings["codec"], settings["quality"], codec_file)
     return NeckTrainConfig(**settings)
 
 
@@ -262,3 +281,67 @@ def test_every_codec_family_trains_jointly(codec_files, image_folder, tmp_path, 
     assert all(np.isfinite(v) for v in result.final.values())
     _, info = load_neck(result.output)
     assert load_codec(name, 1, weights=result.extra["codec_output"]).digest.hex() == info.codec_digest
+
+
+@pytest.mark.parametrize("scenario,extra,flag", [
+    ("d2", ["--ce-dist", "1:10"], "--ce-dist"), ("d3", ["--template", "a {}."], "--template"),
+    ("d1", ["--lmbda", "0.01"], "--lmbda"), ("d1", ["--gamma", "1"], "--gamma"), ("d1", ["--beta", "1"], "--beta"),
+    ("d3", ["--gamma", "1"], "--gamma"),
+])
+def test_options_a_scenario_does_not_use_are_refused(image_folder, tmp_path, scenario, extra, flag):
+    """An option that would be accepted and ignored is one error line naming it, before anything loads."""
+    from comneck_cli.train.commands import train
+
+    out = tmp_path / "neck.safetensors"
+    result = CliRunner().invoke(train, ["neck", "--scenario", scenario, "--codec", CODEC, "-q", "8", "--data",
+                                        str(image_folder), "--steps", "1", "--device", "cpu", "-o", str(out),
+                                        *extra])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"comneck: error: scenario {scenario} does not use {flag}: ")
+    assert result.output.count("\n") == 1 and not out.exists()
+
+
+def test_quality_of_a_variable_rate_neck_is_refused(image_folder, tmp_path):
+    from comneck_cli.train.commands import train
+
+    result = CliRunner().invoke(train, ["neck", "--codec", "mbt2018-mean-vbr", "-q", "3", "--data", str(image_folder),
+                                        "--steps", "1", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert result.output == ("comneck: error: a neck for the variable-rate mbt2018-mean-vbr trains on every rate at "
+                             "once and serves records of any rate; drop -q/--quality 3\n")
+
+
+def test_d2_and_d3_start_from_the_registrys_d1_neck_or_refuse(trained_codec, image_folder, tmp_path):
+    """The paper: distillation alone does not train a neck from scratch, so d2/d3 fine-tune a d1 neck."""
+    import weights as registry
+    from comneck_cli.neck import load_neck
+    from comneck_cli.train import train_neck
+
+    with pytest.raises(ComneckError, match=r"^scenario d3 starts its neck from a d1 neck .* registry has no "
+                                           r"mbt2018-mean-q8-neck; train it first with `comneck train neck"):
+        train_neck(neck_config("d3", trained_codec, image_folder, tmp_path / "a", steps=(0, 0, 0), neck_init=None))
+    assert not (tmp_path / "a").exists()
+    d1 = scratch_neck(tmp_path / "d1", codec_file=trained_codec)
+    registry.import_file("mbt2018-mean-q8-neck", d1, "neck")
+    result = train_neck(neck_config("d3", trained_codec, image_folder, tmp_path / "b", steps=(0, 0, 0),
+                                    neck_init=None))
+    start, _ = load_neck(d1)
+    exported, _ = load_neck(result.output)
+    assert all(torch.equal(a, b) for a, b in zip(start.state_dict().values(), exported.state_dict().values()))
+
+
+@pytest.mark.slow  # two 15-step joint runs
+def test_distillation_trains_the_neck_in_joint_training(trained_codec, image_folder, tmp_path):
+    """d2's joint stage with L_dist removed (β = 0: the codec's own rate-distortion loss) against with it, from the
+    same neck, seed and batches: only with it does the neck's distillation error fall clearly."""
+    from comneck_cli.train import train_neck
+    from comneck_cli.train.loop import read_metrics
+
+    runs = {}
+    for name, beta in (("off", 0.0), ("on", 255.0**2 / 60)):
+        train_neck(neck_config("d2", trained_codec, image_folder, tmp_path / name, steps=(0, 15, 0),
+                               lr=(1e-3, 3e-3, 1e-3), beta=beta))
+        runs[name] = [r["dist"] for r in read_metrics(tmp_path / name / "run" / "metrics.jsonl")]
+    assert runs["on"][0] == pytest.approx(runs["off"][0])  # the same start
+    late = {name: float(np.mean(values[-5:])) for name, values in runs.items()}
+    assert late["on"] < 0.7 * late["off"], (late, runs)

@@ -196,7 +196,8 @@ def test_cli_trains_and_eval_finds_the_registered_unet(trained_codec, image_fold
     unet_file = registry.resolve("mbt2018-mean-q8-postprocess")
 
     out = tmp_path / "report"
-    r = CliRunner().invoke(main, ["eval", "--data", str(image_folder), "-o", str(out), "--qualities", "8",
+    r = CliRunner().invoke(main, ["eval", "--data", str(image_folder), "-o", str(out), "--codec", CODEC,
+                                  "--qualities", "8",
                                   "--weights", f"q8={trained_codec}", "--clip", TINY_CLIP, "--clip-tag", "test",
                                   "--clip-weights", str(tiny_clip_file), "--size", "64",
                                   "--methods", "reconstruction,postprocess"], catch_exceptions=False)

@@ -154,9 +154,12 @@ def test_target_errors_before_training(trained_codec, image_folder, tmp_path):
 def test_cli_train_neck_targets(trained_codec, image_folder, tmp_path):
     from comneck_cli.train.commands import train
 
+    from .test_train_neck import scratch_neck
+
     out = tmp_path / "neck.safetensors"
     args = ["neck", "--scenario", "d2", "--codec", CODEC, "-q", "8", "--codec-weights", str(trained_codec),
-            "--data", str(image_folder), "--clip-config", str(TINY_CONFIGS), "--clip-model", TINY_CLIP,
+            "--neck-init", str(scratch_neck(tmp_path, codec_file=trained_codec)), "--data", str(image_folder),
+            "--clip-config", str(TINY_CONFIGS), "--clip-model", TINY_CLIP,
             "--clip-tag", "none", "--steps", "1", "--lr", "1e-3", "--batch-size", "3", "--crop", "64",
             "-o", str(out), "--no-register", "--device", "cpu", "--workers", "0"]
     result = CliRunner().invoke(train, args + ["--targets", "layer-1/patch:2,pooled:1", "--log-every", "1"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,9 @@ __all__ = [
 
 _SHIPPED_DIR = Path(__file__).resolve().parent
 _MANIFEST = "manifest.json"
+_ENTRY_FIELDS = {"file", "sha256", "kind", "info"}
+# A name becomes a file name (NAME + suffix): letters, digits, '-', '_' and '.', short enough for any file system.
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 class WeightsError(Exception):
@@ -83,9 +87,19 @@ def _read_manifest(folder: Path, origin: str) -> dict[str, Entry]:
         return {}
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        return {name: Entry(name=name, origin=origin, **fields) for name, fields in raw.items()}
-    except (ValueError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise WeightsError(f"weights manifest {path} is damaged ({exc}); fix or delete it") from exc
+    if not isinstance(raw, dict):
+        raise WeightsError(f"weights manifest {path} is damaged (a JSON {type(raw).__name__}, not an object of "
+                           f"named entries); fix or delete it")
+    for name, fields in raw.items():
+        # Each entry as _write_manifest writes it; anything else would fail later, far from its cause.
+        if not (isinstance(fields, dict) and _ENTRY_FIELDS >= set(fields) >= _ENTRY_FIELDS - {"info"}
+                and all(isinstance(fields[k], str) for k in ("file", "sha256", "kind"))
+                and isinstance(fields.get("info", {}), dict)):
+            raise WeightsError(f"weights manifest {path} is damaged (entry {name!r} is not an object with the "
+                               f"strings file, sha256, kind and an optional object info); fix or delete it")
+    return {name: Entry(name=name, origin=origin, **fields) for name, fields in raw.items()}
 
 
 def entries() -> dict[str, Entry]:
@@ -131,17 +145,21 @@ def import_file(name: str, source: Path, kind: str, info: dict[str, Any] | None 
     The copy and the manifest are written to temp files and renamed, so an interrupted import
     leaves the previous state intact.
     """
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
-        raise WeightsError(f"invalid weights name {name!r}: use letters, digits, '-', '_' and '.'")
+    if not _NAME.fullmatch(name):
+        raise WeightsError(f"invalid weights name {name[:40]!r}{'…' if len(name) > 40 else ''}: use up to 128 "
+                           f"letters, digits, '-', '_' and '.', not starting with '.'")
     source = Path(source)
     if not source.is_file():
         raise WeightsError(f"cannot import {source}: no such file")
     folder = user_dir()
-    folder.mkdir(parents=True, exist_ok=True)
     suffix = "".join(source.suffixes[-2:]) if source.name.endswith(".pth.tar") else source.suffix
     target = folder / f"{name}{suffix}"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".import-")
-    os.close(fd)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".import-")
+        os.close(fd)
+    except OSError as exc:  # COMNECK_HOME naming a file, a read-only or full disk
+        raise _unwritable(folder, exc) from None
     try:
         if move:
             shutil.move(str(source), tmp)
@@ -149,20 +167,34 @@ def import_file(name: str, source: Path, kind: str, info: dict[str, Any] | None 
             shutil.copyfile(source, tmp)
         digest = file_sha256(Path(tmp))
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # reading the source or writing the copy
+            raise WeightsError(f"cannot copy {source} into the user registry {folder} ({exc.strerror or exc})"
+                               ) from None
         raise
     entry = Entry(name=name, file=target.name, sha256=digest, kind=kind, info=dict(info or {}))
     manifest = {n: e for n, e in _read_manifest(folder, "user").items()}
     manifest[name] = entry
-    _write_manifest(folder, manifest)
+    try:
+        _write_manifest(folder, manifest)
+    except OSError as exc:
+        raise _unwritable(folder, exc) from None
     return entry
+
+
+def _unwritable(folder: Path, exc: OSError) -> WeightsError:
+    return WeightsError(f"cannot write to the user registry {folder} ({exc.strerror or exc}); set COMNECK_HOME "
+                        f"to a writable folder")
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Entry]) -> None:
     raw = {n: {k: v for k, v in asdict(e).items() if k not in ("name", "origin")} for n, e in sorted(manifest.items())}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(raw, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, folder / _MANIFEST)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(raw, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, folder / _MANIFEST)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # left only when the write failed

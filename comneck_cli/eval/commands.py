@@ -16,7 +16,9 @@ from typing import Callable, Iterator
 
 import click
 
+from ..defaults import DEFAULT_CODEC, quality_problem
 from ..errors import ComneckError
+from ..options import CODEC_CHOICE
 from ..presets import PRESETS
 from . import DEFAULT_METHODS, DEFAULT_PROMPT, METHOD_NAMES
 
@@ -89,7 +91,8 @@ class _Terminated(KeyboardInterrupt):
               help="Images: one sub-folder per class (ImageFolder; enables zero-shot accuracy) or a flat folder.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="REPORT_DIR for points.csv/json, summary.md, one PNG per metric and the points.jsonl log.")
-@click.option("--codec", default="mbt2018-mean", show_default=True, help="Learned codec (see `comneck codecs`).")
+@click.option("--codec", type=CODEC_CHOICE, default=DEFAULT_CODEC, show_default=True,
+              help="Learned codec (see `comneck codecs`); the default's weights ship with comneck.")
 @click.option("--qualities", default="1,2,3,4", show_default=True, callback=_qualities,
               help="Codec qualities: one curve point each.")
 @click.option("--methods", default=None, callback=_methods,
@@ -156,6 +159,10 @@ def eval_command(data: Path, output: Path, codec: str, qualities: tuple[int, ...
     uncompressed (C(x), the upper bound), and jpeg/webp/avif/jxl bpp-matched to the codec image by image.
     A method that cannot run here is reported as skipped with the reason.
     """
+    for quality in qualities:  # usage errors before torch is imported
+        problem = quality_problem(codec, quality)
+        if problem is not None:
+            raise click.BadParameter(problem, param_hint="--qualities")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
     if methods is None:

@@ -201,6 +201,7 @@ class Method:
 
     name: ClassVar[str]
     what: ClassVar[str]
+    shows_pixels: ClassVar[bool] = False  # its outcome is an image: PSNR/MS-SSIM need no CLIP
 
     def plan(self, ctx: Context) -> tuple[list[Point], list[Skip]]:
         points, skips = [], []
@@ -220,6 +221,7 @@ class Method:
 
 class Reconstruction(Method):
     name = "reconstruction"
+    shows_pixels = True
     what = "y_hat -> g_s -> x_hat -> full CLIP tower (the paper's Reconstruction; BD-rate anchor)"
 
     def plan_quality(self, ctx, quality):
@@ -363,6 +365,8 @@ class Uncompressed(Method):
 
 class Traditional(Method):
     """A Pillow codec, its quality chosen per image to match the bpp of the learned codec at q."""
+
+    shows_pixels = True
 
     def __init__(self, codec: ImageCodec):
         self.codec = codec

@@ -282,8 +282,9 @@ def _summary(header, status, skips, failures, means, bd, plots, methods) -> str:
         f"- images coded as: {coded}",
         f"- codec: {header.get('codec')}, qualities {', '.join(map(str, header.get('qualities', [])))}"
         + (f" (weights {weights})" if weights else ""),
-        f"- CLIP: {header.get('clip_model')} / {header.get('clip_tag')}; features: layer {header.get('layer')}, "
-        f"`{header.get('select')}`, compared with C(x) of the same pixels",
+        (f"- CLIP: {header.get('clip_model')} / {header.get('clip_tag')}; features: layer {header.get('layer')}, "
+         f"`{header.get('select')}`, compared with C(x) of the same pixels" if header.get("clip_model") else
+         "- CLIP: not available, so feature metrics and accuracy are not measured (pixel metrics only)"),
         "- rate: 8 × bytes / pixels of what each method really stores (the whole .cnk record, container included; "
         "whole image files); traditional codecs are bpp-matched to the .cnk record image by image",
         f"- BD-rate: against `{ANCHOR}`, bjontegaard {_bjontegaard_version()} `{BD_METHOD}`; negative = fewer bits "

@@ -28,8 +28,10 @@ from typing import Callable
 import torch
 
 from .. import api
+from ..defaults import DEFAULT_CODEC
 from ..errors import ComneckError
 from ..features import neck_registry_name
+from ..outputs import make_folder
 from . import DEFAULT_METHODS, report
 from .data import find_images, load_image
 from .methods import Context, Entry, Outcome, Point, Skip, model_file, file_digest, get_method, spec_for
@@ -50,7 +52,7 @@ class EvalConfig:
 
     data: Path
     output: Path
-    codec: str = "mbt2018-mean"
+    codec: str = DEFAULT_CODEC
     qualities: tuple[int, ...] = (1, 2, 3, 4)
     methods: tuple[str, ...] = DEFAULT_METHODS
     weights: dict = field(default_factory=dict)
@@ -99,6 +101,7 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None,
         raise ComneckError(f"{cfg.output} already holds an evaluation ({LOG_NAME}); pass --resume to continue it or "
                            "--force to start over")
     dataset = find_images(cfg.data, limit=cfg.limit, classes_file=cfg.classes)
+    make_folder(Path(cfg.output))  # before any model loads: an unwritable -o fails in a second, not minutes
     if dataset.ignored:
         say(f"{len(dataset.ignored)} image(s) directly in {cfg.data} are not in a class folder and are not evaluated")
     device = api.resolve_device(cfg.device)
@@ -109,7 +112,11 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None,
                   adapter=cfg.adapter, pre_edit=cfg.pre_edit, pad_to_square=cfg.pad_to_square)
     methods = {name: get_method(name) for name in dict.fromkeys(cfg.methods)}
     needs_codec = any(name != "uncompressed" for name in methods)
-    if cfg.select not in ("pooled", "projected"):  # C(x) must have the layer, or nothing can be compared
+    without_clip = _clip_unavailable(ctx, methods)
+    if without_clip is not None:
+        say(f"CLIP feature metrics and accuracy are not measured: {without_clip}")
+        clip_model = clip_tag = None
+    elif cfg.select not in ("pooled", "projected"):  # C(x) must have the layer, or nothing can be compared
         from ..clip import resolve_layer
 
         resolve_layer(cfg.layer, len(ctx.clip.visual.transformer.resblocks) + 1, None)
@@ -125,7 +132,7 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None,
         skips += skipped
     for skip in skips:
         say(f"{skip.method}{'' if skip.point is None else ' ' + skip.point} skipped: {skip.reason}")
-    zero_shot = _zero_shot(ctx, dataset.classes, cfg.prompt) if dataset.labelled else None
+    zero_shot = _zero_shot(ctx, dataset.classes, cfg.prompt) if dataset.labelled and without_clip is None else None
 
     settings = {
         "codec": cfg.codec, "size": cfg.size, "layer": cfg.layer, "select": cfg.select,
@@ -153,7 +160,7 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None,
             entries = _load_chunk(cfg, chunk, work, failures, advance, say)
             if not entries:
                 continue
-            reference = _reference(ctx, entries)
+            reference = _reference(ctx, entries) if without_clip is None else None
             for point in points:
                 todo_here = [e for e in entries.values() if (point.method, point.name, e.item.id) in work]
                 rows = _run_point(ctx, methods[point.method], point, todo_here, reference, dataset.classes,
@@ -176,6 +183,19 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None,
     means, files = report.write_report(Path(cfg.output), header=header, methods=descriptions, points=points,
                                        rows=rows, skips=skips, failures=failures)
     return EvalResult(Path(cfg.output), rows, means, skips, failures, computed, len(rows) - computed, files)
+
+
+def _clip_unavailable(ctx: Context, methods: dict) -> str | None:
+    """Why CLIP cannot load, when every method shows pixels (so PSNR and MS-SSIM still mean something); else None.
+
+    A run that needs CLIP for what it compares (necks, uncompressed, semantic...) still fails on a missing tower."""
+    if not all(method.shows_pixels for method in methods.values()):
+        return None
+    try:
+        ctx.clip
+    except ComneckError as exc:
+        return str(exc)
+    return None
 
 
 def _zero_shot(ctx: Context, classes: list[str], prompt: str) -> ZeroShot:
@@ -298,6 +318,8 @@ def _run_point(ctx, method, point: Point, entries: list[Entry], reference, class
             advance()
     if not outcomes:
         return []
+    if reference is None:  # no CLIP: pixel metrics only
+        return [_row(point, entry, outcome, None, None, None, classes, None, ctx.device) for entry, outcome in outcomes]
     try:
         features = _features(ctx, outcomes, reference)
     except ComneckError as exc:
@@ -332,8 +354,9 @@ def _row(point: Point, entry: Entry, outcome: Outcome, selected, embedding, targ
             row["psnr"] = value
         row["ms_ssim"], note = ms_ssim(entry.image, outcome.view, device)
         notes += [note] if note else []
-    row["feature_mse"], row["feature_cosine"], note = feature_fidelity(selected, target)
-    notes += [note] if note else []
+    if selected is not None:
+        row["feature_mse"], row["feature_cosine"], note = feature_fidelity(selected, target)
+        notes += [note] if note else []
     if zero_shot is not None and entry.item.label is not None:
         predicted = int(zero_shot.predict(embedding.unsqueeze(0))[0])
         row["predicted"] = classes[predicted]
@@ -361,12 +384,14 @@ class _Log:
         if path.exists():
             self._read()
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(json.dumps({"type": "settings", "format": LOG_FORMAT, "version": LOG_VERSION, **settings})
-                        + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(json.dumps({"type": "settings", "format": LOG_FORMAT, "version": LOG_VERSION,
+                                        **settings}) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                raise ComneckError(f"cannot write {path}: {exc.strerror or exc}") from None
 
     def _read(self) -> None:
         data = self.path.read_bytes()

@@ -162,6 +162,8 @@ def _summary(quiet: bool, what: str, result: Any) -> None:
     if result.registered:
         click.echo(f"comneck: registered {result.registered}", err=True)
     extra = result.extra or {}
+    if extra.get("prompts"):
+        click.echo(f"comneck: zero-shot prompts: {extra['prompts']}", err=True)
     if extra.get("codec_output"):
         click.echo(f"comneck: wrote retrained codec {extra['codec_output']}", err=True)
     if extra.get("codec_registered"):
@@ -238,19 +240,25 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
               help="Several CLIP outputs, L_dist their weighted sum of MSEs: NAME:WEIGHT,... with NAME as for "
                    "--target, e.g. 'pooled:1,layer-2/patch:1' or 'llava:1,llama-adapter:0.5,clip-embedding:1'.")
 @click.option("--template", "templates", multiple=True,
-              help="Prompt template for class names (repeatable). [default: 'a photo of a {}.']")
-@click.option("--steps", default=None, help="Steps per stage: one number or three, e.g. 5000,5000,5000 (or --epochs).")
-@click.option("--epochs", default=None, help="Epochs per stage: one number or three (paper: 20,20,20).")
+              help="Prompt template for class names (repeatable; d1). [default: open_clip's 80 OpenAI ImageNet "
+                   "templates for WordNet-id folders, else 'a photo of a {}.']")
+@click.option("--crops", type=click.Choice(["resize", "random"]), default=None, show_default="resize",
+              help="resize: short side to --crop, then the centre square (the authors' protocol); random: random "
+                   "squares at native resolution.")
+@click.option("--steps", default=None,
+              help="Steps per stage: one number or three, e.g. 66720,66720,66720 (the paper's 20 epochs of 1/12 "
+                   "ImageNet at --batch-size 32; or --epochs).")
+@click.option("--epochs", default=None, help="Passes over --data per stage: one number or three.")
 @click.option("--lr", default=None,
               help="Learning rate per stage, one or three numbers. [default: d1 1e-4,1e-5,1e-5; d2/d3 1e-4,1e-4,1e-5]")
 @click.option("--ce-dist", default=None, show_default="1:100",
-              help="d1 stage 2 weights of cross-entropy : distillation.")
+              help="d1 stage 2 weights of cross-entropy : distillation (d1 only).")
 @click.option("--lmbda", type=float, default=None,
-              help="λ of the joint loss (d2/d3). Default: the codec quality's λ.")
+              help="λ of the joint loss (d2/d3 only). Default: the codec quality's λ.")
 @click.option("--gamma", type=float, default=None, show_default="255²",
-              help="γ, weight of MSE(x, x̂) in d2's joint loss.")
+              help="γ, weight of MSE(x, x̂) in d2's joint loss (d2 only).")
 @click.option("--beta", type=float, default=None, show_default="255²/60",
-              help="β, weight of L_dist in d2/d3's joint loss.")
+              help="β, weight of L_dist in d2/d3's joint loss (d2/d3 only).")
 @click.option("--aux-lr", type=float, default=None, show_default="1e-3",
               help="Learning rate of the bottleneck quantiles in joint training.")
 @click.option("--clip-max-norm", type=float, default=None, show_default="1.0",
@@ -258,7 +266,9 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
 @click.option("--neck-width", type=click.IntRange(1), default=None, help="Neck width. Default: the CLIP tower's width.")
 @click.option("--neck-heads", type=click.IntRange(1), default=None,
               help="Neck attention heads. Default: the CLIP tower's.")
-@click.option("--neck-init", type=_FILE, default=None, help="Start from this neck file (e.g. a d1 neck for d2/d3).")
+@click.option("--neck-init", type=_FILE, default=None,
+              help="Start from this neck file. d2/d3 start from a d1 neck: by default the registry's "
+                   "CODEC-qQUALITY-neck.")
 @click.option("-o", "--output", type=_OUT, default=None, help="Write the trained neck (.safetensors) here.")
 @click.option("--register", default="{codec}-q{quality}-neck{suffix}", show_default=True,
               help="Registry name for the neck; {suffix} is empty for d1 (where `features` looks) and -d2/-d3 else.")
@@ -271,7 +281,7 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
 @_run_options
 @_guarded
 def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip_tag, clip_weights, clip_config, k,
-                       target, targets, templates, steps, epochs, lr, ce_dist, lmbda, gamma, beta, aux_lr,
+                       target, targets, templates, crops, steps, epochs, lr, ce_dist, lmbda, gamma, beta, aux_lr,
                        clip_max_norm, neck_width, neck_heads, neck_init, output, register, no_register,
                        codec_output, codec_register, debug, **run) -> None:
     """Train a transform-neck so that C'(T(y_hat)) matches C(x), in three stages (paper §3.4-3.5, A.1).
@@ -287,7 +297,7 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
     cfg = NeckTrainConfig(
         scenario=scenario, codec=codec, quality=quality, codec_weights=codec_weights, clip_model=clip_model,
         clip_tag=clip_tag, clip_weights=clip_weights, k=k, target=target, targets=targets,
-        templates=tuple(templates) or None, steps=_numbers(steps, int, "--steps"),
+        templates=tuple(templates) or None, crops=crops, steps=_numbers(steps, int, "--steps"),
         epochs=_numbers(epochs, int, "--epochs"), lr=_numbers(lr, float, "--lr"),
         ce_dist=_ce_dist(ce_dist), lmbda=lmbda, gamma=gamma, beta=beta, aux_lr=aux_lr,
         clip_max_norm=clip_max_norm, neck_width=neck_width, neck_heads=neck_heads, neck_init=neck_init,
@@ -312,9 +322,14 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
               help="Adam learning rate of the bottleneck quantiles (aux loss).")
 @click.option("--clip-max-norm", type=float, default=None, show_default="1.0",
               help="Codec gradient-norm clipping (0: off).")
+@click.option("--gamma", type=float, default=None, show_default="255²",
+              help="γ, weight of the pixel distortion MSE(x̂, x) in R + λ_R(γ·MSE + β(L_sem + ρ·L_rank)); 0: for the "
+                   "LVLM alone.")
 @click.option("--beta", type=float, default=None, show_default="255²/60",
-              help="β, weight of the semantic-token loss in R + λ_R(β·L_sem + γ·MSE).")
-@click.option("--gamma", type=float, default=None, show_default="0", help="γ, weight of the pixel MSE(x̂, x).")
+              help="β, weight of the token distortion: the token MSE L_sem plus ρ times the rank term.")
+@click.option("--rank-weight", type=float, default=None, show_default="1",
+              help="ρ, weight of L_rank, the gap between the log effective ranks of the decoded image's CLIP tokens "
+                   "and the original's (eigenvalues of the token matrix); 0: token MSE only.")
 @_clip_options("open_clip model whose tokens are compared.", "Local CLIP weights file instead of the registry.")
 @click.option("--guide-layers", default=None,
               help="CLIP layers guiding P (1..depth, e.g. 6,12). [default: 1/4 and 1/2 of the tower's depth]")
@@ -331,13 +346,13 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
 @click.option("--no-register", is_flag=True, help="Register neither the codec nor P (then -o is needed).")
 @_run_options
 @_guarded
-def train_vbr_command(codec, pre_edit, init, config_json, steps, epochs, lr, pre_edit_lr, aux_lr, clip_max_norm, beta,
-                      gamma, clip_model, clip_tag, clip_weights, clip_config, guide_layers, token_layers,
+def train_vbr_command(codec, pre_edit, init, config_json, steps, epochs, lr, pre_edit_lr, aux_lr, clip_max_norm, gamma,
+                      beta, rank_weight, clip_model, clip_tag, clip_weights, clip_config, guide_layers, token_layers,
                       pre_edit_channels, output, register, pre_edit_output, pre_edit_register, no_register, debug,
                       **run) -> None:
-    """The variable-rate codec (and with --pre-edit the pre-editing module P) for LVLMs: R + λ_R·β·L_sem over every
-    rate, L_sem the MSE of CLIP tokens of the decoded image against the original's at several layers
-    (arXiv 2407.17060).
+    """The variable-rate codec (and with --pre-edit the pre-editing module P) for LVLMs: R + λ_R(γ·MSE + β(L_sem +
+    ρ·L_rank)) over every rate, L_sem the MSE of CLIP tokens of the decoded image against the original's at several
+    layers and L_rank the gap between their log effective ranks (arXiv 2407.17060).
 
     \b
     Example:
@@ -349,7 +364,7 @@ def train_vbr_command(codec, pre_edit, init, config_json, steps, epochs, lr, pre
     cfg = VbrTrainConfig(
         codec=codec, pre_edit=pre_edit or None, init=init, config=_json_config(config_json), steps=steps,
         epochs=epochs, lr=lr, pre_edit_lr=pre_edit_lr, aux_lr=aux_lr, clip_max_norm=clip_max_norm, beta=beta,
-        gamma=gamma, clip_model=clip_model, clip_tag=clip_tag, clip_weights=clip_weights,
+        gamma=gamma, rank_weight=rank_weight, clip_model=clip_model, clip_tag=clip_tag, clip_weights=clip_weights,
         guide_layers=_numbers(guide_layers, int, "--guide-layers"),
         token_layers=_numbers(token_layers, int, "--token-layers"), pre_edit_channels=pre_edit_channels,
         output=output, register=None if no_register else register, pre_edit_output=pre_edit_output,

@@ -1,8 +1,12 @@
 """Training data: an ImageFolder-style directory -> random square crops in [0, 1], with labels.
 
-Layout: one sub-folder per class (``DATA/tench/*.jpg``, ``DATA/goldfish/*.jpg``), class names from the
-folder names or from ``--classes FILE``; a flat folder of images (no labels) serves the stages without
-cross-entropy (``comneck train codec``, distillation-only stages).
+Layout: one sub-folder per class (``DATA/tench/*.jpg``, ``DATA/goldfish/*.jpg``), class names from
+``--classes FILE``, else open_clip's ImageNet class names when every folder is an ImageNet-1k WordNet id
+(``imagenet/train/n01440764``: "tench", not "n01440764"), else the folder names; a flat folder of images (no labels)
+serves the stages without cross-entropy (``comneck train codec``, distillation-only stages).
+
+Crops: random squares at native resolution (CompressAI's codec training), or with ``resize`` the ComNeck authors'
+protocol, training and evaluation alike: the short side resized to the crop size (bicubic), then the centre square.
 
 Reproducibility: the order of every epoch is a seeded permutation (``DistributedSampler`` with the run's
 seed, sharded across torchrun ranks) and every crop position is drawn from a generator seeded with
@@ -33,6 +37,21 @@ UNLABELLED = -1
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def imagenet_class_names(folders: list[str]) -> list[str] | None:
+    """open_clip's ImageNet class names (``IMAGENET_CLASSNAMES``) for folders that are all ImageNet-1k WordNet ids,
+    else None. Those names are in the order of the sorted 1000 ids (class i of the 1k set); the id list is timm's
+    (``ImageNetInfo``; timm comes with open_clip), so a subset of the classes gets its own names too."""
+    if not folders or not all(len(f) == 9 and f[0] == "n" and f[1:].isdigit() for f in folders):
+        return None
+    from open_clip import IMAGENET_CLASSNAMES
+    from timm.data import ImageNetInfo
+
+    index = {wnid: i for i, wnid in enumerate(ImageNetInfo("imagenet-1k").label_names())}
+    if not all(f in index for f in folders):
+        return None
+    return [IMAGENET_CLASSNAMES[index[f]] for f in folders]
 
 
 def read_class_names(path: Path, folders: list[str]) -> list[str]:
@@ -66,24 +85,33 @@ class ImageFolderCrops(Dataset):
     """Images under ``root`` -> ``(x, label)``: x a (3, crop, crop) float tensor in [0, 1].
 
     Images smaller than the crop are padded as coding pads them (centred, edge pixels repeated). Items are
-    addressed by ``(index, seed)`` pairs from :class:`EpochSampler`; the seed fixes the crop position.
+    addressed by ``(index, seed)`` pairs from :class:`EpochSampler`; the seed fixes the crop position. With
+    ``resize`` every image is resized (short side = crop) and centre-cropped instead (``resize_centre_crop``).
+    ``class_source`` says where the class names came from.
     """
 
-    def __init__(self, root: Path, crop: int, *, classes_file: Path | None = None, labelled: bool = True):
+    def __init__(self, root: Path, crop: int, *, classes_file: Path | None = None, labelled: bool = True,
+                 resize: bool = False):
         root = Path(root)
         if not root.is_dir():
             raise ComneckError(f"training data folder {root} does not exist; pass an ImageFolder-style directory")
         if crop < 1:
             raise ComneckError(f"crop size {crop} is not positive; use a multiple of 64 such as 256")
-        self.root, self.crop = root, crop
+        self.root, self.crop, self.resize = root, crop, resize
         folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self.samples: list[tuple[Path, int]] = []
         for label, folder in enumerate(folders):
             self.samples += [(p, label) for p in _images_in(root / folder)]
+        self.class_source = "none"
         if self.samples:
             self.folders = folders
-            self.classes = (read_class_names(classes_file, folders) if classes_file
-                            else [f.replace("_", " ") for f in folders])
+            imagenet = None if classes_file else imagenet_class_names(folders)
+            if classes_file:
+                self.classes, self.class_source = read_class_names(classes_file, folders), f"the file {classes_file}"
+            elif imagenet is not None:
+                self.classes, self.class_source = imagenet, "open_clip's ImageNet class names (WordNet-id folders)"
+            else:
+                self.classes, self.class_source = [f.replace("_", " ") for f in folders], "the folder names"
         else:
             if labelled:
                 raise ComneckError(
@@ -104,7 +132,22 @@ class ImageFolderCrops(Dataset):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ImageConversionWarning)
             image = read_image(path)
+        if self.resize:
+            return resize_centre_crop(image, self.crop), label
         return random_crop(image, self.crop, np.random.default_rng(seed)), label
+
+
+def resize_centre_crop(image: np.ndarray, size: int) -> Tensor:
+    """uint8 H×W×3 -> (3, size, size) float in [0, 1]: the short side resized to ``size`` (bicubic, as torchvision's
+    ``Resize`` on a PIL image), then the centre square (torchvision's ``CenterCrop`` rounding)."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    scale = size / min(height, width)
+    new = (max(size, round(width * scale)), max(size, round(height * scale)))  # (W, H)
+    resized = np.asarray(Image.fromarray(image).resize(new, Image.BICUBIC))
+    top, left = round((new[1] - size) / 2), round((new[0] - size) / 2)
+    return to_tensor(resized[top : top + size, left : left + size], size)[0]
 
 
 def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> Tensor:

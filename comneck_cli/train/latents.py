@@ -26,11 +26,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from compressai.ops import quantize_ste
 from torch import Tensor, nn
 
+from .._compressai import import_compressai
 from ..codecs import (RATE_STEPS, Autoregressive, Family, LatentCodecModel, MeanScaleHyperprior, ScaleHyperprior,
                       VariableRate)
+
+import_compressai()  # the light import (no point-cloud modules) before compressai.ops
+from compressai.ops import quantize_ste  # noqa: E402
 
 QUANTIZERS = ("noise", "ste")
 

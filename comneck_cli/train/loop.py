@@ -257,9 +257,10 @@ def codec_step(runtime: Runtime, model: nn.Module, params: list[nn.Parameter], o
     return aux_loss.item()
 
 
-def crop_batches(cfg: RunConfig, runtime: Runtime, labelled: bool = False) -> Batches:
-    """This rank's batches of random crops of ``cfg.data`` (labelled: with class indices)."""
-    dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=labelled)
+def crop_batches(cfg: RunConfig, runtime: Runtime, labelled: bool = False, resize: bool = False) -> Batches:
+    """This rank's batches of crops of ``cfg.data`` (labelled: with class indices): random ones, or with ``resize``
+    the resized centre square of each image (``data.resize_centre_crop``)."""
+    dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=labelled, resize=resize)
     return Batches(dataset, cfg.batch_size, cfg.seed, runtime.rank, runtime.world, cfg.workers,
                    pin_memory=runtime.device.type == "cuda")
 

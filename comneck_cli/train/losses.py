@@ -8,6 +8,8 @@
 - The joint objective of (d2)/(d3) (Table 1), R + λ(γ·d_recon + β·L_dist), with d_recon = MSE(x, x̂)
   on [0, 1] pixels. Default γ = 255² makes β = 0 the codec's own RD loss (same λ); β = γ/60 is the paper's
   γ:β = 60:1. (d3) has no reconstruction: γ = 0, the same β, so R + λ·β·L_dist.
+- ``rank_loss`` (``train vbr``, arXiv 2407.17060's token term): the gap between the spectral entropies (log effective
+  ranks, ``token_entropy``) of the decoded image's tokens and the original's.
 """
 
 from __future__ import annotations
@@ -66,6 +68,31 @@ def zero_shot_cross_entropy(image_embedding: Tensor, text_embeddings: Tensor, lo
     image = F.normalize(image_embedding.float(), dim=-1)
     text = F.normalize(text_embeddings.float(), dim=-1)
     return F.cross_entropy(torch.as_tensor(logit_scale, dtype=torch.float32) * image @ text.T, labels)
+
+
+def token_entropy(tokens: Tensor) -> Tensor:
+    """Per image, the spectral entropy H = -Σ_i p_i·log p_i (nats) of its tokens (B, P, D); exp(H) is their effective
+    rank (Roy & Vetterli, 2007), 1 when every token is the same direction, min(P, D) when all are orthogonal.
+
+    The tokens are centred over the P tokens (an offset every token shares tells them apart no better), and p_i are
+    the eigenvalues (``torch.linalg.eigvalsh``) of their Gram matrix, the smaller of T·Tᵀ (P×P) and Tᵀ·T (D×D): the
+    same non-zero eigenvalues, the squared singular values of T, divided by their sum (the Gram's trace) so they sum
+    to 1. Float32, differentiable (eigenvalues have gradients even where they repeat; eigenvectors would not).
+    """
+    t = tokens.float()
+    t = t - t.mean(dim=1, keepdim=True)
+    gram = t @ t.transpose(1, 2) if t.shape[1] <= t.shape[2] else t.transpose(1, 2) @ t
+    p = torch.linalg.eigvalsh(gram).clamp_min(0)
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return -(p * p.clamp_min(1e-12).log()).sum(dim=-1)
+
+
+def rank_loss(decoded: Sequence[Tensor], original: Sequence[Tensor]) -> Tensor:
+    """L_rank = mean over layers and images of |H(tokens of x̂) - H(tokens of x)| (``token_entropy``), i.e. the
+    distance between the log effective ranks: coding that blurs the tokens into fewer directions (or adds spurious
+    ones) costs, so the decoded tokens stay as discriminative as the original's. Float32."""
+    gaps = [(token_entropy(a) - token_entropy(b.detach())).abs().mean() for a, b in zip(decoded, original)]
+    return sum(gaps) / len(gaps)
 
 
 def joint_loss(bpp: Tensor, mse: Tensor | None, dist: Tensor, lmbda: float, gamma: float, beta: float) -> Tensor:

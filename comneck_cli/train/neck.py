@@ -5,7 +5,8 @@ Scenarios (Table 1), each in three stages whose lengths (epochs or steps) are se
 - **d1**, codec frozen (human perception kept). y_hat is exactly what the entropy coder writes
   (``latents.frozen_latents``). Progressive training (appendix A.1): (1) cross-entropy only, lr 1e-4;
   (2) cross-entropy + distillation weighted 1:100, lr 1e-5; (3) distillation only, lr 1e-5.
-- **d2**, codec retrained for people and machines: (1) L_dist with the codec frozen; (2) joint training of
+- **d2**, codec retrained for people and machines, its neck starting from a d1 neck (``neck_init``, by default the
+  registry's ``{codec}-q{quality}-neck``; none is an error): (1) L_dist with the codec frozen; (2) joint training of
   codec and neck on R + λ(γ·MSE(x, x̂) + β·L_dist); (3) L_dist with the codec frozen again.
 - **d3**, encoder retrained for machines only: as d2 with R + λ·β·L_dist (γ = 0, g_s unused and left as
   it was). Its codec and neck are marked machine-only (``NeckInfo.scenario == "d3"``; codec metadata
@@ -22,7 +23,12 @@ MLLM families (a family name stands for what ``presets.PRESETS`` says it reads).
 batch, keeping every state the targets need; it sees the crop resized to the CLIP's image size (bicubic) and
 normalised with its mean and std. The cross-entropy is CLIP zero-shot classification: logit_scale ×
 cosine(image embedding of C'(T(y_hat)), class-name text embeddings from the prompt templates), against the
-folder's class.
+folder's class; the class names are open_clip's ImageNet names for WordNet-id folders (``data.imagenet_class_names``)
+and the prompts by default its 80 OpenAI ImageNet templates for them (``default_templates``), as the authors' code.
+
+Data follow the authors (``crops="resize"``, the default): each image's short side resized to the crop size, then
+the centre square, the same every epoch. The paper's "epoch" is 1/12 of ImageNet-1k at batch 32 (3,336 steps), so
+its 20 epochs per stage are 66,720 steps at ``batch_size`` 32.
 
 The neck's optimizer is Adam, betas (0.9, 0.999), eps 1e-8, no weight decay, kept across stages (the
 learning rate steps at stage boundaries).
@@ -53,6 +59,7 @@ from .loop import (Clock, Means, Metrics, RunConfig, Runtime, check_finite, chec
                    default_run_dir, progress, resolve_run, serialise, setup_runtime, teardown)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+CROPS = ("resize", "random")
 ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
 
 
@@ -218,6 +225,7 @@ class NeckTrainConfig(RunConfig):
     target: str | None = None
     targets: str | None = None
     templates: tuple[str, ...] | None = None
+    crops: str | None = None
     steps: tuple[int, ...] | None = None
     epochs: tuple[int, ...] | None = None
     lr: tuple[float, ...] | None = None
@@ -235,12 +243,11 @@ class NeckTrainConfig(RunConfig):
     codec_register: str | None = "{codec}-q{quality}-{scenario}"
 
 
-NECK_DEFAULTS = {"scenario": "d1", "clip_model": "ViT-L-14", "clip_tag": "openai", "k": 2,
-                 "templates": DEFAULT_TEMPLATES,
+NECK_DEFAULTS = {"scenario": "d1", "clip_model": "ViT-L-14", "clip_tag": "openai", "k": 2, "crops": "resize",
                  "ce_dist": (1.0, 100.0), "gamma": GAMMA, "beta": BETA, "aux_lr": 1e-3, "clip_max_norm": 1.0,
                  "batch_size": 8, "crop": 256, "seed": 0}
 TRAJECTORY = ("codec", "quality", "scenario", "codec_weights", "clip_model", "clip_tag", "clip_weights", "k",
-              "target", "targets", "templates", "lr", "ce_dist", "lmbda", "gamma", "beta", "aux_lr",
+              "target", "targets", "templates", "crops", "lr", "ce_dist", "lmbda", "gamma", "beta", "aux_lr",
               "clip_max_norm", "neck_width", "neck_heads", "neck_init", "batch_size", "crop", "seed", "classes")
 
 
@@ -279,12 +286,39 @@ def stage_lengths(cfg: Any, state: dict[str, Any] | None, per_epoch: int) -> tup
                            per_epoch, f"stage {i + 1}") for i in range(3))
 
 
+# Settings only some scenarios use: given to another, they would be silently ignored, so they are refused.
+ONLY_FOR = {"ce_dist": ("d1",), "templates": ("d1",), "lmbda": ("d2", "d3"), "gamma": ("d2",),
+            "beta": ("d2", "d3")}
+WHY_UNUSED = {"ce_dist": "it weights stage 2's cross-entropy, which only d1 has",
+              "templates": "the prompts feed the cross-entropy, which only d1 has",
+              "lmbda": "it weights the joint rate-distortion loss of d2/d3, and d1 does not train the codec",
+              "gamma": "it weights MSE(x, x̂), which only d2's joint loss has (d3 leaves g_s out)",
+              "beta": "it weights L_dist in the joint loss of d2/d3, and d1 does not train the codec"}
+
+
+def refuse_unused(cfg: NeckTrainConfig, scenario: str) -> None:
+    """A setting the scenario does not use (``ONLY_FOR``), or -q for a variable-rate codec, is an error."""
+    for name, scenarios in ONLY_FOR.items():
+        if getattr(cfg, name) is not None and scenario not in scenarios:
+            flag = "--template" if name == "templates" else "--" + name.replace("_", "-")
+            raise ComneckError(f"scenario {scenario} does not use {flag}: {WHY_UNUSED[name]}; drop {flag}")
+    if cfg.quality is not None and cfg.codec is not None and get_spec(cfg.codec).variable_rate:
+        raise ComneckError(f"a neck for the variable-rate {cfg.codec} trains on every rate at once and serves "
+                           f"records of any rate; drop -q/--quality {cfg.quality}")
+
+
 def _resolve(cfg: NeckTrainConfig) -> dict[str, Any] | None:
+    if cfg.resume is None:  # a resumed run's stored settings are its own, defaults included
+        refuse_unused(cfg, cfg.scenario or NECK_DEFAULTS["scenario"])
     state = resolve_run(cfg, "neck", TRAJECTORY, NECK_DEFAULTS, "train neck")
     if cfg.scenario not in ("d1", "d2", "d3"):
         raise ComneckError(f"unknown scenario {cfg.scenario!r}; use d1, d2 or d3")
+    if state is not None and "crops" not in state["config"]:
+        cfg.crops = "random"  # a run from before --crops took random crops
+    if cfg.crops not in CROPS:
+        raise ComneckError(f"unknown crops {cfg.crops!r}; use resize (the authors' protocol) or random")
     cfg.lr = per_stage(cfg.lr, "--lr")
-    cfg.templates = tuple(cfg.templates)
+    cfg.templates = None if cfg.templates is None else tuple(cfg.templates)
     cfg.ce_dist = tuple(cfg.ce_dist)
     targets_of(cfg)
     if get_spec(cfg.codec).variable_rate and cfg.scenario != "d1":
@@ -319,11 +353,32 @@ def train_neck(cfg: NeckTrainConfig) -> TrainResult:
     spec = get_spec(cfg.codec)
     if not spec.variable_rate:  # a variable-rate codec's neck serves every rate: no level to check
         check_quality(spec, cfg.quality)
+    if state is None and cfg.neck_init is None and cfg.scenario != "d1":
+        cfg.neck_init = d1_neck(cfg)
     runtime = setup_runtime(cfg.device, cfg.precision)
     try:
         return _train(cfg, runtime, state)
     finally:
         teardown(runtime)
+
+
+def d1_neck(cfg: NeckTrainConfig) -> Path:
+    """Where d2/d3 start their neck without ``neck_init``: the registry's d1 neck of the codec and quality (the
+    paper: distillation alone does not move a neck trained from scratch, so d2/d3 fine-tune a d1 neck)."""
+    import weights as registry
+
+    from ..features import neck_registry_name
+
+    name = neck_registry_name(cfg.codec, cfg.quality)
+    if not registry.lookup(name):
+        raise ComneckError(
+            f"scenario {cfg.scenario} starts its neck from a d1 neck (distillation alone does not train one from "
+            f"scratch), and the registry has no {name}; train it first with `comneck train neck --scenario d1 "
+            f"--codec {cfg.codec} -q {cfg.quality}`, or pass --neck-init FILE")
+    try:
+        return registry.resolve(name)
+    except registry.WeightsError as exc:
+        raise ComneckError(str(exc)) from exc
 
 
 def load_training_clip(cfg: NeckTrainConfig, device: torch.device) -> nn.Module:
@@ -390,6 +445,16 @@ def select_target(features, target: Target) -> Tensor:
     return features.embedding if target.select == "pooled" else features.select(target.layer, target.select)
 
 
+def default_templates(dataset: Any) -> tuple[str, ...]:
+    """Prompts when none are given: open_clip's 80 OpenAI ImageNet templates for ImageNet classes (the authors'
+    zero-shot weights), else ``DEFAULT_TEMPLATES``."""
+    if not dataset.class_source.startswith("open_clip"):
+        return DEFAULT_TEMPLATES
+    from open_clip import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)  # open_clip's are functions
+
+
 def text_embeddings(clip: nn.Module, model_name: str, classes: Sequence[str], templates: Sequence[str],
                     device: torch.device) -> Tensor:
     """Zero-shot class weights: per class, the mean of the normalised text embeddings over the templates."""
@@ -422,7 +487,11 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
     targets = [t.target for t in terms]
     weights = [t.weight for t in terms]
     needs_labels = any(s.ce > 0 for s in stages_cfg)
-    batches = crop_batches(cfg, runtime, labelled=needs_labels)
+    batches = crop_batches(cfg, runtime, labelled=needs_labels, resize=cfg.crops == "resize")
+    if cfg.templates is None:
+        cfg.templates = default_templates(batches.dataset)
+    prompts = (f"class names from {batches.dataset.class_source}, {len(cfg.templates)} prompt template(s)"
+               if needs_labels else None)
     lengths = stage_lengths(cfg, state, batches.per_epoch)
     bounds = [sum(lengths[: i + 1]) for i in range(3)]
     total = bounds[-1]
@@ -598,10 +667,10 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
     exported: dict[str, Any] = {"codec_output": None, "codec_registered": None, "codec_digest": start_digest}
     output = registered = None
     if runtime.main:
-        output, registered, exported = _export(cfg, neck, codec, model_config, terms, lengths, final)
+        output, registered, exported = _export(cfg, neck, codec, model_config, terms, lengths, final, prompts)
     runtime.barrier()
     return TrainResult(output=output, registered=registered, run_dir=run_dir, steps=total, final=final,
-                       extra={**exported, "stage_steps": lengths})
+                       extra={**exported, "stage_steps": lengths, "prompts": prompts})
 
 
 def _names(cfg: NeckTrainConfig) -> dict[str, Any]:
@@ -612,7 +681,7 @@ def _names(cfg: NeckTrainConfig) -> dict[str, Any]:
 
 def _export(cfg: NeckTrainConfig, neck: nn.Module, codec, model_config: dict[str, Any],
             terms: Sequence[WeightedTarget], lengths: tuple[int, ...],
-            final: dict[str, float]) -> tuple[Path | None, str | None, dict[str, Any]]:
+            final: dict[str, float], prompts: str | None) -> tuple[Path | None, str | None, dict[str, Any]]:
     """Write d2/d3's retrained codec first (the neck records its file's digest), then the neck."""
     import weights as registry
 
@@ -622,7 +691,7 @@ def _export(cfg: NeckTrainConfig, neck: nn.Module, codec, model_config: dict[str
     machine_only = cfg.scenario == "d3"
     common = {"codec": cfg.codec, "quality": cfg.quality, "scenario": cfg.scenario, "lmbda": cfg.lmbda,
               "data": str(Path(cfg.data).resolve()), "stage_steps": list(lengths), "final_losses": final,
-              "machine_only": machine_only}
+              "machine_only": machine_only, "crops": cfg.crops, "prompts": prompts}
     codec_file, codec_entry, digest = None, None, codec.digest.hex()
     if cfg.scenario != "d1":
         model = codec.model.eval()

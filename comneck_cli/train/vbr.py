@@ -4,16 +4,21 @@ LVLMs on semantic tokens (arXiv 2407.17060).
     x ──► P ──► x_e ──► g_a ─► q at gain g_R ─► g_s ──► x̂ ──► CLIP tokens at layers l_1..l_n
     └──────────────────────────────────────────────────────────► CLIP tokens at the same layers (targets)
 
-Loss R + λ_R·(β·L_sem + γ·MSE(x̂, x)), with
+Loss, the paper's rate + distortion + token distortion: R + λ_R·(γ·MSE(x̂, x) + β·(L_sem + ρ·L_rank)), with
 
 - R in bits per pixel of g_R·y and z_hat (noisy proxy) on the variable-rate path ``latents.variable_rate_path``;
-- L_sem = mean over layers l of MSE(C_l(x̂), C_l(x)), the semantic-token loss: the frozen CLIP tower's patch tokens
-  (``preedit.ClipTokens``) of the decoded image against those of the *original* image;
+- MSE(x̂, x) on [0, 1] pixels, the distortion;
+- the token distortion on the frozen CLIP tower's patch tokens (``preedit.ClipTokens``, class token dropped) of the
+  decoded image against those of the *original* image at layers l_1..l_n: L_sem = mean over layers of
+  MSE(C_l(x̂), C_l(x)), the token-level MSE, and L_rank (``losses.rank_loss``) = mean over layers and images of
+  |H(C_l(x̂)) - H(C_l(x))|, H the entropy of the normalised eigenvalues of the centred tokens' Gram matrix (the log
+  effective rank), the paper's rank term on the token matrix's eigenvalues, which keeps the tokens discriminative;
 - a rate R drawn per step uniformly over the codec's range (``latents.rate_for_step``: a function of the seed and
   step, so a resumed run draws the same), its gain ``codecs.rate_gain`` and its λ_R interpolated in log space
   between the codec's level λs (CompressAI's zoo table), exactly as the gain is: one model learns every rate;
-- β (default 255²/60, the ComNeck d2/d3 value; the paper publishes none) and γ (default 0: the paper trains on
-  semantic tokens and rate only; pass e.g. 255² to keep pictures for people too).
+- γ (default 255², CompressAI's pixel scale), β (default 255²/60, ComNeck's γ:β = 60:1 for d2) and ρ (default 1):
+  weights of our choosing, in the paper's structure (its summary publishes no values). γ = 0 trains for the LVLM
+  alone; β = 0 is plain rate-distortion; ρ = 0 drops the rank term.
 
 With ``--pre-edit`` P trains with the codec (its own learning rate); P's guidance tokens and the targets come from
 one no-grad pass of the CLIP over x. Without it only the codec trains. The codec is Adam on every parameter but the
@@ -41,7 +46,7 @@ from . import checkpoint as ckpt
 from .codec import TrainResult, build_codec, split_parameters
 from .export import publish, write_codec
 from .latents import rate_bpp, rate_for_step, variable_rate_path
-from .losses import BETA, joint_loss
+from .losses import BETA, GAMMA, joint_loss, rank_loss, token_entropy
 from .loop import (Clock, Means, Metrics, RunConfig, check_finite, codec_step, crop_batches, default_run_dir,
                    progress, resolve_run, run_length, serialise, setup_runtime, teardown)
 from .neck import clip_tag, load_training_clip
@@ -57,7 +62,8 @@ class VbrTrainConfig(RunConfig):
     ``init``: a codec file to start from (else fresh weights from ``config``); ``pre_edit``: train P too.
     ``guide_layers``/``token_layers``: CLIP layers (Hugging Face numbering, 1..depth) guiding P and compared by
     L_sem (default: fractions of the tower's depth, ``GUIDE_FRACTIONS``/``TOKEN_FRACTIONS``). ``beta``/``gamma``:
-    weights of L_sem and of the pixel MSE. ``register``: the codec's registry name (``{codec}`` filled in);
+    weights of the token distortion and of the pixel MSE; ``rank_weight``: ρ, of L_rank within the token term.
+    ``register``: the codec's registry name (``{codec}`` filled in);
     ``pre_edit_output``/``pre_edit_register``: where P goes.
     """
 
@@ -73,6 +79,7 @@ class VbrTrainConfig(RunConfig):
     clip_max_norm: float | None = None
     beta: float | None = None
     gamma: float | None = None
+    rank_weight: float | None = None
     clip_model: str | None = None
     clip_tag: str | None = None
     clip_weights: Path | None = None
@@ -89,11 +96,12 @@ class VbrTrainConfig(RunConfig):
 
 VBR_DEFAULTS = {"codec": "mbt2018-mean-vbr", "pre_edit": False,
                 "lr": 1e-4, "pre_edit_lr": 1e-4, "aux_lr": 1e-3, "clip_max_norm": 1.0,
-                "beta": BETA, "gamma": 0.0, "clip_model": "ViT-L-14", "clip_tag": "openai", "pre_edit_channels": 32,
+                "beta": BETA, "gamma": GAMMA, "rank_weight": 1.0, "clip_model": "ViT-L-14", "clip_tag": "openai",
+                "pre_edit_channels": 32,
                 "batch_size": 8, "crop": 256, "seed": 0}
 TRAJECTORY = ("codec", "config", "init", "pre_edit", "lr", "pre_edit_lr", "aux_lr", "clip_max_norm", "beta", "gamma",
-              "clip_model", "clip_tag", "clip_weights", "guide_layers", "token_layers", "pre_edit_channels",
-              "batch_size", "crop", "seed")
+              "rank_weight", "clip_model", "clip_tag", "clip_weights", "guide_layers", "token_layers",
+              "pre_edit_channels", "batch_size", "crop", "seed")
 
 
 def rate_lambda(model: nn.Module, rate: float) -> float:
@@ -117,9 +125,12 @@ def _resolve(cfg: VbrTrainConfig) -> dict[str, Any] | None:
         raise ComneckError(f"train vbr trains a variable-rate codec, and {cfg.codec} has fixed quality levels; use "
                            "--codec mbt2018-mean-vbr (or `comneck train codec` for this one)")
     state = resolve_run(cfg, "vbr", TRAJECTORY, VBR_DEFAULTS, "train vbr")
-    if cfg.beta < 0 or cfg.gamma < 0 or cfg.beta + cfg.gamma == 0:
-        raise ComneckError(f"--beta {cfg.beta:g} and --gamma {cfg.gamma:g} must not be negative, and one must be "
-                           "positive, or the codec would learn to send nothing")
+    if state is not None and "rank_weight" not in state["config"]:
+        cfg.rank_weight = 0.0  # a run from before the rank term resumes without it
+    if cfg.beta < 0 or cfg.gamma < 0 or cfg.rank_weight < 0 or cfg.beta + cfg.gamma == 0:
+        raise ComneckError(f"--beta {cfg.beta:g}, --gamma {cfg.gamma:g} and --rank-weight {cfg.rank_weight:g} must "
+                           "not be negative, and --beta or --gamma must be positive, or the codec would learn to "
+                           "send nothing")
     for name in ("guide_layers", "token_layers"):
         if getattr(cfg, name) is not None:
             setattr(cfg, name, tuple(int(v) for v in getattr(cfg, name)))
@@ -214,19 +225,24 @@ def _train(cfg: VbrTrainConfig, runtime, state: dict | None) -> TrainResult:
                 coded = x if editor is None else editor(x, tokens.grids([seen[i] for i in guide_at]))
                 latents = variable_rate_path(model, coded, rate_gain(model, rate))
                 x_hat = model.g_s(latents.y_hat)
-                sem = semantic_token_loss(decoded_tokens(x_hat), targets)
+                decoded = decoded_tokens(x_hat)
+                sem = semantic_token_loss(decoded, targets)
+            rank = rank_loss(decoded, targets)  # float32 outside autocast: eigvalsh has no bf16 kernel
             bpp = rate_bpp(latents.likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
-            mse = F.mse_loss(x_hat.float(), x) if cfg.gamma > 0 else None
-            loss = joint_loss(bpp, mse, sem, rate_lambda(model, rate), cfg.gamma, cfg.beta)
+            mse = F.mse_loss(x_hat.float(), x)
+            loss = joint_loss(bpp, mse, sem + cfg.rank_weight * rank, rate_lambda(model, rate), cfg.gamma, cfg.beta)
             check_finite(loss, step + 1, "semantic rate")
             loss.backward()
             if editor is not None:  # P's parameters are in the codec's optimizer, unclipped
                 runtime.average_gradients(editor.parameters())
             aux = codec_step(runtime, model, net_params, optimizer, aux_optimizer, cfg.clip_max_norm)
 
-            values = {"loss": loss.item(), "bpp": bpp.item(), "sem": sem.item(), "rate": rate, "aux": aux}
-            if mse is not None:
-                values["mse"] = mse.item()
+            # Every term is logged whatever its weight, so a run with a term off shows what it would have been;
+            # erank / erank_x: effective rank exp(H) of the deepest compared layer's tokens of x̂ and of x.
+            values = {"loss": loss.item(), "bpp": bpp.item(), "mse": mse.item(), "sem": sem.item(),
+                      "rank": rank.item(), "rate": rate, "aux": aux,
+                      "erank": token_entropy(decoded[-1].detach()).exp().mean().item(),
+                      "erank_x": token_entropy(targets[-1]).exp().mean().item()}
             if editor is not None:
                 values["edit"] = (coded.detach() - x).abs().mean().item()  # how much P changed the image
             means.add(values)
@@ -258,9 +274,10 @@ def _export(cfg: VbrTrainConfig, model: nn.Module, model_config: dict[str, Any],
 
     model.eval()
     common = {"codec": cfg.codec, "data": str(Path(cfg.data).resolve()), "steps": total, "final_losses": final,
-              "beta": cfg.beta, "gamma": cfg.gamma, "token_layers": list(cfg.token_layers),
+              "beta": cfg.beta, "gamma": cfg.gamma, "rank_weight": cfg.rank_weight,
+              "token_layers": list(cfg.token_layers),
               "clip_model": cfg.clip_model, "clip_tag": str(clip_tag(cfg))}
-    info = {**common, "quality": 0, "trained_for": "LVLMs: R + λ_R(β·L_sem + γ·MSE) over every rate",
+    info = {**common, "quality": 0, "trained_for": "LVLMs: R + λ_R(γ·MSE + β(L_sem + ρ·L_rank)) over every rate",
             "lmbda": list(model.lmbda), "config": model_config, "init": None if cfg.init is None else str(cfg.init),
             "machine_only": False, "pre_edit": editor is not None}
     output, entry = publish(lambda path: write_codec(model, path, cfg.codec, 0, model_config), ".safetensors",
