@@ -41,14 +41,38 @@ def decode(source: bytes | Stream, indexes: Any, tables: Tables) -> np.ndarray:
 
 
 class RansDecoder:
-    """Drop-in for ``compressai.ans.RansDecoder`` (what CompressAI's entropy models call) with bounded reads."""
+    """Drop-in for ``compressai.ans.RansDecoder`` (what CompressAI's entropy models call) with bounded reads.
 
-    def __init__(self) -> None:
+    CompressAI passes its tables as fresh Python lists on every call; turning a scale table's CDFs (64 rows of
+    up to a few thousand entries) into validated arrays costs milliseconds per string. With ``owner`` (the entropy
+    model whose ``_quantized_cdf``, ``_cdf_length`` and ``_offset`` those lists are), the validated tables are kept
+    until a buffer changes, and reused when the passed lists have the owner's lengths, offsets, first and last row.
+    """
+
+    def __init__(self, owner: Any = None) -> None:
         self._stream: Stream | None = None
+        self._owner = owner
+        self._cache: tuple[tuple, list, list, list, list, Tables] | None = None
+
+    def _tables(self, cdfs: Sequence[Sequence[int]], cdf_lengths: Sequence[int], offsets: Sequence[int]) -> Tables:
+        owner = self._owner
+        if owner is None or not len(cdfs):
+            return tables_of(cdfs, cdf_lengths, offsets)
+        buffers = (owner._quantized_cdf, owner._cdf_length, owner._offset)
+        key = tuple((b.data_ptr(), b._version, tuple(b.shape)) for b in buffers)
+        if self._cache is None or self._cache[0] != key:
+            cdf = buffers[0].tolist()
+            lengths, offs = buffers[1].reshape(-1).tolist(), buffers[2].reshape(-1).tolist()
+            self._cache = (key, lengths, offs, cdf[0], cdf[-1], tables_of(cdf, lengths, offs))
+        _, lengths, offs, first, last, tables = self._cache
+        if (list(cdf_lengths) == lengths and list(offsets) == offs and len(cdfs) == len(lengths)
+                and list(cdfs[0]) == first and list(cdfs[-1]) == last):
+            return tables
+        return tables_of(cdfs, cdf_lengths, offsets)  # tables other than the owner's: validate these
 
     def decode_with_indexes(self, string: bytes, indexes: Sequence[int], cdfs: Sequence[Sequence[int]],
                             cdf_lengths: Sequence[int], offsets: Sequence[int]) -> np.ndarray:
-        return decode(string, indexes, tables_of(cdfs, cdf_lengths, offsets))
+        return decode(string, indexes, self._tables(cdfs, cdf_lengths, offsets))
 
     def set_stream(self, string: bytes) -> None:
         self._stream = Stream(string)
@@ -57,7 +81,7 @@ class RansDecoder:
                       offsets: Sequence[int]) -> list[int]:
         if self._stream is None:
             raise RansError("decode_stream before set_stream")
-        return decode(self._stream, indexes, tables_of(cdfs, cdf_lengths, offsets)).tolist()
+        return decode(self._stream, indexes, self._tables(cdfs, cdf_lengths, offsets)).tolist()
 
 
 def bound_entropy_decoders(model: Any) -> None:
@@ -70,4 +94,4 @@ def bound_entropy_decoders(model: Any) -> None:
     for module in model.modules():
         coder = getattr(module, "entropy_coder", None)
         if coder is not None and hasattr(coder, "_decoder"):
-            coder._decoder = RansDecoder()
+            coder._decoder = RansDecoder(module if hasattr(module, "_quantized_cdf") else None)

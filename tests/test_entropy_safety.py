@@ -54,6 +54,43 @@ def random_message(rng: np.random.Generator, lengths: list[int], offsets: list[i
     return indexes, symbols
 
 
+
+def test_an_owned_decoder_reuses_its_tables_only_while_they_are_the_owners():
+    """The per-model table cache: refreshed when the owner's buffers change, bypassed for other tables."""
+    from types import SimpleNamespace
+
+    from compressai.ans import RansEncoder
+
+    rng = np.random.default_rng(5)
+
+    def owner_of(cdfs, lengths, offsets):
+        width = max(map(len, cdfs))
+        padded = [row + [0] * (width - len(row)) for row in cdfs]
+        return SimpleNamespace(_quantized_cdf=torch.tensor(padded, dtype=torch.int32),
+                               _cdf_length=torch.tensor(lengths, dtype=torch.int32),
+                               _offset=torch.tensor(offsets, dtype=torch.int32))
+
+    def message(tables):
+        cdfs, lengths, offsets = tables
+        indexes, symbols = random_message(rng, lengths, offsets, 64)
+        return indexes, symbols, RansEncoder().encode_with_indexes(symbols, indexes, cdfs, lengths, offsets)
+
+    first, second = random_tables(rng, 3), random_tables(rng, 3)
+    owner = owner_of(*first)
+    decoder = rans.RansDecoder(owner)
+
+    def as_passed(holder):  # what CompressAI passes: an entropy model's buffers as lists
+        return holder._quantized_cdf.tolist(), holder._cdf_length.tolist(), holder._offset.tolist()
+
+    for tables in (first, second):
+        new = owner_of(*tables)
+        for name in ("_quantized_cdf", "_cdf_length", "_offset"):  # in place, as update() rewrites buffers
+            getattr(owner, name).resize_(getattr(new, name).shape).copy_(getattr(new, name))
+        indexes, symbols, string = message(tables)
+        assert decoder.decode_with_indexes(string, indexes, *as_passed(owner)).tolist() == symbols
+    indexes, symbols, string = message(first)  # tables that are not the owner's (now ``second``) still decode
+    assert decoder.decode_with_indexes(string, indexes, *as_passed(owner_of(*first))).tolist() == symbols
+
 def test_bounded_decoder_equals_compressai_on_valid_strings():
     from compressai.ans import RansDecoder, RansEncoder
 

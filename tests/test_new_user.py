@@ -87,6 +87,23 @@ def test_every_kind_of_output_gets_the_mode_open_would_give(mask, tmp_path, phot
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in outputs} == {p.name: oct(0o666 & ~mask) for p in outputs}
 
 
+
+def test_training_outputs_get_the_mode_open_would_give(tmp_path):
+    """Exported codecs and checkpoints are outputs too (they were written 0600 through mkstemp)."""
+    from compressai.registry import MODELS
+
+    from comneck_cli.train import checkpoint, export
+
+    model = MODELS["bmshj2018-factorized"](N=8, M=8).eval()
+    previous = os.umask(0o022)
+    try:
+        export.write_codec(model, tmp_path / "codec.safetensors", "bmshj2018-factorized", 1, {"N": 8, "M": 8})
+        checkpoint.save(tmp_path / "checkpoint.pt", {"step": 1})
+    finally:
+        os.umask(previous)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {
+        "codec.safetensors": "0o644", "checkpoint.pt": "0o644"}
+
 # --------------------------------------------------------------------------- 4: decode never takes the photo's name
 def test_decode_beside_the_photo_never_touches_it(photo, mbt):
     original = photo.read_bytes()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ComneckError
+from ..outputs import umask
 
 FORMAT = "comneck-train-checkpoint"
 VERSION = 1
@@ -63,6 +64,7 @@ def save(path: Path, state: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask())  # mkstemp makes 0600; a checkpoint gets what open() would give
             torch.save({"format": FORMAT, "version": VERSION, **state}, f)
             f.flush()
             os.fsync(f.fileno())

@@ -20,6 +20,7 @@ import weights as registry
 
 from ..codecs import save_codec
 from ..errors import ComneckError
+from ..outputs import umask
 
 MACHINE_ONLY_KEY = "machine_only"
 
@@ -31,6 +32,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; an exported model gets what open() would give
         os.replace(tmp, path)
     except OSError as exc:
         raise ComneckError(f"cannot write {path}: {exc.strerror or exc}") from exc
