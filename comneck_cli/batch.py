@@ -369,12 +369,9 @@ class Job:
 
     def limits(self):
         """The .cnk reader's limits on this worker: its environment's, with --max-pixels applied."""
-        from dataclasses import replace
+        from .images import input_limits
 
-        from formats import Limits
-
-        limits = Limits.from_env()
-        return limits if self.max_pixels is None else replace(limits, max_pixels=self.max_pixels)
+        return input_limits(max_pixels=self.max_pixels)
 
     def run(self, items: Sequence[Item]) -> Iterable[dict[str, Any]]:
         raise NotImplementedError
