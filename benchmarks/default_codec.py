@@ -42,7 +42,7 @@ BPP_RANGE = (0.2, 1.0)
 def held_out_images(tiny: bool = False) -> dict[str, np.ndarray]:
     import skimage.data
 
-    from comneck_cli.images import read_image
+    from comneck_cli.io.images import read_image
 
     folder = Path(skimage.data.__file__).parent
     names = HELD_OUT[:2] if tiny else HELD_OUT
@@ -51,10 +51,10 @@ def held_out_images(tiny: bool = False) -> dict[str, np.ndarray]:
 
 
 def sweep_codec(images: dict[str, np.ndarray], weights: str | None, rates) -> list[dict]:
-    from comneck_cli import api
+    from comneck_cli import coding as api
     from comneck_cli.codecs import load_codec
     from comneck_cli.eval.metrics import psnr
-    from formats import pack
+    from comneck_cli.formats import pack
 
     codec = load_codec(CODEC, 1, weights=weights)
     rows = []
@@ -138,7 +138,7 @@ def card_results(report: dict) -> str:
 
 def write_card(path: Path, block: str) -> None:
     """Replace the card's results block (or append one) with ``block``, atomically."""
-    from comneck_cli.outputs import write_atomic
+    from comneck_cli.io.outputs import write_atomic
 
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if CARD_BEGIN in text and CARD_END in text:
@@ -207,7 +207,7 @@ def main() -> None:
               f"{'' if not result['note'] else '  (' + result['note'] + ')'}")
 
     from comneck_cli.codecs import load_codec
-    from weights import file_sha256
+    from comneck_cli.weights import file_sha256
 
     source = load_codec(CODEC, 1, weights=args.weights).source
     report = {

@@ -35,10 +35,10 @@ def child(path: str, workdir: Path, repeat: int, threads: int) -> dict:
     import torch
     from PIL import Image
 
-    from comneck_cli import api
+    from comneck_cli import coding as api
     from comneck_cli.features import FeatureExtractor
-    from comneck_cli.neck import TransformNeck
-    from formats import unpack
+    from comneck_cli.models.neck import TransformNeck
+    from comneck_cli.formats import unpack
 
     torch.set_num_threads(threads)
     codec = api.load_codec("elic2022-official", 1, weights=workdir / "elic.safetensors")
@@ -79,9 +79,9 @@ def prepare(workdir: Path) -> int:
     from compressai.models import Elic2022Official
     from PIL import Image
 
-    from comneck_cli import api
+    from comneck_cli import coding as api
     from comneck_cli.codecs import save_codec
-    from formats import pack
+    from comneck_cli.formats import pack
 
     torch.manual_seed(0)
     save_codec(Elic2022Official(N=192, M=320).eval(), workdir / "elic.safetensors", "elic2022-official", 1,

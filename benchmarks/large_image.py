@@ -71,7 +71,7 @@ def encode(image: Path, codec: Path, clip: Path, clip_model: str, semantic: bool
     if semantic:
         args += ["--semantic", "--clip", clip_model, "--clip-tag", "none", "--clip-weights", str(clip)]
     seconds, peak_mib = child(args, "encode")
-    from formats import read_file
+    from comneck_cli.formats import read_file
 
     record = read_file(out)[0]
     return {"command": "encode", "semantic": semantic, "seconds": round(seconds, 2), "peak_rss_mib": round(peak_mib, 1),

@@ -178,9 +178,9 @@ def child_codec(args: argparse.Namespace) -> dict:
     logging.disable(logging.WARNING)
     import torch
 
-    from comneck_cli import api
-    from comneck_cli.images import read_image, to_tensor
-    from formats import PAD_MULTIPLE, pack
+    from comneck_cli import coding as api
+    from comneck_cli.io.images import read_image, to_tensor
+    from comneck_cli.formats import PAD_MULTIPLE, pack
 
     torch.set_num_threads(args.threads)
     workdir, name, size = args.workdir, args.codec, parse_size(args.size)
@@ -280,9 +280,9 @@ def head_to_head(codec, image, record, run: dict) -> dict:
     import torch
     from compressai.zoo import models as zoo_models
 
-    from comneck_cli import api
-    from comneck_cli.images import from_tensor, to_tensor
-    from formats import PAD_MULTIPLE, pack, unpack
+    from comneck_cli import coding as api
+    from comneck_cli.io.images import from_tensor, to_tensor
+    from comneck_cli.formats import PAD_MULTIPLE, pack, unpack
 
     height, width = image.shape[:2]
 

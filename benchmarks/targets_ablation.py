@@ -98,7 +98,7 @@ class Evaluator:
     def __init__(self, clip_file: Path, codec_file: Path):
         import torch
 
-        from comneck_cli.clip import load_clip, split_clip
+        from comneck_cli.clip.tower import load_clip, split_clip
         from comneck_cli.codecs import load_codec
         from comneck_cli.train.latents import frozen_latents
         from comneck_cli.train.neck import Target, Teacher, tail_request
@@ -148,7 +148,7 @@ def main() -> None:
         os.environ["COMNECK_HOME"] = str(work / "home")  # nothing reaches the user's registry
         import torch
 
-        from comneck_cli.neck import TransformNeck, load_neck
+        from comneck_cli.models.neck import TransformNeck, load_neck
         from comneck_cli.train import NeckTrainConfig, train_neck
 
         torch.set_num_threads(args.threads)

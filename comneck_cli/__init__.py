@@ -11,23 +11,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import ComneckError
+from comneck_cli.errors import ComneckError
 
 _EXPORTS = {
-    "encode": "api",
-    "encode_to_bpp": "api",
-    "encode_batch": "api",
-    "decode": "api",
-    "decode_latents": "api",
-    "check_record": "api",
-    "resolve_device": "api",
-    "CodecCache": "api",
-    "ImageEncoder": "api",
+    "encode": "coding",
+    "encode_to_bpp": "coding",
+    "encode_batch": "coding",
+    "decode": "coding",
+    "decode_latents": "coding",
+    "check_record": "coding",
+    "resolve_device": "coding",
+    "CodecCache": "coding",
+    "ImageEncoder": "coding",
     "load_codec": "codecs",
     "save_codec": "codecs",
     "CODECS": "codecs",
     "Codec": "codecs",
-    "read_image": "images",
+    "read_image": "io.images",
 }
 
 __all__ = ["ComneckError", *_EXPORTS]

@@ -1,5 +1,5 @@
 """``python -m comneck_cli``: the same as the ``comneck`` command."""
 
-from .cli import main
+from comneck_cli.cli import main
 
 main(prog_name="comneck")

@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-import weights as registry
-from formats import CnkError, Limits, Record, latent_grids
+from comneck_cli import weights as registry
+from comneck_cli.formats import CnkError, Limits, Record, latent_grids
 
-from .api import check_record
-from .clip import ClipHead, ClipTail, load_clip, weights_entry_name
-from .codecs import Codec
-from .errors import ComneckError
-from .neck import NeckInfo, TransformNeck, load_neck
-from .presets import expand_to_square, mean_colour
+from comneck_cli.coding import check_record
+from comneck_cli.clip.tower import ClipHead, ClipTail, load_clip, weights_entry_name
+from comneck_cli.codecs import Codec
+from comneck_cli.errors import ComneckError
+from comneck_cli.models.neck import NeckInfo, TransformNeck, load_neck
+from comneck_cli.clip.presets import expand_to_square, mean_colour
 
 VIAS = ("neck", "reconstruction", "uncompressed")
 
@@ -35,7 +35,7 @@ VIAS = ("neck", "reconstruction", "uncompressed")
 def neck_registry_name(codec: str, quality: int) -> str:
     """Where ``features`` looks for a neck when none is named: ``{codec}-q{quality}-neck``, or ``{codec}-neck`` for a
     variable-rate codec, whose one neck serves every rate."""
-    from .codecs import CODECS
+    from comneck_cli.codecs import CODECS
 
     spec = CODECS.get(codec)
     return f"{codec}-neck" if spec is not None and spec.variable_rate else f"{codec}-q{quality}-neck"
@@ -200,7 +200,7 @@ def save_features(tensor: Tensor, path: Path | None, meta: dict[str, str], *, fo
     """Serialise by extension: ``.pt`` (dict with tensor + metadata), ``.safetensors``, ``.npy``; atomic write."""
     import io
 
-    from .outputs import write_atomic
+    from comneck_cli.io.outputs import write_atomic
 
     suffix = path.suffix.lower() if path is not None else ".pt"
     tensor = tensor.contiguous()

@@ -15,7 +15,7 @@ from typing import Callable, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-from .errors import ComneckError
+from comneck_cli.errors import ComneckError
 
 InfoT = TypeVar("InfoT", bound="ModelInfo")
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -91,7 +91,7 @@ def save_module(module: nn.Module, path: Path | str, info: ModelInfo) -> None:
     """
     from safetensors.torch import save
 
-    from .outputs import write_atomic
+    from comneck_cli.io.outputs import write_atomic
 
     info = replace(info, config=dict(module.config))
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}

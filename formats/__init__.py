@@ -6,8 +6,8 @@ code) so that tools which only inspect, split, or ship ``.cnk`` files start inst
 
 from __future__ import annotations
 
-from .codec_ids import CODEC_IDS, CODEC_NAMES, codec_name
-from .container import (
+from comneck_cli.formats.codec_ids import CODEC_IDS, CODEC_NAMES, codec_name
+from comneck_cli.formats.container import (
     DEFAULT_MAX_RECORD_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_SIDE,
@@ -24,8 +24,8 @@ from .container import (
     unpack,
     write_record,
 )
-from .errors import CnkError
-from .importance import ImportanceMap
+from comneck_cli.formats.errors import CnkError
+from comneck_cli.formats.importance import ImportanceMap
 
 __all__ = [
     "CODEC_IDS",

@@ -20,9 +20,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from .codec_ids import codec_name
-from .errors import CnkError
-from .varint import MAX_VARINT, encode_varint, read_varint
+from comneck_cli.formats.codec_ids import codec_name
+from comneck_cli.formats.errors import CnkError
+from comneck_cli.formats.varint import MAX_VARINT, encode_varint, read_varint
 
 MAGIC = b"CN"
 VERSION: tuple[int, int] = (1, 0)  # what this module writes by default

@@ -4,7 +4,7 @@ A semantic-guided record (``comneck encode --semantic``) quantises each latent p
 variable-rate codec's gain ``g(i, j)`` is derived from this map, so the decoder cannot rebuild ``y_hat``
 without it. The payload is small (one level per block of latent positions, deflated) and, being part of the
 record, counts in bpp. SPEC.md §7.1 is the byte-level description; the gain formula is there too (it lives in
-``comneck_cli.semantic.gain_map``, which needs the codec).
+``comneck_cli.coding.semantic.gain_map``, which needs the codec).
 
 Stdlib only, like the rest of ``formats``.
 """
@@ -14,8 +14,8 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
-from .container import latent_grids
-from .errors import CnkError
+from comneck_cli.formats.container import latent_grids
+from comneck_cli.formats.errors import CnkError
 
 LAYOUT = 1  # the one payload layout this module reads and writes
 HEADER_BYTES = 5  # layout, block, bits, strength (u16)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .errors import CnkError
+from comneck_cli.formats.errors import CnkError
 
 MAX_VARINT_BYTES = 5
 MAX_VARINT = (1 << (7 * MAX_VARINT_BYTES)) - 1  # 2**35 - 1: the largest value 5 bytes can hold

@@ -152,8 +152,8 @@ def neck_file(tmp_path_factory, codec_files, tiny_clip_file) -> Path:
     """A randomly initialised neck for the tiny mbt2018-mean codec (12 channels) and the tiny CLIP, k = 2."""
     import torch
 
-    import weights as registry
-    from comneck_cli.neck import NeckInfo, TransformNeck, save_neck
+    from comneck_cli import weights as registry
+    from comneck_cli.models.neck import NeckInfo, TransformNeck, save_neck
 
     torch.manual_seed(0)
     neck = TransformNeck(latent_channels=12, width=64, heads=4, grid=(4, 4))

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from comneck_cli import api
-from comneck_cli.adapter import DecoderAdapter, adapt, adapter_registry_name, load_adapter
+from comneck_cli import coding as api
+from comneck_cli.models.adapter import DecoderAdapter, adapt, adapter_registry_name, load_adapter
 from comneck_cli.codecs import load_codec
-from comneck_cli.images import read_image
-from formats import pack
+from comneck_cli.io.images import read_image
+from comneck_cli.formats import pack
 
 from .conftest import TINY_CLIP
 
@@ -44,8 +44,8 @@ def trained(tmp_path_factory, vbr_codec_file, tiny_clip_file, photos):
 def test_training_lowers_the_multilevel_loss_on_an_unseen_view(trained, vbr_codec_file, tiny_clip_file, photos):
     """A smoke test of the trained adapter: the pixel term alone would lower all three errors too, so that each
     CLIP term takes part in training is proven by test_train_adapter (their gradients reach A), not here."""
-    from comneck_cli.clip import load_clip
-    from comneck_cli.semantic import Guide
+    from comneck_cli.clip.tower import load_clip
+    from comneck_cli.coding.semantic import Guide
     from comneck_cli.train.adapter import MultiLevel, multilevel_loss, reconstruct
 
     cfg, result = trained
@@ -69,7 +69,7 @@ def test_training_lowers_the_multilevel_loss_on_an_unseen_view(trained, vbr_code
 def test_decode_for_mllm_applies_the_adapter(trained, vbr_codec_file, tiny_clip_file, photos, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import weights as registry
+    from comneck_cli import weights as registry
     from comneck_cli.cli import main
 
     _, result = trained
@@ -110,7 +110,7 @@ def test_adapter_refuses_other_codec_weights(trained, codec_files, photos, tmp_p
 def test_train_adapter_command_resumes_and_registers(trained, tmp_path):
     from click.testing import CliRunner
 
-    import weights as registry
+    from comneck_cli import weights as registry
     from comneck_cli.cli import main
 
     cfg, _ = trained
@@ -139,8 +139,8 @@ def test_eval_compares_the_cotam_methods(trained, vbr_codec_file, tiny_clip_file
     from click.testing import CliRunner
     from PIL import Image
 
-    import weights as registry
-    from comneck_cli.eval.commands import eval_command
+    from comneck_cli import weights as registry
+    from comneck_cli.cli.eval_commands import eval_command
 
     data = tmp_path / "data"
     data.mkdir()
@@ -166,8 +166,8 @@ def test_eval_compares_the_cotam_methods(trained, vbr_codec_file, tiny_clip_file
     untimed = [[{k: v for k, v in r.items() if k != "time"} for r in table] for table in (given, rows)]
     assert untimed[0] == untimed[1]  # --adapter FILE is the registered adapter's evaluation
     codec = load_codec("mbt2018-mean-vbr", 5, weights=vbr_codec_file)
-    from comneck_cli.clip import load_clip
-    from comneck_cli.semantic import Guide, semantic_map
+    from comneck_cli.clip.tower import load_clip
+    from comneck_cli.coding.semantic import Guide, semantic_map
 
     guide = Guide(load_clip(TINY_CLIP, None, weights_file=tiny_clip_file))
     image = read_image(data / "0.png")

@@ -13,9 +13,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from comneck_cli import api, batch as batch_module
-from comneck_cli.batch import batch
-from formats import read_file, unpack
+from comneck_cli import batch as batch_module
+from comneck_cli import coding as api
+from comneck_cli.cli.batch_commands import batch
+from comneck_cli.formats import read_file, unpack
 
 from .conftest import skimage_photo
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from comneck_cli.cli import main
-from formats import Record, pack, unpack
+from comneck_cli.formats import Record, pack, unpack
 
 
 def run(*args, input=None):
@@ -208,7 +208,7 @@ def test_batched_encoding_decodes_like_single(work, mbt, codec_files):
     assert run("encode", *inputs, *mbt, "--batch-size", "3", "-o", work / "batch.cnk").exit_code == 0
     assert run("encode", *inputs, *mbt, "-o", work / "single.cnk").exit_code == 0
     from comneck_cli import decode, load_codec
-    from formats import read_file
+    from comneck_cli.formats import read_file
 
     codec = load_codec("mbt2018-mean", 1, weights=codec_files["mbt2018-mean"])
     batch, single = read_file(work / "batch.cnk"), read_file(work / "single.cnk")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comneck_cli.clip import ClipHead, ClipTail, load_clip, select_features, split_clip
+from comneck_cli.clip.tower import ClipHead, ClipTail, load_clip, select_features, split_clip
 from comneck_cli.errors import ComneckError
 
 TINY_CONFIGS = Path(__file__).parent / "tiny_configs"

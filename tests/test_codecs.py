@@ -7,8 +7,8 @@ import torch
 
 from comneck_cli import ComneckError, decode, decode_latents, encode, load_codec, read_image
 from comneck_cli.codecs import CODECS
-from comneck_cli.images import to_tensor
-from formats import PAD_MULTIPLE, latent_grids, pack, unpack
+from comneck_cli.io.images import to_tensor
+from comneck_cli.formats import PAD_MULTIPLE, latent_grids, pack, unpack
 
 from .conftest import TINY_CODECS
 
@@ -108,7 +108,7 @@ def test_missing_weights_offline_names_the_file_and_the_fix():
 
 
 def test_registered_weights_are_found_by_name(codec_files, photos):
-    import weights as registry
+    from comneck_cli import weights as registry
 
     registry.import_file("mbt2018-mean-q1", codec_files["mbt2018-mean"], "codec")
     codec = load_codec("mbt2018-mean", 1)
@@ -135,7 +135,7 @@ def test_registry_covers_the_papers_codecs():
 
 
 def test_weights_by_registry_name(codec_files, photos):
-    import weights as registry
+    from comneck_cli import weights as registry
 
     registry.import_file("mbt2018-mean-q1-d2", codec_files["mbt2018-mean"], "codec")
     codec = load_codec("mbt2018-mean", 1, weights="mbt2018-mean-q1-d2")

@@ -3,7 +3,7 @@
 The reference below is written from the behaviour of the authors' published code (NYCU-MAPL/BridgingCompressionMLLM:
 ``compressai/models/ELIC.py`` ``ELIC_LLM``, ``examples/adapter_model.py`` ``Linear_Encoder``) step by step as they
 compute it: full-resolution zero-filled tensors, index assignments, sequence-first attention. It does not import
-comneck_cli.elic_comneck. Random checkpoints are written in exactly the released layout (``epoch``, ``state_dict``,
+comneck_cli.codecs.elic_comneck. Random checkpoints are written in exactly the released layout (``epoch``, ``state_dict``,
 ``adapter``, ``optimizer``, ``lr_scheduler``), with and without DataParallel's ``module.`` prefix.
 """
 
@@ -264,8 +264,8 @@ def release_file(reference, tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(reference, release_file):
     """comneck's ElicComneck and TransformNeck loaded (strict) from the release file; the reference updated."""
-    from comneck_cli.elic_comneck import RELEASE_NECK_CONFIG, ElicComneck, read_release
-    from comneck_cli.neck import TransformNeck
+    from comneck_cli.codecs.elic_comneck import RELEASE_NECK_CONFIG, ElicComneck, read_release
+    from comneck_cli.models.neck import TransformNeck
 
     codec_state, neck_state = read_release(release_file)
     model = ElicComneck().eval()
@@ -321,7 +321,7 @@ def test_strings_y_hat_and_pixels_match_the_reference(reference, loaded):
 def test_comneck_codec_codes_like_the_reference(reference, release_file, tmp_path):
     """Through comneck's Codec (save_codec -> load_codec, bounded rANS decoder): the reference's strings and y_hat."""
     from comneck_cli.codecs import load_codec, one_thread, save_codec
-    from comneck_cli.elic_comneck import ElicComneck, read_release
+    from comneck_cli.codecs.elic_comneck import ElicComneck, read_release
 
     model = ElicComneck()
     model.load_state_dict(read_release(release_file)[0], strict=True)
@@ -348,8 +348,8 @@ def test_comneck_codec_codes_like_the_reference(reference, release_file, tmp_pat
 @torch.no_grad()
 def test_neck_mapping_gives_the_references_tokens():
     """Their sequence-first Linear_Encoder and comneck's batch-first neck under the mapped names: the same tokens."""
-    from comneck_cli.elic_comneck import RELEASE_NECK_CONFIG, neck_state_from_release
-    from comneck_cli.neck import TransformNeck
+    from comneck_cli.codecs.elic_comneck import RELEASE_NECK_CONFIG, neck_state_from_release
+    from comneck_cli.models.neck import TransformNeck
 
     torch.manual_seed(3)
     theirs = RefLinearEncoder().eval()
@@ -383,7 +383,7 @@ def layout():
 
 
 def test_release_layout_reads_with_and_without_module_prefix(layout, tmp_path):
-    from comneck_cli.elic_comneck import read_release
+    from comneck_cli.codecs.elic_comneck import read_release
 
     codec, neck = layout
     for module in (False, True):
@@ -394,7 +394,7 @@ def test_release_layout_reads_with_and_without_module_prefix(layout, tmp_path):
 
 
 def _error(path) -> str:
-    from comneck_cli.elic_comneck import read_release
+    from comneck_cli.codecs.elic_comneck import read_release
 
     with pytest.raises(ComneckError) as info:
         read_release(path)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from comneck_cli.complexity import Cost, component_costs, count
-from comneck_cli.neck import TransformNeck
+from comneck_cli.eval.complexity import Cost, component_costs, count
+from comneck_cli.models.neck import TransformNeck
 
 
 def _block_macs(tokens: int, width: int, mlp_ratio: int = 4) -> int:
@@ -118,7 +118,7 @@ def test_table3_with_elic_and_vit_l_14():
       lower; the four transposed convolutions alone, 81.6 kMAC/px by hand, and the two attention blocks,
       55.4, already make up most of 112);
     - C's patch embedding + first 2 blocks at 224, per 256^2 pixel: 26.06 M / 105.17 kMAC/px (paper 25.78 /
-      70.24, see comneck_cli.complexity for the candidate explanations).
+      70.24, see comneck_cli.eval.complexity for the candidate explanations).
     """
     import compressai.models
     import open_clip

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import weights as registry
+from comneck_cli import weights as registry
 from comneck_cli.cli import main
 from comneck_cli.defaults import DEFAULT_CODEC
-from comneck_cli.images import read_image
+from comneck_cli.io.images import read_image
 
 SHIPPED = Path(registry.__file__).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def test_quick_start_runs_offline_on_the_shipped_codec(photos, tmp_path, monkeyp
     """README's quick start, verbatim but for the file names: nothing named, nothing downloaded."""
     import torch.hub
 
-    from formats import unpack
+    from comneck_cli.formats import unpack
 
     def no_network(*args, **kwargs):
         raise AssertionError("the quick start tried to download something")
@@ -57,7 +57,7 @@ def test_quick_start_runs_offline_on_the_shipped_codec(photos, tmp_path, monkeyp
 @pytest.mark.slow
 @pytest.mark.parametrize("target", [0.4, 0.6, 1.0])
 def test_bpp_target_within_five_percent_on_held_out_photos(photos, target):
-    from comneck_cli import api
+    from comneck_cli import coding as api
     from comneck_cli.codecs import load_codec
 
     codec = load_codec(DEFAULT_CODEC, 3)
@@ -108,10 +108,10 @@ def test_shipped_codec_decodes_the_encoders_y_hat_whatever_the_thread_count(phot
     """The float16 file runs in float32: the hyperprior the decoder recomputes must give the encoder's very scales."""
     import torch
 
-    from comneck_cli import api
+    from comneck_cli import coding as api
     from comneck_cli.codecs import load_codec
-    from comneck_cli.images import to_tensor
-    from formats import PAD_MULTIPLE
+    from comneck_cli.io.images import to_tensor
+    from comneck_cli.formats import PAD_MULTIPLE
 
     codec = load_codec(DEFAULT_CODEC, 3).at_rate(rate)
     image = read_image(photos["chelsea"])

@@ -20,10 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from comneck_cli import api, rans
+from comneck_cli import coding as api
+from comneck_cli.codecs import rans
 from comneck_cli.codecs import one_thread
 from comneck_cli.errors import ComneckError
-from formats import Record, pack
+from comneck_cli.formats import Record, pack
 
 
 # --------------------------------------------------------------------------- the decoder against CompressAI's

@@ -21,7 +21,7 @@ from PIL import Image
 from comneck_cli.cli import main
 from comneck_cli.eval import METHOD_NAMES
 from comneck_cli.eval.baselines import TRADITIONAL, ImageCodec
-from comneck_cli.eval.commands import eval_command, parse_spec
+from comneck_cli.cli.eval_commands import eval_command, parse_spec
 from comneck_cli.eval.report import bd_rate
 
 from .conftest import TINY_CLIP
@@ -189,7 +189,7 @@ def test_methods_that_cannot_run_are_reported_with_their_reason(data, tmp_path, 
 
 
 def test_resume_does_not_recompute_finished_points(common, tmp_path, monkeypatch):
-    from comneck_cli import api
+    from comneck_cli import coding as api
 
     out = tmp_path / "report"
     args = [*common, "-o", out, "--methods", "reconstruction,jpeg,uncompressed", "--batch-size", "2"]
@@ -298,7 +298,7 @@ def test_ms_ssim_is_pytorch_msssim_above_160_px_and_says_why_below(photos):
 
 
 def test_postprocess_unet_runs_and_is_counted(common, tmp_path, codec_files, other_weights):
-    import weights as registry
+    from comneck_cli import weights as registry
     from comneck_cli.eval.postprocess import PostprocessInfo, UNet, save_postprocess, unet_cost
 
     # The standard U-Net (base 64, depth 4, 3 -> 3 channels): the paper's 31.04 M parameters.
@@ -333,8 +333,8 @@ def test_postprocess_unet_runs_and_is_counted(common, tmp_path, codec_files, oth
 
 
 def test_registry_lookups_machine_only_neck_and_unlabelled_data(tmp_path, photos, codec_files, tiny_clip_file):
-    import weights as registry
-    from comneck_cli.neck import NeckInfo, TransformNeck, save_neck
+    from comneck_cli import weights as registry
+    from comneck_cli.models.neck import NeckInfo, TransformNeck, save_neck
 
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -393,7 +393,7 @@ def test_option_parsing_and_the_cli_stays_light():
     from comneck_cli.eval.methods import METHODS
 
     assert tuple(METHODS) == METHOD_NAMES
-    code = "import sys, comneck_cli.eval.commands; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, comneck_cli.cli.eval_commands; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 

@@ -11,11 +11,11 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-from comneck_cli import api
+from comneck_cli import coding as api
 from comneck_cli.cli import main
-from comneck_cli.clip import ClipTail, load_clip
-from comneck_cli.neck import load_neck
-from formats import unpack
+from comneck_cli.clip.tower import ClipTail, load_clip
+from comneck_cli.models.neck import load_neck
+from comneck_cli.formats import unpack
 
 from .conftest import TINY_CLIP
 
@@ -133,7 +133,7 @@ def test_mismatched_neck_and_bad_inputs_are_one_line(cnk, common, tmp_path, othe
 
 
 def test_registry_neck_and_clip_are_found_by_name(cnk, tmp_path, neck_file, tiny_clip_file, codec_files):
-    import weights as registry
+    from comneck_cli import weights as registry
 
     registry.import_file("mbt2018-mean-q1", codec_files["mbt2018-mean"], "codec")
     registry.import_file("mbt2018-mean-q1-neck", neck_file, "neck")

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from formats import (
+from comneck_cli.formats import (
     CODEC_IDS,
     CODEC_NAMES,
     DEFAULT_MAX_PIXELS,
@@ -32,7 +32,7 @@ from formats import (
     unpack,
     write_record,
 )
-from formats.varint import decode_varint, encode_varint
+from comneck_cli.formats.varint import decode_varint, encode_varint
 
 REPO = Path(__file__).resolve().parents[1]
 DIGEST = bytes.fromhex("deadbeef")

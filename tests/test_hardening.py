@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from comneck_cli.cli import main
-from formats import CnkError, read_file, unpack
-from formats.varint import encode_varint
+from comneck_cli.formats import CnkError, read_file, unpack
+from comneck_cli.formats.varint import encode_varint
 
 
 def run(*args, input=None):

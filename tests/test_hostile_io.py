@@ -17,11 +17,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from comneck_cli import outputs
+from comneck_cli.io import outputs
 from comneck_cli.cli import main
 from comneck_cli.errors import ComneckError
-from comneck_cli.images import read_image
-from formats import CnkError, Record, container, pack, read_file
+from comneck_cli.io.images import read_image
+from comneck_cli.formats import CnkError, Record, container, pack, read_file
 
 
 def run(*args, input=None, env=None):
@@ -110,7 +110,7 @@ def test_decode_numbering_never_takes_another_inputs_name(stream_beside_numbered
 def test_batch_decode_reports_the_collision_instead_of_losing_a_record(stream_beside_numbered, tmp_path,
                                                                         codec_files):
     """4 records in, 3 outputs out, and `batch decode` said it succeeded."""
-    from comneck_cli.batch import batch
+    from comneck_cli.cli.batch_commands import batch
 
     out = tmp_path / "out"
     args = ["decode", "--input", stream_beside_numbered, "--output", out, "--weights", codec_files["mbt2018-mean"]]
@@ -151,7 +151,7 @@ def test_info_reports_a_lone_surrogate_and_keeps_the_other_rows(tmp_path, monkey
 
 
 def test_batch_list_naming_a_folder(tmp_path, monkeypatch, mbt):
-    from comneck_cli.batch import batch
+    from comneck_cli.cli.batch_commands import batch
 
     monkeypatch.chdir(tmp_path)
     noise(tmp_path / "p.png", 64, 64)
@@ -237,7 +237,7 @@ def test_raised_max_pixels_over_this_machines_memory(tmp_path):
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
         from comneck_cli.errors import ComneckError
-        from comneck_cli.images import read_image
+        from comneck_cli.io.images import read_image
         try:
             read_image({str(png)!r}, "huge.png", max_pixels=10_000_000_000)
         except ComneckError as exc:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from comneck_cli import ComneckError, read_image
-from comneck_cli.images import ImageConversionWarning, from_tensor, pad_amounts, to_tensor
+from comneck_cli.io.images import ImageConversionWarning, from_tensor, pad_amounts, to_tensor
 
 
 def _png(img: Image.Image, **kw) -> bytes:

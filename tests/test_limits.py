@@ -15,11 +15,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from comneck_cli import api
+from comneck_cli import coding as api
 from comneck_cli import codecs as codecs_module
 from comneck_cli.cli import main
 from comneck_cli.errors import ComneckError
-from formats import Limits, Record, pack, unpack
+from comneck_cli.formats import Limits, Record, pack, unpack
 
 from .test_hardening import png_with_size  # a PNG header over a few bytes of pixels
 
@@ -114,7 +114,7 @@ def test_a_png_header_over_the_limit_is_refused_before_its_pixels_decode(tmp_pat
     code = textwrap.dedent("""
         import resource, sys
         resource.setrlimit(resource.RLIMIT_AS, (1 << 29, 1 << 29))
-        from comneck_cli.images import read_image
+        from comneck_cli.io.images import read_image
         try:
             read_image(sys.argv[1])
         except Exception as e:
@@ -166,7 +166,7 @@ def test_pixel_conversions_make_no_whole_image_float_copies():
     uint8 image returned (from_tensor), plus a band, not by extra whole-image temporaries (they used to double it)."""
     code = textwrap.dedent("""
         import resource, numpy as np, torch
-        from comneck_cli.images import from_tensor, to_tensor
+        from comneck_cli.io.images import from_tensor, to_tensor
         peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         image = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
         x_hat = torch.from_numpy(image).permute(2, 0, 1)[None].float().div_(255.0)  # an unpadded x_hat

@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from comneck_cli.clip import ClipTail
+from comneck_cli.clip.tower import ClipTail
 from comneck_cli.errors import ComneckError
-from comneck_cli.neck import NeckInfo, TransformNeck, load_neck, save_neck
+from comneck_cli.models.neck import NeckInfo, TransformNeck, load_neck, save_neck
 
 TINY = {"latent_channels": 8, "width": 64, "heads": 4, "grid": (4, 4), "mlp_ratio": 4.0}
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from comneck_cli.cli import main
-from formats import CnkError, read_file, unpack
+from comneck_cli.formats import CnkError, read_file, unpack
 
 from .conftest import TINY_CLIP
 

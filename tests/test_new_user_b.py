@@ -16,11 +16,12 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-import weights as registry
-from comneck_cli import api, codecs, features
+from comneck_cli import weights as registry
+from comneck_cli import codecs, features
+from comneck_cli import coding as api
 from comneck_cli.cli import main
 from comneck_cli.defaults import CODEC_LEVELS, DEFAULT_CODEC, VARIABLE_RATE_CODECS
-from formats import unpack
+from comneck_cli.formats import unpack
 
 from .conftest import TINY_CLIP, make_codec_file
 
@@ -247,6 +248,6 @@ def test_reference_features_record_their_clip(photo, tmp_path, tiny_clip_file):
 
 # --------------------------------------------------------------------------- item 12: eval's default codec
 def test_eval_defaults_to_the_shipped_codec():
-    from comneck_cli.eval.commands import eval_command
+    from comneck_cli.cli.eval_commands import eval_command
 
     assert next(p for p in eval_command.params if p.name == "codec").default == DEFAULT_CODEC

@@ -13,15 +13,15 @@ from .test_train import one_thread  # noqa: F401 (autouse fixture)
 
 @pytest.fixture(scope="module")
 def tiny_clip(tiny_clip_file):
-    from comneck_cli.clip import load_clip
+    from comneck_cli.clip.tower import load_clip
 
     return load_clip(TINY_CLIP, "test", weights_file=tiny_clip_file)
 
 
 def test_tokens_come_from_the_asked_layers(tiny_clip):
     """Layer i is the output of block i: the same tensors the full tower's hidden states hold."""
-    from comneck_cli.clip import split_clip
-    from comneck_cli.preedit import ClipTokens
+    from comneck_cli.clip.tower import split_clip
+    from comneck_cli.models.preedit import ClipTokens
 
     tokens = ClipTokens(tiny_clip, (1, 3))
     x = torch.rand(2, 3, 56, 56)  # the tiny tower's own size: no resize
@@ -38,7 +38,7 @@ def test_tokens_come_from_the_asked_layers(tiny_clip):
 
 @pytest.mark.parametrize("size", [(64, 64), (75, 131)])
 def test_output_keeps_size_and_range_and_starts_near_identity(tiny_clip, size):
-    from comneck_cli.preedit import ClipTokens, PreEditor
+    from comneck_cli.models.preedit import ClipTokens, PreEditor
 
     torch.manual_seed(0)
     tokens = ClipTokens(tiny_clip, (1, 2))
@@ -57,8 +57,8 @@ def test_output_keeps_size_and_range_and_starts_near_identity(tiny_clip, size):
 
 
 def test_file_round_trip_and_checks(tiny_clip, tmp_path):
-    import weights as registry
-    from comneck_cli.preedit import PREEDIT_KIND, PreEditInfo, PreEditor, load_preedit, save_preedit
+    from comneck_cli import weights as registry
+    from comneck_cli.models.preedit import PREEDIT_KIND, PreEditInfo, PreEditor, load_preedit, save_preedit
 
     torch.manual_seed(1)
     editor = PreEditor(64, (1, 2), channels=8, smooth=(2, 8))
@@ -80,7 +80,7 @@ def test_file_round_trip_and_checks(tiny_clip, tmp_path):
 
 def test_a_codec_p_was_not_trained_with_is_refused(vbr_codec_file, tiny_clip_file, tmp_path):
     from comneck_cli.codecs import load_codec
-    from comneck_cli.preedit import PreEditInfo, PreEditor, load_pre_edit, save_preedit
+    from comneck_cli.models.preedit import PreEditInfo, PreEditor, load_pre_edit, save_preedit
 
     path = tmp_path / "p.safetensors"
     save_preedit(PreEditor(64, (1,)), path, PreEditInfo("mbt2018-mean-vbr", "00000000", TINY_CLIP, "test"))

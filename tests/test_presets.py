@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from comneck_cli.clip import ClipHead, ClipTail
+from comneck_cli.clip.tower import ClipHead, ClipTail
 from comneck_cli.features import FeatureExtractor
-from comneck_cli.presets import PRESETS, expand_to_square, mean_colour
+from comneck_cli.clip.presets import PRESETS, expand_to_square, mean_colour
 
 from .conftest import TINY_CLIP
 
@@ -137,9 +137,9 @@ def test_larger_tower_grid_end_to_end(tmp_path, codec_files, photos, tiny_clip_f
     from click.testing import CliRunner
     from safetensors.torch import save_file
 
-    import weights as registry
+    from comneck_cli import weights as registry
     from comneck_cli.cli import main
-    from comneck_cli.neck import NeckInfo, TransformNeck, save_neck
+    from comneck_cli.models.neck import NeckInfo, TransformNeck, save_neck
 
     name = "comneck-tiny-ViT-14-112"
     torch.manual_seed(0)

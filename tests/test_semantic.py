@@ -8,14 +8,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from comneck_cli import api
+from comneck_cli import coding as api
 from comneck_cli.codecs import load_codec
 from comneck_cli.errors import ComneckError
-from comneck_cli.images import read_image
-from comneck_cli.semantic import Guide, bits_per_position, gain_map, levels_on_grid, quantise, semantic_map
-from formats import CnkError, ImportanceMap, latent_grids, pack, unpack
-from formats.container import CRITICAL_BIT, TAG_IMPORTANCE_MAP
-from formats.varint import encode_varint
+from comneck_cli.io.images import read_image
+from comneck_cli.coding.semantic import Guide, bits_per_position, gain_map, levels_on_grid, quantise, semantic_map
+from comneck_cli.formats import CnkError, ImportanceMap, latent_grids, pack, unpack
+from comneck_cli.formats.container import CRITICAL_BIT, TAG_IMPORTANCE_MAP
+from comneck_cli.formats.varint import encode_varint
 
 from .conftest import TINY_CLIP
 
@@ -27,7 +27,7 @@ def vbr(vbr_codec_file):
 
 @pytest.fixture(scope="module")
 def guide(tiny_clip_file):
-    from comneck_cli.clip import load_clip
+    from comneck_cli.clip.tower import load_clip
 
     return Guide(load_clip(TINY_CLIP, None, weights_file=tiny_clip_file))
 

@@ -31,7 +31,7 @@ def test_encode_does_not_import_point_cloud_or_torchvision_modules(tmp_path):
 
 
 def test_the_real_modules_still_import_after_the_light_import():
-    code = ("from comneck_cli._compressai import import_compressai; import_compressai();"
+    code = ("from comneck_cli.codecs._compressai import import_compressai; import_compressai();"
             "import compressai.datasets, compressai.transforms, torchvision.transforms;"
             "from compressai.registry import MODELS;"
             "print(hasattr(compressai.datasets, 'ImageFolder'), torchvision.transforms.Resize.__name__,"

@@ -287,11 +287,11 @@ def test_resume_refuses_a_different_trajectory(image_folder, tmp_path):
 
 
 def test_exported_codec_encodes_decodes_and_is_registered(image_folder, tmp_path, photos):
-    import weights as registry
+    from comneck_cli import weights as registry
 
-    from comneck_cli import api
+    from comneck_cli import coding as api
     from comneck_cli.codecs import load_codec
-    from comneck_cli.images import read_image
+    from comneck_cli.io.images import read_image
     from comneck_cli.train import train_codec
     from comneck_cli.train.export import is_machine_only
 
@@ -334,7 +334,7 @@ def test_cheng2020_trains_from_its_quality_table(image_folder, tmp_path):
 # ---------------------------------------------------------------- CLI
 def test_cli_train_codec(image_folder, tmp_path):
     from comneck_cli.codecs import load_codec
-    from comneck_cli.train.commands import train
+    from comneck_cli.cli.train_commands import train
 
     out = tmp_path / "tiny.safetensors"
     args = ["codec", "--codec", "mbt2018-mean", "-q", "3", "--data", str(image_folder), "--steps", "2",
@@ -357,7 +357,7 @@ def test_cli_train_codec(image_folder, tmp_path):
 
 
 def test_importing_the_train_commands_does_not_import_torch():
-    code = ("import sys; from comneck_cli.train.commands import train; "
+    code = ("import sys; from comneck_cli.cli.train_commands import train; "
             "assert 'torch' not in sys.modules and 'compressai' not in sys.modules; print(sorted(train.commands))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['adapter', 'codec', 'neck', 'postprocess', 'vbr']"
@@ -369,7 +369,7 @@ def test_torchrun_data_parallel_on_cpu(image_folder, tmp_path):
     out = tmp_path / "ddp.safetensors"
     config = json.dumps(TINY_CODECS["mbt2018-mean"])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "comneck_cli.train.commands", "codec", "--codec", "mbt2018-mean", "-q", "1", "--data",
+           "-m", "comneck_cli.cli.train_commands", "codec", "--codec", "mbt2018-mean", "-q", "1", "--data",
            str(image_folder), "--steps", "3", "--batch-size", "2", "--crop", "64", "--config", config, "-o", str(out),
            "--no-register", "--device", "cpu", "--workers", "0", "--log-every", "1", "--run-dir", str(tmp_path / "run")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)

@@ -12,8 +12,8 @@ from .test_train import one_thread  # noqa: F401 (autouse fixture)
 
 def test_the_gradient_of_each_term_reaches_the_adapter(tiny_clip_file):
     """The loss the trainer backpropagates is w·terms, each term differentiable down to A's parameters."""
-    from comneck_cli.adapter import DecoderAdapter
-    from comneck_cli.clip import load_clip
+    from comneck_cli.models.adapter import DecoderAdapter
+    from comneck_cli.clip.tower import load_clip
     from comneck_cli.train.adapter import MultiLevel, multilevel_loss
 
     torch.manual_seed(0)

@@ -31,7 +31,7 @@ def scratch_neck(folder: Path, codec: str = CODEC, quality: int = 8, codec_file:
     """A randomly initialised neck file for the tiny CLIP (width 64, 4 heads) and a codec's latent channels: what
     d2/d3 tests start from where the point is not the d1 neck's training."""
     from comneck_cli.codecs import load_codec
-    from comneck_cli.neck import NeckInfo, TransformNeck, save_neck
+    from comneck_cli.models.neck import NeckInfo, TransformNeck, save_neck
 
     channels = load_codec(codec, quality, weights=codec_file).latent_channels
     torch.manual_seed(0)
@@ -58,10 +58,10 @@ def neck_config(scenario: str, codec_file: Path, data: Path, folder: Path, **kw)
 
 
 def test_d1_cross_entropy_and_distillation_decrease(trained_codec, image_folder, tmp_path):
-    import weights as registry
+    from comneck_cli import weights as registry
 
     from comneck_cli.codecs import load_codec
-    from comneck_cli.neck import load_neck
+    from comneck_cli.models.neck import load_neck
     from comneck_cli.train import train_neck
     from comneck_cli.train.loop import read_metrics
 
@@ -84,7 +84,7 @@ def test_d1_cross_entropy_and_distillation_decrease(trained_codec, image_folder,
     assert (info.clip_model, info.clip_tag) == (TINY_CLIP, "None")
     assert neck.config["grid"] == [4, 4] and neck.config["latent_channels"] == TINY_CODECS[CODEC]["M"]
     # A record the codec writes passes the neck's own compatibility check.
-    from comneck_cli import api
+    from comneck_cli import coding as api
 
     record = api.encode((np.random.default_rng(0).random((64, 80, 3)) * 255).astype(np.uint8), codec)
     info.check_matches(record.codec_name, record.quality, record.weights_digest, TINY_CLIP, None, 2)
@@ -96,9 +96,9 @@ def test_d1_cross_entropy_and_distillation_decrease(trained_codec, image_folder,
 
 def test_trained_neck_beats_an_untrained_one(trained_codec, image_folder, tmp_path):
     """The neck's C'(T(y_hat)) ends closer to C(x) than a fresh neck's, on the same crops."""
-    from comneck_cli.clip import load_clip, split_clip
+    from comneck_cli.clip.tower import load_clip, split_clip
     from comneck_cli.codecs import load_codec
-    from comneck_cli.neck import TransformNeck, load_neck
+    from comneck_cli.models.neck import TransformNeck, load_neck
     from comneck_cli.train import Target, train_neck
     from comneck_cli.train.data import ImageFolderCrops
     from comneck_cli.train.latents import frozen_latents
@@ -122,10 +122,10 @@ def test_trained_neck_beats_an_untrained_one(trained_codec, image_folder, tmp_pa
 
 @pytest.mark.parametrize("scenario", ["d2", "d3"])
 def test_retrained_codec_is_exported_and_the_neck_records_its_digest(trained_codec, image_folder, tmp_path, scenario):
-    import weights as registry
+    from comneck_cli import weights as registry
 
     from comneck_cli.codecs import load_codec
-    from comneck_cli.neck import load_neck
+    from comneck_cli.models.neck import load_neck
     from comneck_cli.train import train_neck
     from comneck_cli.train.export import is_machine_only
     from comneck_cli.train.loop import read_metrics
@@ -151,7 +151,7 @@ def test_retrained_codec_is_exported_and_the_neck_records_its_digest(trained_cod
     assert info.scenario == scenario and info.codec_digest == digest == result.extra["codec_digest"]
     original, retrained = load_codec(CODEC, 8, weights=trained_codec), load_codec(CODEC, 8, weights=codec_file)
     assert retrained.digest.hex() == digest != original.digest.hex()
-    from comneck_cli import api
+    from comneck_cli import coding as api
 
     record = api.encode((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8), retrained)
     info.check_matches(record.codec_name, record.quality, record.weights_digest, TINY_CLIP, None, 2)
@@ -167,9 +167,9 @@ def test_retrained_codec_is_exported_and_the_neck_records_its_digest(trained_cod
 
 
 def test_encoding_with_a_d3_codec_writes_machine_only_records(trained_codec, image_folder, tmp_path, photos):
-    from comneck_cli import api
+    from comneck_cli import coding as api
     from comneck_cli.codecs import load_codec
-    from comneck_cli.images import read_image
+    from comneck_cli.io.images import read_image
     from comneck_cli.train import train_neck
 
     train_neck(neck_config("d3", trained_codec, image_folder, tmp_path, steps=(1, 1, 1)))
@@ -247,8 +247,8 @@ def test_cross_entropy_needs_class_folders(trained_codec, image_folder, tmp_path
 
 
 def test_cli_train_neck(trained_codec, image_folder, tmp_path):
-    from comneck_cli.neck import load_neck
-    from comneck_cli.train.commands import train
+    from comneck_cli.models.neck import load_neck
+    from comneck_cli.cli.train_commands import train
 
     out = tmp_path / "neck.safetensors"
     args = ["neck", "--scenario", "d1", "--codec", CODEC, "-q", "8", "--codec-weights", str(trained_codec),
@@ -273,7 +273,7 @@ def test_cli_train_neck(trained_codec, image_folder, tmp_path):
 def test_every_codec_family_trains_jointly(codec_files, image_folder, tmp_path, name):
     """Frozen, joint and frozen-again stages for each family (the autoregressive one codes its frozen y_hat)."""
     from comneck_cli.codecs import load_codec
-    from comneck_cli.neck import load_neck
+    from comneck_cli.models.neck import load_neck
     from comneck_cli.train import train_neck
 
     cfg = neck_config("d2", codec_files[name], image_folder, tmp_path, steps=(1, 1, 1), codec=name, quality=1)
@@ -290,7 +290,7 @@ def test_every_codec_family_trains_jointly(codec_files, image_folder, tmp_path, 
 ])
 def test_options_a_scenario_does_not_use_are_refused(image_folder, tmp_path, scenario, extra, flag):
     """An option that would be accepted and ignored is one error line naming it, before anything loads."""
-    from comneck_cli.train.commands import train
+    from comneck_cli.cli.train_commands import train
 
     out = tmp_path / "neck.safetensors"
     result = CliRunner().invoke(train, ["neck", "--scenario", scenario, "--codec", CODEC, "-q", "8", "--data",
@@ -302,7 +302,7 @@ def test_options_a_scenario_does_not_use_are_refused(image_folder, tmp_path, sce
 
 
 def test_quality_of_a_variable_rate_neck_is_refused(image_folder, tmp_path):
-    from comneck_cli.train.commands import train
+    from comneck_cli.cli.train_commands import train
 
     result = CliRunner().invoke(train, ["neck", "--codec", "mbt2018-mean-vbr", "-q", "3", "--data", str(image_folder),
                                         "--steps", "1", "--device", "cpu"])
@@ -313,8 +313,8 @@ def test_quality_of_a_variable_rate_neck_is_refused(image_folder, tmp_path):
 
 def test_d2_and_d3_start_from_the_registrys_d1_neck_or_refuse(trained_codec, image_folder, tmp_path):
     """The paper: distillation alone does not train a neck from scratch, so d2/d3 fine-tune a d1 neck."""
-    import weights as registry
-    from comneck_cli.neck import load_neck
+    from comneck_cli import weights as registry
+    from comneck_cli.models.neck import load_neck
     from comneck_cli.train import train_neck
 
     with pytest.raises(ComneckError, match=r"^scenario d3 starts its neck from a d1 neck .* registry has no "

@@ -30,7 +30,7 @@ def postprocess_config(codec_file: Path, data: Path, folder: Path, clip_file: Pa
 
 def clip_distance(unet, clip_file: Path, codec_file: Path, data: Path) -> tuple[float, float]:
     """MSE to C(x) of the embeddings of C(U(x_hat)) and of C(x_hat) (the bare reconstruction), every image."""
-    from comneck_cli.clip import load_clip, split_clip
+    from comneck_cli.clip.tower import load_clip, split_clip
     from comneck_cli.codecs import load_codec
     from comneck_cli.train import Target
     from comneck_cli.train.data import ImageFolderCrops
@@ -53,7 +53,7 @@ def clip_distance(unet, clip_file: Path, codec_file: Path, data: Path) -> tuple[
 
 def test_three_stages_lower_both_losses_and_the_unet_is_exported(trained_codec, image_folder, tiny_clip_file,
                                                                    tmp_path):
-    import weights as registry
+    from comneck_cli import weights as registry
 
     from comneck_cli.codecs import load_codec
     from comneck_cli.eval.postprocess import load_postprocess
@@ -179,10 +179,10 @@ def test_distillation_alone_takes_a_flat_folder(trained_codec, image_folder, tin
 def test_cli_trains_and_eval_finds_the_registered_unet(trained_codec, image_folder, tiny_clip_file, tmp_path):
     """`comneck train postprocess` registers CODEC-qQ-postprocess; `comneck eval --methods postprocess` then runs
     it with no --postprocess flag."""
-    import weights as registry
+    from comneck_cli import weights as registry
 
     from comneck_cli.cli import main
-    from comneck_cli.train.commands import train
+    from comneck_cli.cli.train_commands import train
 
     args = ["postprocess", "--codec", CODEC, "-q", "8", "--weights", str(trained_codec), "--data", str(image_folder),
             "--clip-model", TINY_CLIP, "--clip-tag", "test", "--clip-weights", str(tiny_clip_file), "--steps", "2,1,1",
@@ -223,7 +223,7 @@ def test_importing_the_train_commands_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from comneck_cli.train.commands import train; "
+    code = ("import sys; from comneck_cli.cli.train_commands import train; "
             "assert 'torch' not in sys.modules and 'compressai' not in sys.modules; print(sorted(train.commands))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "postprocess" in out.stdout

@@ -111,7 +111,7 @@ def test_weighted_distillation_is_the_weighted_sum_and_one_target_is_plain_disti
 
 # ---------------------------------------------------------------- training
 def test_multi_target_loss_decreases_and_the_neck_records_its_targets(trained_codec, image_folder, tmp_path):
-    import weights as registry
+    from comneck_cli import weights as registry
 
     from comneck_cli.train import train_neck
     from comneck_cli.train.loop import read_metrics
@@ -152,7 +152,7 @@ def test_target_errors_before_training(trained_codec, image_folder, tmp_path):
 
 
 def test_cli_train_neck_targets(trained_codec, image_folder, tmp_path):
-    from comneck_cli.train.commands import train
+    from comneck_cli.cli.train_commands import train
 
     from .test_train_neck import scratch_neck
 
@@ -217,9 +217,9 @@ def held_out_crops(side: int = 64) -> torch.Tensor:
 
 def feature_errors(neck_file: Path, codec_file: Path, clip_file: Path, x: torch.Tensor) -> dict[str, float]:
     """MSE of C'(T(y_hat)) against C(x) on held-out crops: layer -2 patch tokens, and the projected embedding."""
-    from comneck_cli.clip import load_clip, split_clip
+    from comneck_cli.clip.tower import load_clip, split_clip
     from comneck_cli.codecs import load_codec
-    from comneck_cli.neck import load_neck
+    from comneck_cli.models.neck import load_neck
     from comneck_cli.train.latents import frozen_latents
     from comneck_cli.train.neck import Target, Teacher, select_target, tail_request
 

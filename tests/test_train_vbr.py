@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from comneck_cli.cli import main
-from formats import unpack
+from comneck_cli.formats import unpack
 
 from .conftest import TINY_CLIP
 from .test_train import one_thread  # noqa: F401 (autouse fixture)
@@ -52,7 +52,7 @@ def trained(photo_folder, vbr_codec_file, tiny_clip_file, tmp_path_factory):
 
 
 def test_loss_drops_and_p_learns_to_edit(trained):
-    from comneck_cli.preedit import load_preedit
+    from comneck_cli.models.preedit import load_preedit
     from comneck_cli.train.loop import read_metrics
 
     codec_file, p_file, run = trained
@@ -67,7 +67,7 @@ def test_loss_drops_and_p_learns_to_edit(trained):
         tokens = 0.3 * r["sem"]  # β (L_sem + ρ·L_rank), ρ = 0: L_rank logged, not trained on
         assert r["loss"] == pytest.approx(r["bpp"] + rate_lambda_of(codec_file, r["rate"]) * tokens, rel=1e-4)
     _, info = load_preedit(p_file)
-    import weights as registry
+    from comneck_cli import weights as registry
 
     assert info.codec_digest == registry.file_sha256(codec_file)[:8]  # P names the codec it was trained with
     assert (info.clip_model, info.clip_tag, info.config["layers"]) == (TINY_CLIP, "test", [1, 2])
@@ -169,13 +169,13 @@ def test_a_pre_edited_image_codes_to_fewer_bits_at_the_same_rate(trained, photos
 
 
 def _digest(path: Path) -> str:
-    import weights as registry
+    from comneck_cli import weights as registry
 
     return registry.file_sha256(path)[:8]
 
 
 def test_resume_is_exact_and_defaults_register_both(photo_folder, vbr_codec_file, tiny_clip_file, tmp_path, photos):
-    import weights as registry
+    from comneck_cli import weights as registry
     from comneck_cli.modelfiles import read_safetensors
     from comneck_cli.train.loop import read_metrics
 
@@ -261,9 +261,9 @@ def test_bad_input_is_one_error_line(photo_folder, vbr_codec_file, tiny_clip_fil
 def test_one_neck_serves_every_rate(vbr_codec_file, tiny_clip_file, photos, tmp_path):
     """`train neck --codec mbt2018-mean-vbr` (no -q): rates drawn over 1..8, y_hat exactly what records hold; then
     `features` takes records of several rates with the one neck, found in the registry."""
-    import weights as registry
+    from comneck_cli import weights as registry
     from comneck_cli.codecs import load_codec, rate_gain
-    from comneck_cli.neck import EVERY_RATE, load_neck
+    from comneck_cli.models.neck import EVERY_RATE, load_neck
     from comneck_cli.train.latents import frozen_latents
     from comneck_cli.train.loop import read_metrics
 
@@ -313,9 +313,9 @@ def test_eval_reports_the_pre_edit_method(trained, photos, tiny_clip_file, tmp_p
 
     from PIL import Image
 
-    import weights as registry
-    from comneck_cli.eval.commands import eval_command
-    from comneck_cli.images import read_image
+    from comneck_cli import weights as registry
+    from comneck_cli.cli.eval_commands import eval_command
+    from comneck_cli.io.images import read_image
 
     codec_file, p_file, _ = trained
     data = tmp_path / "data"
@@ -340,10 +340,10 @@ def test_eval_reports_the_pre_edit_method(trained, photos, tiny_clip_file, tmp_p
     assert out.exit_code == 0, out.output
     rows = json.loads((tmp_path / "r2" / "points.json").read_text())["images"]
     got = {(r["method"], r["image"]): r for r in rows if r["point"] == "q8"}
-    from comneck_cli import api
+    from comneck_cli import coding as api
     from comneck_cli.codecs import load_codec
-    from comneck_cli.preedit import load_pre_edit
-    from formats import pack
+    from comneck_cli.models.preedit import load_pre_edit
+    from comneck_cli.formats import pack
 
     codec = load_codec("mbt2018-mean-vbr", 8, weights=codec_file)
     editor = load_pre_edit(p_file, codec, clip_weights=tiny_clip_file)

@@ -9,10 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from comneck_cli import api
+from comneck_cli import coding as api
 from comneck_cli.codecs import load_codec
-from comneck_cli.images import read_image
-from formats import CnkError, pack, unpack
+from comneck_cli.io.images import read_image
+from comneck_cli.formats import CnkError, pack, unpack
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_bpp_target_out_of_reach_gives_the_end_of_the_range(vbr, photos):
 
 
 def test_rate_section_is_critical_and_two_bytes():
-    from formats.container import TAG_RATE, CRITICAL_BIT
+    from comneck_cli.formats.container import TAG_RATE, CRITICAL_BIT
 
     assert TAG_RATE & CRITICAL_BIT
     record = unpack(pack(api.Record(codec_id=12, quality=3, weights_digest=b"abcd", height=5, width=7,
@@ -103,7 +103,7 @@ def test_weights_import_half_keeps_coding_exact(vbr_codec_file, photos):
     from click.testing import CliRunner
     from safetensors import safe_open
 
-    import weights as registry
+    from comneck_cli import weights as registry
     from comneck_cli.cli import main
 
     out = CliRunner().invoke(main, ["weights", "import", "mbt2018-mean-vbr", str(vbr_codec_file), "--half"])
@@ -130,7 +130,7 @@ def test_batch_encode_rate_and_bpp_target_resume(vbr_codec_file, photos, tmp_pat
     import shutil
 
     from comneck_cli.cli import main
-    from formats import read_file
+    from comneck_cli.formats import read_file
 
     src = tmp_path / "in"
     src.mkdir()

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from comneck_cli.cli import main
-from comneck_cli.images import read_image
-from comneck_cli.video import frames
-from formats import ImportanceMap, read_file
+from comneck_cli.io.images import read_image
+from comneck_cli.io.video import frames
+from comneck_cli.formats import ImportanceMap, read_file
 
 from .conftest import TINY_CLIP
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ComneckError
-from ..images import read_image
-from ..train.data import read_class_names
+from comneck_cli.errors import ComneckError
+from comneck_cli.io.images import read_image
+from comneck_cli.train.data import read_class_names
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 

@@ -33,18 +33,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import weights as registry
-from formats import PAD_MULTIPLE, pack
+from comneck_cli import weights as registry
+from comneck_cli.formats import PAD_MULTIPLE, pack
 
-from .. import api
-from ..clip import resolve_layer
-from ..codecs import Codec
-from ..errors import ComneckError
-from ..features import FeatureExtractor, neck_registry_name, resolve_clip, resolve_neck
-from ..images import from_tensor
-from ..neck import EVERY_RATE, load_neck
-from .baselines import TRADITIONAL, ImageCodec
-from .data import Item
+from comneck_cli import coding as api
+from comneck_cli.clip.tower import resolve_layer
+from comneck_cli.codecs import Codec
+from comneck_cli.errors import ComneckError
+from comneck_cli.features import FeatureExtractor, neck_registry_name, resolve_clip, resolve_neck
+from comneck_cli.io.images import from_tensor
+from comneck_cli.models.neck import EVERY_RATE, load_neck
+from comneck_cli.eval.baselines import TRADITIONAL, ImageCodec
+from comneck_cli.eval.data import Item
 
 Spec = dict  # {quality or None (every quality): file or registry name}
 
@@ -302,7 +302,7 @@ class Postprocess(Method):
     what = "y_hat -> g_s -> U-Net -> full CLIP tower (the paper's Post-processing); people see g_s's output"
 
     def plan(self, ctx):
-        from .postprocess import postprocess_registry_name
+        from comneck_cli.eval.postprocess import postprocess_registry_name
 
         names = [postprocess_registry_name(ctx.codec_name, q) for q in ctx.qualities]
         if not ctx.postprocess and not any(registry.lookup(name) for name in names):
@@ -312,7 +312,7 @@ class Postprocess(Method):
         return super().plan(ctx)
 
     def plan_quality(self, ctx, quality):
-        from .postprocess import load_postprocess, postprocess_registry_name, unet_cost
+        from comneck_cli.eval.postprocess import load_postprocess, postprocess_registry_name, unet_cost
 
         given = spec_for(ctx.postprocess, quality)
         name = postprocess_registry_name(ctx.codec_name, quality)
@@ -403,7 +403,7 @@ class Semantic(Method):
     what = "CoTAM: CLIP-attention bit allocation (.cnk with importance map) -> g_s -> full CLIP tower"
 
     def __init__(self, strength: float | None = None):
-        from ..semantic import DEFAULT_STRENGTH
+        from comneck_cli.coding.semantic import DEFAULT_STRENGTH
 
         self.strength = DEFAULT_STRENGTH if strength is None else strength
         self._guide = None
@@ -417,7 +417,7 @@ class Semantic(Method):
 
     def coded(self, ctx: Context, codec: Codec, entry: Entry) -> tuple[int, np.ndarray]:
         """(bytes of the semantic record, its g_s reconstruction), coded once per chunk for both CoTAM methods."""
-        from ..semantic import Guide, semantic_map
+        from comneck_cli.coding.semantic import Guide, semantic_map
 
         key = ("semantic", self.strength, codec.digest, codec.quality, entry.item.id)
         if key not in ctx._coded:
@@ -440,7 +440,7 @@ class SemanticAdapter(Semantic):
     what = "CoTAM: semantic record -> g_s -> decoder adapter -> full CLIP tower; people see g_s's output"
 
     def plan_quality(self, ctx, quality):
-        from ..adapter import load_adapter, resolve_adapter
+        from comneck_cli.models.adapter import load_adapter, resolve_adapter
 
         point = super().plan_quality(ctx, quality)
         path = resolve_adapter(ctx.adapter, point.codec)
@@ -451,7 +451,7 @@ class SemanticAdapter(Semantic):
         return point
 
     def run(self, ctx, point, entry):
-        from ..adapter import adapt
+        from comneck_cli.models.adapter import adapt
 
         size, x_hat = self.coded(ctx, point.codec, entry)
         return Outcome(size, x_hat, clip_image=adapt(point.unet, x_hat))
@@ -471,7 +471,7 @@ class VbrPreedit(Method):
         self._loaded = None
 
     def plan_quality(self, ctx, quality):
-        from ..preedit import load_pre_edit
+        from comneck_cli.models.preedit import load_pre_edit
 
         codec = ctx.codec(quality)
         if not codec.spec.variable_rate:

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import DEFAULT_PROMPT
+from comneck_cli.eval import DEFAULT_PROMPT
 
 MS_SSIM_MIN_SIDE = 161  # pytorch-msssim asserts the short side > (win_size - 1) * 2**4 = 160
 

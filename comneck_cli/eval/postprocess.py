@@ -6,7 +6,7 @@ with the neck's surrogate loss (``comneck train postprocess``). :class:`UNet` is
 times (2×2 transposed conv, concatenate the skip, double conv) and a 1×1 output conv; channels start at
 ``base`` and double at every level. With ``base=64, depth=4`` (the original sizes) and 3 channels in and out it
 has 31,037,763 parameters: the paper's Table 3 lists 31.04 M for its post-processing network.
-``comneck_cli.complexity.count`` measures 735.10 kMAC/px (at 256 × 256, the same at any size: the U-Net is
+``comneck_cli.eval.complexity.count`` measures 735.10 kMAC/px (at 256 × 256, the same at any size: the U-Net is
 fully convolutional), which a hand count of the convolutions reproduces exactly; the paper lists 835.72.
 
 The output is residual by default: ``clamp(x + UNet(x), 0, 1)``, so an untrained U-Net starts near the
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..modelfiles import ModelInfo, load_module, save_module
+from comneck_cli.modelfiles import ModelInfo, load_module, save_module
 
 POSTPROCESS_FORMAT = "comneck-postprocess"
 POSTPROCESS_FORMAT_VERSION = "1"
@@ -113,8 +113,8 @@ def load_postprocess(path: Path | str, device: torch.device | str = "cpu") -> tu
 
 
 def unet_cost(unet: UNet, height: int = 256, width: int = 256):
-    """Parameters and MACs of one ``height × width`` image (a :class:`comneck_cli.complexity.Cost`)."""
-    from ..complexity import count
+    """Parameters and MACs of one ``height × width`` image (a :class:`comneck_cli.eval.complexity.Cost`)."""
+    from comneck_cli.eval.complexity import count
 
     device = next(unet.parameters()).device
     return count(unet, torch.zeros(1, unet.config["channels"], height, width, device=device))

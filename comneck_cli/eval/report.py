@@ -24,8 +24,8 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..outputs import write_atomic
-from .metrics import METRICS, Metric
+from comneck_cli.io.outputs import write_atomic
+from comneck_cli.eval.metrics import METRICS, Metric
 
 ANCHOR = "reconstruction"
 BD_METHOD = "pchip"

@@ -27,15 +27,15 @@ from typing import Callable
 
 import torch
 
-from .. import api
-from ..defaults import DEFAULT_CODEC
-from ..errors import ComneckError
-from ..features import neck_registry_name
-from ..outputs import make_folder
-from . import DEFAULT_METHODS, report
-from .data import find_images, load_image
-from .methods import Context, Entry, Outcome, Point, Skip, model_file, file_digest, get_method, spec_for
-from .metrics import DEFAULT_PROMPT, ZeroShot, bits_per_pixel, feature_fidelity, ms_ssim, psnr
+from comneck_cli import coding as api
+from comneck_cli.defaults import DEFAULT_CODEC
+from comneck_cli.errors import ComneckError
+from comneck_cli.features import neck_registry_name
+from comneck_cli.io.outputs import make_folder
+from comneck_cli.eval import DEFAULT_METHODS, report
+from comneck_cli.eval.data import find_images, load_image
+from comneck_cli.eval.methods import Context, Entry, Outcome, Point, Skip, model_file, file_digest, get_method, spec_for
+from comneck_cli.eval.metrics import DEFAULT_PROMPT, ZeroShot, bits_per_pixel, feature_fidelity, ms_ssim, psnr
 
 LOG_NAME = "points.jsonl"
 LOG_FORMAT = "comneck-eval-log"
@@ -117,7 +117,7 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None,
         say(f"CLIP feature metrics and accuracy are not measured: {without_clip}")
         clip_model = clip_tag = None
     elif cfg.select not in ("pooled", "projected"):  # C(x) must have the layer, or nothing can be compared
-        from ..clip import resolve_layer
+        from comneck_cli.clip.tower import resolve_layer
 
         resolve_layer(cfg.layer, len(ctx.clip.visual.transformer.resblocks) + 1, None)
     if needs_codec:
@@ -214,9 +214,9 @@ def _choose_clip(cfg: EvalConfig) -> tuple[str, str]:
         return cfg.clip_model, cfg.clip_tag or "openai"
     from safetensors import safe_open
 
-    from ..features import resolve_neck
-    from ..neck import NeckInfo
-    from .postprocess import PostprocessInfo, postprocess_registry_name
+    from comneck_cli.features import resolve_neck
+    from comneck_cli.models.neck import NeckInfo
+    from comneck_cli.eval.postprocess import PostprocessInfo, postprocess_registry_name
 
     candidates = []  # (how to find the file, how to read its info)
     for quality in cfg.qualities:  # whether or not the neck method runs: its CLIP is the one to compare with

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ComneckError
-from . import checkpoint as ckpt
-from .codec import TrainResult
-from .export import publish
-from .loop import (Clock, Means, Metrics, RunConfig, check_finite, crop_batches, default_run_dir, progress,
+from comneck_cli.errors import ComneckError
+from comneck_cli.train import checkpoint as ckpt
+from comneck_cli.train.codec import TrainResult
+from comneck_cli.train.export import publish
+from comneck_cli.train.loop import (Clock, Means, Metrics, RunConfig, check_finite, crop_batches, default_run_dir, progress,
                    resolve_run, run_length, serialise, setup_runtime, teardown)
-from .neck import Teacher, clip_tag, load_frozen_codec, load_training_clip
+from comneck_cli.train.neck import Teacher, clip_tag, load_frozen_codec, load_training_clip
 
 
 @dataclass(kw_only=True)
@@ -69,7 +69,7 @@ TRAJECTORY = ("codec", "quality", "weights", "clip_model", "clip_tag", "clip_wei
 
 def train_adapter(cfg: AdapterTrainConfig) -> TrainResult:
     """Train (or resume) the decoder adapter of a codec; export and register it."""
-    from ..codecs import check_quality, get_spec
+    from comneck_cli.codecs import check_quality, get_spec
 
     variable = cfg.codec is not None and get_spec(cfg.codec).variable_rate
     if variable and cfg.quality is None:
@@ -84,7 +84,7 @@ def train_adapter(cfg: AdapterTrainConfig) -> TrainResult:
     if min(cfg.loss_weights) < 0 or not sum(cfg.loss_weights) > 0:
         raise ComneckError(f"--loss-weights {cfg.loss_weights} must be non-negative and not all zero")
     if variable:
-        from ..codecs import check_rate
+        from comneck_cli.codecs import check_rate
 
         cfg.rates = tuple(check_rate(get_spec(cfg.codec), r) for r in sorted(cfg.rates))
     if cfg.semantic_strength and not variable:
@@ -102,7 +102,7 @@ def reconstruct(codec, x: Tensor, rate: float | None, guide=None, strength: floa
 
     Each image is entropy-coded on its own, exactly as ``encode`` codes it, so A learns the decoder's real output.
     """
-    from ..semantic import gain_map, semantic_map
+    from comneck_cli.coding.semantic import gain_map, semantic_map
 
     at = codec if rate is None else codec.at_rate(rate)
     y = at.analyze(x)
@@ -122,7 +122,7 @@ class MultiLevel(torch.nn.Module):
 
     def __init__(self, clip: torch.nn.Module, layers: tuple[int, int]):
         super().__init__()
-        from ..clip import resolve_layer, split_clip
+        from comneck_cli.clip.tower import resolve_layer, split_clip
 
         self.head, self.tail = split_clip(clip, 0)
         self.prep = Teacher(clip, self.head, self.tail, ())
@@ -145,8 +145,8 @@ def multilevel_loss(levels: MultiLevel, weights: tuple[float, float, float], out
 
 
 def _train(cfg: AdapterTrainConfig, runtime, state: dict | None, variable: bool) -> TrainResult:
-    from ..adapter import DecoderAdapter, adapter_registry_name
-    from ..semantic import Guide
+    from comneck_cli.models.adapter import DecoderAdapter, adapter_registry_name
+    from comneck_cli.coding.semantic import Guide
 
     device = runtime.device
     name = adapter_registry_name(cfg.codec, cfg.quality)
@@ -232,7 +232,7 @@ def _tuple_state(saved: Any) -> tuple:
 
 def _export(cfg: AdapterTrainConfig, adapter, codec, final: dict[str, float], total: int,
             register: str | None) -> tuple[Path | None, str | None]:
-    from ..adapter import AdapterInfo, save_adapter
+    from comneck_cli.models.adapter import AdapterInfo, save_adapter
 
     tag = str(clip_tag(cfg))
     info = AdapterInfo(codec=cfg.codec, codec_digest=codec.digest.hex(), clip_model=cfg.clip_model, clip_tag=tag,

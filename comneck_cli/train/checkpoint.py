@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ComneckError
-from ..outputs import umask
+from comneck_cli.errors import ComneckError
+from comneck_cli.io.outputs import umask
 
 FORMAT = "comneck-train-checkpoint"
 VERSION = 1

@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..codecs import Codec, CodecSpec, check_quality, get_spec, registry_name
-from ..errors import ComneckError
-from . import checkpoint as ckpt
-from .export import publish, write_codec
-from .latents import latent_path, rate_bpp
-from .losses import ZOO_LAMBDAS, rd_loss
-from .loop import (Clock, Means, Metrics, RunConfig, Runtime, check_finite, codec_step, crop_batches,
+from comneck_cli.codecs import Codec, CodecSpec, check_quality, get_spec, registry_name
+from comneck_cli.errors import ComneckError
+from comneck_cli.train import checkpoint as ckpt
+from comneck_cli.train.export import publish, write_codec
+from comneck_cli.train.latents import latent_path, rate_bpp
+from comneck_cli.train.losses import ZOO_LAMBDAS, rd_loss
+from comneck_cli.train.loop import (Clock, Means, Metrics, RunConfig, Runtime, check_finite, codec_step, crop_batches,
                    default_run_dir, progress, resolve_run, run_length, serialise, setup_runtime, teardown)
 
 DEFAULT_REGISTER = "{codec}-q{quality}"
@@ -89,7 +89,7 @@ def build_codec(spec: CodecSpec, quality: int, config: dict[str, Any] | None,
             return spec.constructor()(**kwargs), kwargs
         except TypeError as exc:
             raise ComneckError(f"--config {json.dumps(config)} does not fit {spec.name}: {exc}") from exc
-    from ..codecs import load_codec
+    from comneck_cli.codecs import load_codec
 
     loaded = load_codec(spec.name, quality or max(spec.qualities), weights=Path(init))
     model, kwargs = loaded.model.cpu(), constructor_config(loaded)
@@ -103,7 +103,7 @@ def build_codec(spec: CodecSpec, quality: int, config: dict[str, Any] | None,
 
 def constructor_config(loaded: Codec) -> dict[str, Any]:
     """The constructor arguments of a loaded codec: from a comneck file's metadata, else its N and M."""
-    from ..codecs import weights_info
+    from comneck_cli.codecs import weights_info
 
     meta = weights_info(loaded.source)
     if "config" in meta:

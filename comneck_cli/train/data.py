@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..errors import ComneckError
-from ..images import ImageConversionWarning, read_image, to_tensor
+from comneck_cli.errors import ComneckError
+from comneck_cli.io.images import ImageConversionWarning, read_image, to_tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 UNLABELLED = -1

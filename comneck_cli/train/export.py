@@ -16,11 +16,11 @@ from typing import Any, Callable
 
 from torch import nn
 
-import weights as registry
+from comneck_cli import weights as registry
 
-from ..codecs import save_codec
-from ..errors import ComneckError
-from ..outputs import umask
+from comneck_cli.codecs import save_codec
+from comneck_cli.errors import ComneckError
+from comneck_cli.io.outputs import umask
 
 MACHINE_ONLY_KEY = "machine_only"
 
@@ -49,7 +49,7 @@ def write_codec(model: nn.Module, path: Path, codec: str, quality: int, config: 
 
 def is_machine_only(path: Path) -> bool:
     """Whether a codec file was retrained for machines only (its g_s does not reconstruct images)."""
-    from ..codecs import weights_info
+    from comneck_cli.codecs import weights_info
 
     return weights_info(Path(path)).get(MACHINE_ONLY_KEY) == "true"
 

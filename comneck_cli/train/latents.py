@@ -28,8 +28,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .._compressai import import_compressai
-from ..codecs import (RATE_STEPS, Autoregressive, Family, LatentCodecModel, MeanScaleHyperprior, ScaleHyperprior,
+from comneck_cli.codecs._compressai import import_compressai
+from comneck_cli.codecs import (RATE_STEPS, Autoregressive, Family, LatentCodecModel, MeanScaleHyperprior, ScaleHyperprior,
                       VariableRate)
 
 import_compressai()  # the light import (no point-cloud modules) before compressai.ops

@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..errors import ComneckError
-from .data import Batches, ImageFolderCrops, steps_for
+from comneck_cli.errors import ComneckError
+from comneck_cli.train.data import Batches, ImageFolderCrops, steps_for
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -130,7 +130,7 @@ def setup_runtime(device: str, precision: str = "auto") -> Runtime:
     Under torchrun each rank takes ``cuda:LOCAL_RANK`` (NCCL), or the CPU (gloo) with ``--device cpu``.
     ``precision``: ``bf16``, ``fp32`` or ``auto`` (bf16 on CUDA only, so CPU runs stay exact).
     """
-    from ..api import resolve_device
+    from comneck_cli.coding import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -288,7 +288,7 @@ def default_run_dir(output: Path | None, name: str) -> Path:
     """Where checkpoint.pt and metrics.jsonl go when --run-dir is not given."""
     if output is not None:
         return Path(output).parent / f"{Path(output).stem}.run"
-    from weights import user_dir
+    from comneck_cli.weights import user_dir
 
     return user_dir().parent / "runs" / name
 
@@ -362,8 +362,8 @@ def resolve_run(cfg: Any, kind: str, trajectory: tuple[str, ...], defaults: dict
 
     On resume the trajectory (model, λ, rates, batch, crop, seed) comes from the checkpoint. Returns its state.
     """
-    from . import checkpoint as ckpt
-    from .losses import default_lambda
+    from comneck_cli.train import checkpoint as ckpt
+    from comneck_cli.train.losses import default_lambda
 
     state = None
     if cfg.resume is not None:
@@ -371,7 +371,7 @@ def resolve_run(cfg: Any, kind: str, trajectory: tuple[str, ...], defaults: dict
         merge_resumed(cfg, state["config"], trajectory)
         cfg.data = cfg.data or Path(state["config"]["data"])
         cfg.run_dir = cfg.run_dir or Path(cfg.resume).parent
-    from ..codecs import get_spec
+    from comneck_cli.codecs import get_spec
 
     variable_rate = cfg.codec is not None and get_spec(cfg.codec).variable_rate
     if cfg.codec is None or (cfg.quality is None and not variable_rate) or cfg.data is None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ComneckError
+from comneck_cli.errors import ComneckError
 
 # λ per quality level: CompressAI's zoo table (MSE models, q1..q8), and ELIC's as the ComNeck paper trains it.
 ZOO_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)

@@ -46,16 +46,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..codecs import check_quality, get_spec, rate_gain, registry_name
-from ..errors import ComneckError
-from ..presets import PRESETS
-from . import checkpoint as ckpt
-from .codec import TrainResult, constructor_config, split_parameters
-from .data import steps_for
-from .export import publish, write_codec
-from .latents import frozen_latents, latent_path, rate_bpp, rate_for_step
-from .losses import BETA, GAMMA, joint_loss, weighted_distillation, zero_shot_cross_entropy
-from .loop import (Clock, Means, Metrics, RunConfig, Runtime, check_finite, check_length, codec_step, crop_batches,
+from comneck_cli.codecs import check_quality, get_spec, rate_gain, registry_name
+from comneck_cli.errors import ComneckError
+from comneck_cli.clip.presets import PRESETS
+from comneck_cli.train import checkpoint as ckpt
+from comneck_cli.train.codec import TrainResult, constructor_config, split_parameters
+from comneck_cli.train.data import steps_for
+from comneck_cli.train.export import publish, write_codec
+from comneck_cli.train.latents import frozen_latents, latent_path, rate_bpp, rate_for_step
+from comneck_cli.train.losses import BETA, GAMMA, joint_loss, weighted_distillation, zero_shot_cross_entropy
+from comneck_cli.train.loop import (Clock, Means, Metrics, RunConfig, Runtime, check_finite, check_length, codec_step, crop_batches,
                    default_run_dir, progress, resolve_run, serialise, setup_runtime, teardown)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -265,7 +265,7 @@ def per_stage(values: Sequence | None, what: str) -> tuple | None:
 def load_frozen_codec(name: str, quality: int, weights: Any, state: dict[str, Any] | None, device: torch.device,
                       option: str) -> tuple[Any, nn.Module]:
     """The run's codec and its model frozen on ``device``; a resumed run must get the weights it trained on."""
-    from ..codecs import load_codec
+    from comneck_cli.codecs import load_codec
 
     codec = load_codec(name, quality, weights=weights)
     digest = codec.digest.hex()
@@ -365,9 +365,9 @@ def train_neck(cfg: NeckTrainConfig) -> TrainResult:
 def d1_neck(cfg: NeckTrainConfig) -> Path:
     """Where d2/d3 start their neck without ``neck_init``: the registry's d1 neck of the codec and quality (the
     paper: distillation alone does not move a neck trained from scratch, so d2/d3 fine-tune a d1 neck)."""
-    import weights as registry
+    from comneck_cli import weights as registry
 
-    from ..features import neck_registry_name
+    from comneck_cli.features import neck_registry_name
 
     name = neck_registry_name(cfg.codec, cfg.quality)
     if not registry.lookup(name):
@@ -384,9 +384,9 @@ def d1_neck(cfg: NeckTrainConfig) -> Path:
 def load_training_clip(cfg: NeckTrainConfig, device: torch.device) -> nn.Module:
     """The frozen CLIP teacher: weights from ``clip_weights``, else the registry entry of the model and tag,
     else open_clip's cache or download."""
-    import weights as registry
+    from comneck_cli import weights as registry
 
-    from ..clip import load_clip, weights_entry_name
+    from comneck_cli.clip.tower import load_clip, weights_entry_name
 
     tag = clip_tag(cfg)
     weights_file = cfg.clip_weights
@@ -471,9 +471,9 @@ def text_embeddings(clip: nn.Module, model_name: str, classes: Sequence[str], te
 
 
 def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainResult:
-    from ..clip import split_clip
-    from ..features import neck_registry_name
-    from ..neck import EVERY_RATE, TransformNeck, load_neck
+    from comneck_cli.clip.tower import split_clip
+    from comneck_cli.features import neck_registry_name
+    from comneck_cli.models.neck import EVERY_RATE, TransformNeck, load_neck
 
     device = runtime.device
     name = f"{registry_name(cfg.codec, cfg.quality)}-neck-{cfg.scenario}"
@@ -510,7 +510,7 @@ def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainR
     head, tail = split_clip(clip, cfg.k)
     teacher = Teacher(clip, head, tail, targets).to(device)
     grid = (cfg.crop // 16, cfg.crop // 16)
-    from ..clip import resolve_layer
+    from comneck_cli.clip.tower import resolve_layer
 
     for term in terms:
         if term.target.hidden:  # a state inside C, or past the tower's end: say so before training starts
@@ -683,9 +683,9 @@ def _export(cfg: NeckTrainConfig, neck: nn.Module, codec, model_config: dict[str
             terms: Sequence[WeightedTarget], lengths: tuple[int, ...],
             final: dict[str, float], prompts: str | None) -> tuple[Path | None, str | None, dict[str, Any]]:
     """Write d2/d3's retrained codec first (the neck records its file's digest), then the neck."""
-    import weights as registry
+    from comneck_cli import weights as registry
 
-    from ..neck import EVERY_RATE, NeckInfo, save_neck
+    from comneck_cli.models.neck import EVERY_RATE, NeckInfo, save_neck
 
     fmt = _names(cfg)
     machine_only = cfg.scenario == "d3"

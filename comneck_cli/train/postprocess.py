@@ -28,16 +28,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..codecs import check_quality, get_spec
-from ..errors import ComneckError
-from . import checkpoint as ckpt
-from .codec import TrainResult
-from .export import publish
-from .latents import frozen_latents
-from .losses import distillation, zero_shot_cross_entropy
-from .loop import (Clock, Means, Metrics, RunConfig, Runtime, check_finite, check_length, crop_batches,
+from comneck_cli.codecs import check_quality, get_spec
+from comneck_cli.errors import ComneckError
+from comneck_cli.train import checkpoint as ckpt
+from comneck_cli.train.codec import TrainResult
+from comneck_cli.train.export import publish
+from comneck_cli.train.latents import frozen_latents
+from comneck_cli.train.losses import distillation, zero_shot_cross_entropy
+from comneck_cli.train.loop import (Clock, Means, Metrics, RunConfig, Runtime, check_finite, check_length, crop_batches,
                    default_run_dir, progress, resolve_run, serialise, setup_runtime, teardown)
-from .neck import (ADAM, DEFAULT_TEMPLATES, Stage, Target, Teacher, clip_tag, default_stages, load_frozen_codec,
+from comneck_cli.train.neck import (ADAM, DEFAULT_TEMPLATES, Stage, Target, Teacher, clip_tag, default_stages, load_frozen_codec,
                    load_training_clip,
                    per_stage, select_target, stage_lengths, text_embeddings)
 
@@ -118,8 +118,8 @@ def reconstruct(model: nn.Module, family, x: Tensor) -> Tensor:
 
 
 def _train(cfg: PostprocessTrainConfig, runtime: Runtime, state: dict | None) -> TrainResult:
-    from ..clip import split_clip
-    from ..eval.postprocess import UNet, postprocess_registry_name
+    from comneck_cli.clip.tower import split_clip
+    from comneck_cli.eval.postprocess import UNet, postprocess_registry_name
 
     device = runtime.device
     register = None if cfg.register is None else cfg.register.format(codec=cfg.codec, quality=cfg.quality)
@@ -234,7 +234,7 @@ def _train(cfg: PostprocessTrainConfig, runtime: Runtime, state: dict | None) ->
 
 def _export(cfg: PostprocessTrainConfig, unet: nn.Module, codec, target: Target, lengths: tuple[int, ...],
             final: dict[str, float], register: str | None) -> tuple[Path | None, str | None]:
-    from ..eval.postprocess import PostprocessInfo, save_postprocess
+    from comneck_cli.eval.postprocess import PostprocessInfo, save_postprocess
 
     tag = str(clip_tag(cfg))
     digest = codec.digest.hex()

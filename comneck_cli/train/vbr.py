@@ -40,16 +40,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..codecs import get_spec, rate_gain
-from ..errors import ComneckError
-from . import checkpoint as ckpt
-from .codec import TrainResult, build_codec, split_parameters
-from .export import publish, write_codec
-from .latents import rate_bpp, rate_for_step, variable_rate_path
-from .losses import BETA, GAMMA, joint_loss, rank_loss, token_entropy
-from .loop import (Clock, Means, Metrics, RunConfig, check_finite, codec_step, crop_batches, default_run_dir,
+from comneck_cli.codecs import get_spec, rate_gain
+from comneck_cli.errors import ComneckError
+from comneck_cli.train import checkpoint as ckpt
+from comneck_cli.train.codec import TrainResult, build_codec, split_parameters
+from comneck_cli.train.export import publish, write_codec
+from comneck_cli.train.latents import rate_bpp, rate_for_step, variable_rate_path
+from comneck_cli.train.losses import BETA, GAMMA, joint_loss, rank_loss, token_entropy
+from comneck_cli.train.loop import (Clock, Means, Metrics, RunConfig, check_finite, codec_step, crop_batches, default_run_dir,
                    progress, resolve_run, run_length, serialise, setup_runtime, teardown)
-from .neck import clip_tag, load_training_clip
+from comneck_cli.train.neck import clip_tag, load_training_clip
 
 GUIDE_FRACTIONS = (0.25, 0.5)  # P's guidance: blocks at 1/4 and 1/2 of the tower (ViT-L/14: 6, 12)
 TOKEN_FRACTIONS = (0.25, 0.5, 0.75, 23 / 24)  # L_sem: ViT-L/14's blocks 6, 12, 18 and 23 (what LLaVA reads)
@@ -148,7 +148,7 @@ def train_vbr(cfg: VbrTrainConfig) -> TrainResult:
 
 
 def _train(cfg: VbrTrainConfig, runtime, state: dict | None) -> TrainResult:
-    from ..preedit import ClipTokens, PreEditor, default_layers
+    from comneck_cli.models.preedit import ClipTokens, PreEditor, default_layers
 
     device = runtime.device
     spec = get_spec(cfg.codec)
@@ -268,9 +268,9 @@ def _train(cfg: VbrTrainConfig, runtime, state: dict | None) -> TrainResult:
 def _export(cfg: VbrTrainConfig, model: nn.Module, model_config: dict[str, Any], editor: nn.Module | None,
             register: str | None, total: int, final: dict[str, float]):
     """The codec first (P's file records the digest of the codec it was trained with), then P."""
-    import weights as registry
+    from comneck_cli import weights as registry
 
-    from ..preedit import PREEDIT_KIND, PreEditInfo, save_preedit
+    from comneck_cli.models.preedit import PREEDIT_KIND, PreEditInfo, save_preedit
 
     model.eval()
     common = {"codec": cfg.codec, "data": str(Path(cfg.data).resolve()), "steps": total, "final_losses": final,

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .errors import ComneckError
-from .modelfiles import ModelInfo, load_module, save_module
+from comneck_cli.errors import ComneckError
+from comneck_cli.modelfiles import ModelInfo, load_module, save_module
 
 ADAPTER_FORMAT = "comneck-adapter"
 ADAPTER_FORMAT_VERSION = "1"
@@ -103,7 +103,7 @@ class AdapterInfo(ModelInfo):
 
 def adapter_registry_name(codec: str, quality: int | None = None) -> str:
     """``{codec}-adapter`` for variable-rate codecs (one model, every rate), else ``{codec}-q{quality}-adapter``."""
-    from .codecs import registry_name
+    from comneck_cli.codecs import registry_name
 
     return f"{registry_name(codec, quality)}-adapter"
 
@@ -120,7 +120,7 @@ def load_adapter(path: Path | str, device: torch.device | str = "cpu") -> tuple[
 
 def resolve_adapter(given: str | Path | None, codec) -> Path:
     """``--adapter FILE|NAME``, else the registry entry :func:`adapter_registry_name` of the record's codec."""
-    import weights as registry
+    from comneck_cli import weights as registry
 
     if given is not None and Path(given).is_file():
         return Path(given)
@@ -138,7 +138,7 @@ def resolve_adapter(given: str | Path | None, codec) -> Path:
 @torch.inference_mode()
 def adapt(adapter: DecoderAdapter, image: np.ndarray) -> np.ndarray:
     """uint8 H×W×3 reconstruction -> the adapter's uint8 H×W×3 image for MLLMs."""
-    from .images import from_tensor, to_tensor
+    from comneck_cli.io.images import from_tensor, to_tensor
 
     device = next(adapter.parameters()).device
     height, width = image.shape[:2]

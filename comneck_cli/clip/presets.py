@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import ComneckError
+from comneck_cli.errors import ComneckError
 
 if TYPE_CHECKING:  # the CLI imports this module for its choices: keep it free of numpy and torch
     import numpy as np

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ComneckError
-from .modelfiles import ModelInfo, load_module, save_module
+from comneck_cli.errors import ComneckError
+from comneck_cli.modelfiles import ModelInfo, load_module, save_module
 
 EVERY_RATE = 0  # NeckInfo.quality of a neck trained over a variable-rate codec's whole range: it serves every rate
 NECK_FORMAT = "comneck-neck"

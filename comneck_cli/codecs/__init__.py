@@ -26,14 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import weights as registry
-from formats import CODEC_IDS, PAD_MULTIPLE, latent_grids
+from comneck_cli import weights as registry
+from comneck_cli.formats import CODEC_IDS, PAD_MULTIPLE, latent_grids
 
-from .defaults import CODEC_LEVELS, quality_problem, rate_problem
-from . import rans
-from ._compressai import import_compressai
-from .errors import ComneckError
-from .modelfiles import read_safetensors
+from comneck_cli.defaults import CODEC_LEVELS, quality_problem, rate_problem
+from comneck_cli.codecs import rans
+from comneck_cli.codecs._compressai import import_compressai
+from comneck_cli.errors import ComneckError
+from comneck_cli.modelfiles import read_safetensors
 
 
 class Family:
@@ -113,7 +113,7 @@ class Autoregressive(Family):
 
     def decompress(self, model, strings, grid, gain=None):
         """CompressAI's ``_decompress_ar`` step for step, decoding through comneck's bounded rANS stream
-        (:mod:`comneck_cli.rans`) instead of ``compressai.ans.RansDecoder``: the same y_hat, bit for bit."""
+        (:mod:`comneck_cli.codecs.rans`) instead of ``compressai.ans.RansDecoder``: the same y_hat, bit for bit."""
         z_hat = self.decode_side_info(model, strings[1], grid)
         params = model.h_s(z_hat)
         pad = (self.kernel - 1) // 2
@@ -252,7 +252,7 @@ class CodecSpec:
         import_compressai()
         from compressai.registry import MODELS
 
-        from . import elic_comneck  # noqa: F401 - registers elic-comneck, which CompressAI does not have
+        from comneck_cli.codecs import elic_comneck  # noqa: F401 - registers elic-comneck, which CompressAI does not have
 
         return MODELS[self.name]
 
@@ -281,7 +281,7 @@ CODECS: dict[str, CodecSpec] = {
         # the shipped file is smaller (its metadata says so: file_config).
         CodecSpec("mbt2018-mean-vbr", VariableRate(), zoo=False, config={"N": 192, "M": 320},
                   notes="variable rate: one model, any --rate in 1..8"),
-        # The ComNeck authors' own ELIC (comneck_cli.elic_comneck), coded through its CompressAI-style latent codec.
+        # The ComNeck authors' own ELIC (comneck_cli.codecs.elic_comneck), coded through its CompressAI-style latent codec.
         CodecSpec("elic-comneck", LatentCodecModel(), zoo=False, config={"N": 192, "M": 320},
                   notes="the ComNeck authors' released codec (issue #18); no zoo weights"),
     )
@@ -646,7 +646,7 @@ def check_entropy_tables(model: nn.Module, path: Path) -> None:
 
     CompressAI's encoder trusts the tables: a zero frequency (zeroed or non-increasing CDFs) divides by zero in
     its C++ ``Rans64EncPut`` (SIGFPE) and an index past the rows reads outside them. comneck's decoder checks
-    the same rules again (:mod:`comneck_cli.rans`); here they become one error naming the file.
+    the same rules again (:mod:`comneck_cli.codecs.rans`); here they become one error naming the file.
     """
     for name, module in model.named_modules():
         if hasattr(module, "_quantized_cdf"):

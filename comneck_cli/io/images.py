@@ -15,9 +15,9 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from formats import CnkError, Limits
+from comneck_cli.formats import CnkError, Limits
 
-from .errors import ComneckError
+from comneck_cli.errors import ComneckError
 
 # Extension -> Pillow format name for writing decoded images.
 WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}

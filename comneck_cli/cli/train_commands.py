@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import click
 
-from ..errors import ComneckError
+from comneck_cli.errors import ComneckError
 
 _FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
 _DIR = click.Path(path_type=Path, exists=True, file_okay=False)
@@ -213,7 +213,7 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
       comneck train codec --codec elic2022-official -q 2 --data imagenet8k/ --epochs 100
     """
     _quiet_imports()
-    from .codec import CodecTrainConfig, train_codec
+    from comneck_cli.train.codec import CodecTrainConfig, train_codec
 
     cfg = CodecTrainConfig(codec=codec, quality=quality, steps=steps, epochs=epochs, lr=lr, aux_lr=aux_lr,
                            clip_max_norm=clip_max_norm, lmbda=lmbda, config=_json_config(config_json), init=init, warmup=warmup,
@@ -292,7 +292,7 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
       comneck train neck --scenario d3 --codec elic2022-official -q 2 --data imagenet/train --epochs 5 -o d3.safetensors
     """
     _add_clip_config(clip_config)
-    from .neck import NeckTrainConfig, train_neck
+    from comneck_cli.train.neck import NeckTrainConfig, train_neck
 
     cfg = NeckTrainConfig(
         scenario=scenario, codec=codec, quality=quality, codec_weights=codec_weights, clip_model=clip_model,
@@ -359,7 +359,7 @@ def train_vbr_command(codec, pre_edit, init, config_json, steps, epochs, lr, pre
       comneck train vbr --pre-edit --init mbt2018-mean-vbr.safetensors --data photos/ --steps 20000
     """
     _add_clip_config(clip_config)
-    from .vbr import VbrTrainConfig, train_vbr
+    from comneck_cli.train.vbr import VbrTrainConfig, train_vbr
 
     cfg = VbrTrainConfig(
         codec=codec, pre_edit=pre_edit or None, init=init, config=_json_config(config_json), steps=steps,
@@ -412,7 +412,7 @@ def train_postprocess_command(codec, quality, weights, clip_model, clip_tag, cli
       comneck train postprocess --codec elic2022-official -q 2 --data imagenet/train --epochs 20,20,20
     """
     _add_clip_config(clip_config)
-    from .postprocess import PostprocessTrainConfig, train_postprocess
+    from comneck_cli.train.postprocess import PostprocessTrainConfig, train_postprocess
 
     cfg = PostprocessTrainConfig(
         codec=codec, quality=quality, weights=weights, clip_model=clip_model, clip_tag=clip_tag,
@@ -460,7 +460,7 @@ def train_adapter_command(codec, quality, weights, clip_model, clip_tag, clip_we
       comneck train adapter --codec mbt2018-mean-vbr --data imagenet/train --epochs 5 --semantic-strength 1.5
     """
     _add_clip_config(clip_config)
-    from .adapter import AdapterTrainConfig, train_adapter
+    from comneck_cli.train.adapter import AdapterTrainConfig, train_adapter
 
     cfg = AdapterTrainConfig(
         codec=codec, quality=quality, weights=weights, clip_model=clip_model, clip_tag=clip_tag,
@@ -472,5 +472,5 @@ def train_adapter_command(codec, quality, weights, clip_model, clip_tag, clip_we
     _summary(run["quiet"], f"decoder adapter for {cfg.codec}", result)
 
 
-if __name__ == "__main__":  # `python -m comneck_cli.train.commands ...`, e.g. under torchrun
+if __name__ == "__main__":  # `python -m comneck_cli.cli.train_commands ...`, e.g. under torchrun
     train()

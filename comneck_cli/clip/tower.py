@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import ComneckError
+from comneck_cli.errors import ComneckError
 
 if TYPE_CHECKING:  # open_clip costs ~2.5 s to import: only functions that need it import it
     from open_clip.transformer import VisionTransformer

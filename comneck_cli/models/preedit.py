@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ComneckError
-from .modelfiles import ModelInfo, load_module, save_module
+from comneck_cli.errors import ComneckError
+from comneck_cli.modelfiles import ModelInfo, load_module, save_module
 
 PREEDIT_FORMAT = "comneck-preedit"
 PREEDIT_FORMAT_VERSION = "1"
@@ -63,7 +63,7 @@ class ClipTokens(nn.Module):
         super().__init__()
         from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-        from .clip import ClipHead
+        from comneck_cli.clip.tower import ClipHead
 
         visual = getattr(clip, "visual", clip)
         depth = len(visual.transformer.resblocks)
@@ -175,14 +175,14 @@ class PreEdit:
     @property
     def digest(self) -> str:
         """First 8 hex digits of P's file sha256: what a pre-edited record's metadata names."""
-        import weights as registry
+        from comneck_cli import weights as registry
 
         return registry.file_sha256(self.source)[:8]
 
     @torch.inference_mode()
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """uint8 H×W×3 -> the edited uint8 H×W×3 image the codec then codes like any other."""
-        from .images import from_tensor, to_tensor
+        from comneck_cli.io.images import from_tensor, to_tensor
 
         x = to_tensor(image, 1).to(self.device)
         edited = self.editor(x, self.tokens.grids(self.tokens(x)))
@@ -196,9 +196,9 @@ def load_pre_edit(given: str | Path | None, codec: Any, *, clip_weights: Path | 
     P was trained jointly with one set of codec weights: another codec (``codec``, a loaded ``codecs.Codec``) is
     refused, as its latents would not be the ones P learnt to save bits on.
     """
-    import weights as registry
+    from comneck_cli import weights as registry
 
-    from .features import resolve_clip
+    from comneck_cli.features import resolve_clip
 
     path = Path(given) if given is not None else None
     if path is None or not (path.suffix == ".safetensors" or path.exists()):

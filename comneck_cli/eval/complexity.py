@@ -114,7 +114,7 @@ def component_costs(
 
     kMAC/pixel of every row = MACs / image_size^2 / 1000.
     """
-    from .clip import ClipHead
+    from comneck_cli.clip.tower import ClipHead
 
     latent = image_size // LATENT_STRIDE
     y_hat = torch.zeros(1, neck.proj.in_features, latent, latent)

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from .errors import ComneckError
+from comneck_cli.errors import ComneckError
 
 STDIO = "-"
 _UMASK_LOCK = threading.Lock()

@@ -18,9 +18,9 @@ blocks with the authors' module names, so their ``state_dict`` loads with ``stri
 The authors' inference feeds the neck the y_hat of their ``forward`` (rounding around the means, as coding does);
 :meth:`ElicComneck.forward`, :meth:`~ElicComneck.compress` and :meth:`~ElicComneck.decompress` compute that same
 y_hat. Decoding goes through ``gaussian_conditional.decompress`` and ``entropy_bottleneck.decompress``, so the
-bounded rANS decoder that :func:`comneck_cli.rans.bound_entropy_decoders` installs is the one that runs.
+bounded rANS decoder that :func:`comneck_cli.codecs.rans.bound_entropy_decoders` installs is the one that runs.
 
-The authors' neck (``Linear_Encoder``) is comneck's :class:`~comneck_cli.neck.TransformNeck` under other names:
+The authors' neck (``Linear_Encoder``) is comneck's :class:`~comneck_cli.models.neck.TransformNeck` under other names:
 :func:`neck_state_from_release` maps it, :func:`read_release` reads and checks a whole release file.
 """
 
@@ -34,8 +34,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ._compressai import import_compressai
-from .errors import ComneckError
+from comneck_cli.codecs._compressai import import_compressai
+from comneck_cli.errors import ComneckError
 
 import_compressai()  # the light import (no point-cloud modules) before any compressai submodule
 
@@ -276,13 +276,13 @@ _NECK_NAMES = (  # the authors' Linear_Encoder -> comneck's TransformNeck (same 
 
 
 def neck_state_from_release(adapter_state: dict[str, Tensor], source: str = "the adapter") -> dict[str, Tensor]:
-    """The authors' ``Linear_Encoder`` state dict -> a :class:`~comneck_cli.neck.TransformNeck` state dict.
+    """The authors' ``Linear_Encoder`` state dict -> a :class:`~comneck_cli.models.neck.TransformNeck` state dict.
 
     The two are the same network: their attention is sequence-first (``nn.MultiheadAttention``'s default) and
     open_clip's batch-first, but the parameters are laid out alike, so only names change. The result is checked
     by loading it, strict, into a neck of :data:`RELEASE_NECK_CONFIG`; ``source`` names the file in errors.
     """
-    from .neck import TransformNeck
+    from comneck_cli.models.neck import TransformNeck
 
     state = {}
     for key, value in adapter_state.items():
@@ -350,7 +350,7 @@ def release_codec_state(state: dict[str, Tensor], source: str = "the codec") -> 
 
 def read_release(path: Path | str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Read one released ``d{S}_{Q}.pth.tar`` -> (codec state for :class:`ElicComneck`, neck state for
-    :class:`~comneck_cli.neck.TransformNeck` of :data:`RELEASE_NECK_CONFIG`), both checked against the architecture.
+    :class:`~comneck_cli.models.neck.TransformNeck` of :data:`RELEASE_NECK_CONFIG`), both checked against the architecture.
 
     The file is unpickled with ``weights_only=True``: tensors, numbers and plain containers, plus
     ``collections.Counter`` (the milestones in the saved learning-rate scheduler's state); anything else is

@@ -17,12 +17,12 @@ from typing import Any, Callable, Sequence, TypeVar
 import numpy as np
 import torch
 
-from formats import PAD_MULTIPLE, CnkError, ImportanceMap, Limits, Record, codec_name
+from comneck_cli.formats import PAD_MULTIPLE, CnkError, ImportanceMap, Limits, Record, codec_name
 
-from .codecs import RATE_STEPS, Codec, load_codec
-from .errors import ComneckError
-from .images import check_size, from_tensor, to_tensor
-from .semantic import DEFAULT_STRENGTH, strength_steps
+from comneck_cli.codecs import RATE_STEPS, Codec, load_codec
+from comneck_cli.errors import ComneckError
+from comneck_cli.io.images import check_size, from_tensor, to_tensor
+from comneck_cli.coding.semantic import DEFAULT_STRENGTH, strength_steps
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -108,13 +108,13 @@ class ImageEncoder:
         """
         check_guidance(codec.spec, semantic, semantic_strength, pre_edit)
         if semantic:
-            from .semantic import load_guide
+            from comneck_cli.coding.semantic import load_guide
 
             strength = DEFAULT_STRENGTH if semantic_strength is None else semantic_strength
             guide = load_guide(clip_model, clip_tag, clip_weights, device=device)
             return cls(codec, bpp_target, guide=guide, strength=strength, limits=limits)
         if pre_edit is not None:
-            from .preedit import load_pre_edit
+            from comneck_cli.models.preedit import load_pre_edit
 
             weights = Path(clip_weights) if clip_weights is not None else None
             return cls(codec, bpp_target, editor=load_pre_edit(pre_edit or None, codec, clip_weights=weights,
@@ -128,7 +128,7 @@ class ImageEncoder:
             return encode_batch(edited, self.codec, metadata={"pre_edit": self.editor.digest},
                                 bpp_target=self.bpp_target, limits=self.limits)
         if self.guide is not None:
-            from .semantic import semantic_map
+            from comneck_cli.coding.semantic import semantic_map
 
             maps = [semantic_map(image, self.guide, self.strength) for image in images]
             if self.bpp_target is None:
@@ -173,7 +173,7 @@ def encode_to_bpp(image: np.ndarray, codec: Codec, target: float, *, tolerance: 
     With ``importance`` every trial is a semantic record (map section included in the bpp). Sizes are checked
     against ``limits`` first, as in :func:`encode`.
     """
-    from .codecs import check_rate_options
+    from comneck_cli.codecs import check_rate_options
 
     check_rate_options(codec.spec, None, target)
     check_encodable([image], limits)
@@ -213,7 +213,7 @@ def code_semantic(image: np.ndarray, codec: Codec, y: torch.Tensor, importance: 
     """Entropy-code g_a's output ``y`` with the per-position gains of ``importance``; the map goes in the record."""
     from dataclasses import replace
 
-    from .semantic import gain_map
+    from comneck_cli.coding.semantic import gain_map
 
     if not codec.spec.variable_rate:
         raise ComneckError(f"--semantic needs a variable-rate codec (e.g. mbt2018-mean-vbr), not {codec.name}")
@@ -223,9 +223,9 @@ def code_semantic(image: np.ndarray, codec: Codec, y: torch.Tensor, importance: 
 
 def record_gain(record: Record, codec: Codec) -> torch.Tensor:
     """The gain map a semantic record was coded with, rebuilt from its importance-map section (SPEC §7.1)."""
-    from formats import CnkError, latent_grids
+    from comneck_cli.formats import CnkError, latent_grids
 
-    from .semantic import gain_map
+    from comneck_cli.coding.semantic import gain_map
 
     if not codec.spec.variable_rate:
         raise ComneckError(f"record carries an importance map, but {codec.name} is not a variable-rate codec; "
@@ -317,7 +317,7 @@ class CodecCache:
         self._loaded: dict[tuple[str, int], Codec] = {}
 
     def get(self, name: str, quality: int) -> Codec:
-        from .codecs import get_spec
+        from comneck_cli.codecs import get_spec
 
         variable = get_spec(name).variable_rate
         key = (name, 0 if variable else quality)  # a variable-rate model serves every rate

@@ -7,7 +7,7 @@ from typing import Callable
 
 import click
 
-from .defaults import CODEC_LEVELS, quality_problem, rate_problem
+from comneck_cli.defaults import CODEC_LEVELS, quality_problem, rate_problem
 
 
 def clip_options(model_help: str, weights_help: str) -> Callable[[Callable], Callable]:

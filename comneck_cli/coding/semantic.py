@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from formats import PAD_MULTIPLE, ImportanceMap, latent_grids
+from comneck_cli.formats import PAD_MULTIPLE, ImportanceMap, latent_grids
 
-from .codecs import rate_gain
-from .errors import ComneckError
-from .images import pad_amounts
+from comneck_cli.codecs import rate_gain
+from comneck_cli.errors import ComneckError
+from comneck_cli.io.images import pad_amounts
 
 Y_STRIDE = 16  # pixels per latent position (formats.latent_grids)
 DEFAULT_STRENGTH = 1.5
@@ -56,8 +56,8 @@ class Guide:
     _prep: nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        from .clip import ClipHead
-        from .train.neck import Teacher
+        from comneck_cli.clip.tower import ClipHead
+        from comneck_cli.train.neck import Teacher
 
         visual = self.clip.visual
         blocks = len(visual.transformer.resblocks)
@@ -181,7 +181,7 @@ def gain_map(model: nn.Module, rate: float, imap: ImportanceMap, grid: tuple[int
 def bits_per_position(model: nn.Module, y: Tensor, gain: Tensor) -> Tensor:
     """Code length of y's symbols, summed over channels: (h, w) bits, −log2 of the Gaussian likelihoods the rANS
     coder uses for q = round(g·(y − mu)) (hyperprior side information z not included)."""
-    from .codecs import Family
+    from comneck_cli.codecs import Family
 
     gain = torch.as_tensor(gain, dtype=torch.float32)  # a scalar's (1,) and a map's (1, 1, h, w) both broadcast
     _, z_hat = Family.side_info(model, model.h_a(y))
@@ -195,7 +195,7 @@ def bits_per_position(model: nn.Module, y: Tensor, gain: Tensor) -> Tensor:
 def load_guide(clip_model: str, clip_tag: str | None, clip_weights=None, *, block: int = DEFAULT_BLOCK,
                device: torch.device | str = "cpu") -> Guide:
     """A :class:`Guide` on ``clip_model`` (weights from a file, the registry or open_clip's cache)."""
-    from .features import resolve_clip
+    from comneck_cli.features import resolve_clip
 
     return Guide(resolve_clip(clip_model, clip_tag, clip_weights, device=device), block=block)
 

@@ -14,9 +14,9 @@ from typing import Iterator
 
 import numpy as np
 
-from formats import Limits
+from comneck_cli.formats import Limits
 
-from .errors import ComneckError
+from comneck_cli.errors import ComneckError
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts"})
 FRAME_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"})
@@ -42,7 +42,7 @@ def frames(source: str | Path, *, max_pixels: int | None = None, limits: Limits 
 
     Every frame is held to the same size limits as an image (``limits``, default the environment's, with
     ``max_pixels`` applied), checked before its pixels are converted."""
-    from .images import input_limits, read_image
+    from comneck_cli.io.images import input_limits, read_image
 
     source = Path(source)
     limits = input_limits(limits, max_pixels)
@@ -54,7 +54,7 @@ def frames(source: str | Path, *, max_pixels: int | None = None, limits: Limits 
 
 
 def _video_frames(path: Path, limits: Limits) -> Iterator[np.ndarray]:
-    from .images import check_size
+    from comneck_cli.io.images import check_size
 
     try:
         import av

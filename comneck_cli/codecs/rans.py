@@ -1,7 +1,7 @@
 """comneck's entropy decoder: CompressAI's rANS decoder with every read bounded (the C extension ``_rans``).
 
 CompressAI's ``compressai.ans.RansDecoder`` reads the string with no length check and trusts its tables, so a
-crafted record crashes the process (SIGSEGV) however its CRC checks out. :mod:`comneck_cli._rans` runs the same
+crafted record crashes the process (SIGSEGV) however its CRC checks out. :mod:`comneck_cli.codecs._rans` runs the same
 arithmetic, bit for bit, but reads a word only if it lies inside the string, refuses a bypass escape longer than
 the 8 nibbles CompressAI's encoder can write, and decodes only with tables it has validated (rows start at 0,
 increase strictly, end at 1 << 16; an index outside the rows is refused). A string CompressAI wrote decodes to
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._rans import RansError, Stream, Tables, decode_with_indexes
+from comneck_cli.codecs._rans import RansError, Stream, Tables, decode_with_indexes
 
 __all__ = ["RansDecoder", "RansError", "Stream", "Tables", "bound_entropy_decoders", "decode", "tables_of"]
 

@@ -20,14 +20,14 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
 import click
-from formats import CnkError  # stdlib-only, like the registry: importing the CLI still imports no torch
-from weights import WeightsError
+from comneck_cli.formats import CnkError  # stdlib-only, like the registry: importing the CLI still imports no torch
+from comneck_cli.weights import WeightsError
 
-from .defaults import DEFAULT_CODEC
-from .errors import ComneckError
-from .options import CODEC_CHOICE, check_codec_usage, clip_options, guidance_options
-from .outputs import clashes, is_dir_target, refuse_terminal
-from .presets import PRESETS
+from comneck_cli.defaults import DEFAULT_CODEC
+from comneck_cli.errors import ComneckError
+from comneck_cli.cli.options import CODEC_CHOICE, check_codec_usage, clip_options, guidance_options
+from comneck_cli.io.outputs import clashes, is_dir_target, refuse_terminal
+from comneck_cli.clip.presets import PRESETS
 
 STDIO = "-"
 NO_RECORDS = "no records in file (empty input)"  # decode, features and info agree on an empty .cnk
@@ -48,7 +48,7 @@ class Run:
 
     def limits(self):
         """The environment's limits with --max-pixels applied: one bound for images, frames, records and features."""
-        from .images import input_limits
+        from comneck_cli.io.images import input_limits
 
         return input_limits(max_pixels=self.max_pixels)
 
@@ -191,15 +191,15 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
     if output == STDIO or (output is None and STDIO in images):
         refuse_terminal(".cnk records")
     _quiet_imports()
-    from . import api
-    from .codecs import bpp_out_of_reach, get_spec
-    from .images import read_image, size_label
-    from .outputs import write_atomic, write_stdout
+    from comneck_cli import coding as api
+    from comneck_cli.codecs import bpp_out_of_reach, get_spec
+    from comneck_cli.io.images import read_image, size_label
+    from comneck_cli.io.outputs import write_atomic, write_stdout
 
     spec = get_spec(codec)
     api.check_guidance(spec, semantic, semantic_strength, pre_edit)  # before any model loads
     device = api.resolve_device(run.device)
-    from formats import pack
+    from comneck_cli.formats import pack
 
     @functools.cache
     def encoder() -> api.ImageEncoder:
@@ -225,7 +225,7 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
 
     images = tuple(_without_clashes(run, images, lambda name: ("stdin" if name == STDIO else name,
                                                                 [target_for(name)])))
-    from .video import is_video_source
+    from comneck_cli.io.video import is_video_source
 
     videos = [name for name in images if name != STDIO and is_video_source(name)]  # one stream per video
     images = tuple(name for name in images if name not in videos)
@@ -300,10 +300,10 @@ def check_target(target: Path, force: bool) -> None:
 
 def _encode_video(run: Run, name: str, target: Path | None, encode_part: Callable, gathered: list[bytes]) -> None:
     """A frame folder or video file -> one record per frame, frame by frame, to ``target`` or the shared stream."""
-    from formats import pack
+    from comneck_cli.formats import pack
 
-    from .outputs import write_atomic
-    from .video import frames
+    from comneck_cli.io.outputs import write_atomic
+    from comneck_cli.io.video import frames
 
     if target is not None and target.exists() and not run.force:
         raise ComneckError(f"{target} already exists; pass --force to overwrite it")
@@ -334,9 +334,9 @@ def decode(run: Run, files: tuple[str, ...], output: str | None, weights: str | 
     if output == STDIO or (output is None and STDIO in files):
         refuse_terminal("PNG images")  # before torch and the models load
     _quiet_imports()
-    from . import api
-    from .images import encode_image_bytes, image_format_for
-    from .outputs import decoded_name, numbered, write_atomic, write_stdout
+    from comneck_cli import coding as api
+    from comneck_cli.io.images import encode_image_bytes, image_format_for
+    from comneck_cli.io.outputs import decoded_name, numbered, write_atomic, write_stdout
 
     cache = api.CodecCache(api.resolve_device(run.device), weights)
     if adapter is not None and audience != "mllm":
@@ -344,7 +344,7 @@ def decode(run: Run, files: tuple[str, ...], output: str | None, weights: str | 
     adapters: dict = {}  # adapter file -> (model, info), loaded once
 
     def adapted(image, codec):
-        from .adapter import adapt, load_adapter, resolve_adapter
+        from comneck_cli.models.adapter import adapt, load_adapter, resolve_adapter
 
         path = resolve_adapter(adapter, codec)
         if path not in adapters:
@@ -410,7 +410,7 @@ def _records(run: Run, files: tuple[str, ...]) -> list[tuple[str, str, int, int,
 def _parse_records(run: Run, source: str, data: bytes) -> list[tuple[str, str, int, int, object]]:
     import io
 
-    from formats import CnkError, iter_records
+    from comneck_cli.formats import CnkError, iter_records
 
     try:
         found = list(iter_records(io.BytesIO(data), run.limits()))
@@ -464,9 +464,9 @@ def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str
     if not is_dir_target(output):
         check_target(Path(output), run.force)  # before torch, CLIP and the neck
     _quiet_imports()
-    from . import api
-    from .features import FeatureExtractor, metadata, resolve_neck, save_features
-    from .images import size_label
+    from comneck_cli import coding as api
+    from comneck_cli.features import FeatureExtractor, metadata, resolve_neck, save_features
+    from comneck_cli.io.images import size_label
 
     layer, select, clip_model, clip_tag, pad_to_square = apply_preset(family, layer, select, clip_model, clip_tag)
     device = api.resolve_device(run.device)
@@ -567,7 +567,7 @@ def apply_preset(family: str | None, layer: int, select: str, clip_model: str, c
     usage error. Returns (layer, select, clip_model, clip_tag, pad_to_square)."""
     if family is None:
         return layer, select, clip_model, clip_tag, False
-    from .presets import get_preset
+    from comneck_cli.clip.presets import get_preset
 
     ctx = click.get_current_context()
     preset = get_preset(family)
@@ -580,9 +580,9 @@ def apply_preset(family: str | None, layer: int, select: str, clip_model: str, c
 
 def _feature_inputs(run: Run, inputs: tuple[str, ...], *, want_images: bool) -> list[tuple[str, str, str, object]]:
     """(label, output stem, kind, Record or image array) per record or image; unreadable inputs fail alone."""
-    from formats import MAGIC
+    from comneck_cli.formats import MAGIC
 
-    from .images import read_image
+    from comneck_cli.io.images import read_image
 
     items = []
     for source in inputs:
@@ -623,7 +623,7 @@ def _feature_inputs(run: Run, inputs: tuple[str, ...], *, want_images: bool) -> 
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def info(files: tuple[str, ...], as_json: bool, debug: bool) -> None:
     """Show the header of each record in .cnk FILES: codec, size, strings, payload, overhead, bpp."""
-    from formats import CnkError, iter_records, pack
+    from comneck_cli.formats import CnkError, iter_records, pack
 
     run = Run(debug=debug)
     rows = []
@@ -721,13 +721,13 @@ def complexity(codec: str, quality: int | None, clip_model: str, size: int, k: i
 
 
 def complexity_rows(codec: str, quality: int | None, clip_model: str, size: int, k: int) -> tuple[list, str]:
-    """Build the three models with random weights and count them (see comneck_cli.complexity). Returns the rows
+    """Build the three models with random weights and count them (see comneck_cli.eval.complexity). Returns the rows
     and the codec's size and where it comes from (``codecs.file_config``)."""
     import open_clip
 
-    from .codecs import check_quality, file_config, get_spec, latent_channels
-    from .complexity import component_costs
-    from .neck import TransformNeck
+    from comneck_cli.codecs import check_quality, file_config, get_spec, latent_channels
+    from comneck_cli.eval.complexity import component_costs
+    from comneck_cli.models.neck import TransformNeck
 
     spec = get_spec(codec)
     quality = max(spec.qualities) if quality is None else quality
@@ -759,7 +759,7 @@ def codecs_command() -> None:
     """List the codecs comneck can use, their quality levels and sizes (N, and M = latent channels): those of the
     registered file where one is registered (its metadata), else CompressAI's zoo table."""
     _quiet_imports()
-    from .codecs import CODECS, file_config, latent_channels
+    from comneck_cli.codecs import CODECS, file_config, latent_channels
 
     for spec in CODECS.values():
         qs = sorted(spec.qualities)
@@ -781,7 +781,7 @@ def weights_group() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def weights_list(as_json: bool) -> None:
     """List registered model files: name, kind, origin, sha256 and what they were made for."""
-    import weights as registry
+    from comneck_cli import weights as registry
 
     with _guard(Run()):  # a damaged manifest
         entries = registry.entries()
@@ -810,8 +810,8 @@ def weights_import(name: str, file: Path, kind: str | None, half: bool) -> None:
     A codec is found by `encode`/`decode` under the name CODEC-qQUALITY, e.g. mbt2018-mean-q3, and a
     variable-rate codec (one file for every rate) under its bare name, e.g. mbt2018-mean-vbr.
     """
-    import weights as registry
-    from formats import CODEC_IDS
+    from comneck_cli import weights as registry
+    from comneck_cli.formats import CODEC_IDS
 
     info = {}
     codec, _, q = name.rpartition("-q")
@@ -826,14 +826,14 @@ def weights_import(name: str, file: Path, kind: str | None, half: bool) -> None:
     try:
         if info.get("codec") is not None:  # refuse notes.txt or another codec's file now, not at first use
             _quiet_imports()
-            from .codecs import check_codec_file
+            from comneck_cli.codecs import check_codec_file
 
             check_codec_file(file, info["codec"], info.get("quality"))
         if half:
             import tempfile
 
             _quiet_imports()
-            from .codecs import half_codec_file
+            from comneck_cli.codecs import half_codec_file
 
             with tempfile.TemporaryDirectory(prefix="comneck-half-") as folder:
                 halved = Path(folder) / f"{name}.safetensors"
@@ -847,15 +847,15 @@ def weights_import(name: str, file: Path, kind: str | None, half: bool) -> None:
     click.echo(f"imported {name} ({kind}) sha256 {entry.sha256[:12]}… -> {entry.path()}", err=True)
 
 
-from .train.commands import train  # noqa: E402  (the group imports torch only inside its commands)
+from comneck_cli.cli.train_commands import train  # noqa: E402  (the group imports torch only inside its commands)
 
 main.add_command(train)
 
-from .eval.commands import eval_command  # noqa: E402  (torch-free: imports the evaluation code when it runs)
+from comneck_cli.cli.eval_commands import eval_command  # noqa: E402  (torch-free: imports the evaluation code when it runs)
 
 main.add_command(eval_command)
 
-from .batch import batch as batch_group  # noqa: E402  (torch-free: imports models inside the workers)
+from comneck_cli.cli.batch_commands import batch as batch_group  # noqa: E402  (torch-free: imports models inside the workers)
 
 main.add_command(batch_group)
 

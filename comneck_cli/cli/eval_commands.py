@@ -16,11 +16,11 @@ from typing import Callable, Iterator
 
 import click
 
-from ..defaults import DEFAULT_CODEC, quality_problem
-from ..errors import ComneckError
-from ..options import CODEC_CHOICE
-from ..presets import PRESETS
-from . import DEFAULT_METHODS, DEFAULT_PROMPT, METHOD_NAMES
+from comneck_cli.defaults import DEFAULT_CODEC, quality_problem
+from comneck_cli.errors import ComneckError
+from comneck_cli.cli.options import CODEC_CHOICE
+from comneck_cli.clip.presets import PRESETS
+from comneck_cli.eval import DEFAULT_METHODS, DEFAULT_PROMPT, METHOD_NAMES
 
 _FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
 
@@ -191,7 +191,7 @@ def eval_command(data: Path, output: Path, codec: str, qualities: tuple[int, ...
     except ValueError:  # not the main thread
         previous = None
     try:
-        from .run import EvalConfig, run_eval
+        from comneck_cli.eval.run import EvalConfig, run_eval
 
         cfg = EvalConfig(
             data=data, output=output, codec=codec, qualities=qualities, methods=methods,
