@@ -1,108 +1,293 @@
-"""Issue #10: how good is the codec shipped in weights/? Rate-PSNR against Pillow JPEG and WebP on held-out photos.
+"""Issues #10 and #19: how good is the codec shipped in weights/ on photos it never saw? Against Pillow JPEG, WebP, AVIF.
 
-The held-out set is every RGB photograph scikit-image ships (none of them is in the training data, which is the
-wallpapers of Debian's mate-backgrounds, gnome-backgrounds, plasma-workspace-wallpapers, lomiri-wallpapers and
-ukui-wallpapers): astronaut, chelsea, coffee, hubble_deep_field, ihc,
-motorcycle_left, motorcycle_right, retina and rocket, coded at their own size. Synthetic images (chessboard,
-color, phantom) and the grayscale ones are left out.
+The photos are the unseen evaluation set (``benchmarks/evalset/photos.json``, assembled by ``benchmarks/evalset.py``):
+photographs from packages that were never used to train or tune comneck's codecs. Each is fed at its own size, as
+``comneck encode`` reads it (8-bit RGB, EXIF orientation applied; nothing is scaled or cropped), and every method
+codes it whole.
 
-For each method the script sweeps its setting (the learned codec's rate R on a grid, JPEG/WebP quality 1..100)
-per image; bpp counts the whole file (the ``.cnk`` record with its container, the JPEG/WebP file with headers)
-and PSNR is RGB 8-bit over the whole image. Curves average bpp and PSNR over the images at each setting.
-BD-rate (``bjontegaard`` pchip, as ``comneck eval``) compares the curves over 0.2..1.0 bpp: only points in
-that range enter (at least four per method), negative = the codec needs fewer bits than the anchor for the
-same PSNR.
+For each method the script sweeps its setting per photo: the learned codec's rate R at its eight levels (1, ..., 8),
+and Pillow's quality 2, 8, ..., 98 for JPEG (libjpeg-turbo, 4:2:0), WebP (``method=6``, its slowest and best) and AVIF
+(libavif/aom at Pillow's default speed 6; reported as skipped where Pillow has no AVIF encoder). bpp counts the whole
+file (the ``.cnk`` record with its container, the JPEG/WebP/AVIF file with its headers); PSNR is RGB 8-bit over the
+whole image and MS-SSIM is pytorch-msssim's on the RGB image (data range 255). Curves average bpp and quality over
+the photos at each setting. BD-rate (``bjontegaard`` pchip, as ``comneck eval``) compares the curves over 0.1–2.0 bpp
+(only points in that range enter, at least four per method; negative = the codec needs fewer bits than the anchor
+for the same quality), and for each of the codec's rates the JSON and the card say whether the anchor gives more
+quality at the codec's bpp ("rates where JPEG is better").
 
-    python benchmarks/default_codec.py [--weights NAME|FILE] [-o benchmarks/results/default_codec.json]
-        [--plot weights/mbt2018-mean-vbr.png] [--card weights/mbt2018-mean-vbr.md] [--tiny]
+    python benchmarks/default_codec.py [--weights NAME|FILE] [--evalset DIR] [-o benchmarks/results/default_codec.json]
+        [--plot weights/mbt2018-mean-vbr.png] [--card weights/mbt2018-mean-vbr.md] [--jobs N] [--tiny]
+
+A stopped run resumes: each finished (method, photo) sweep is kept in ``OUTPUT.partial.jsonl`` until the JSON is
+written. ``--jobs N`` sweeps in N processes of one torch thread each (results are the same).
 
 ``--card`` rewrites the model card's results block (between ``CARD_BEGIN`` and ``CARD_END``) from this run, so the
-card quotes exactly what was measured. ``--tiny`` (the smoke test) runs a few settings on two small crops.
+card quotes exactly what was measured. ``--tiny`` (the smoke test) runs a few settings of JPEG and WebP on two small
+crops of scikit-image photos: it checks the script, it measures nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-HELD_OUT = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
-            "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg")
+import evalset  # benchmarks/evalset.py, beside this script
+
 CODEC = "mbt2018-mean-vbr"
-RATES = tuple(round(1 + 0.25 * i, 2) for i in range(29))  # 1.0, 1.25, ..., 8.0
-PIL_QUALITIES = tuple(range(2, 101, 2))
-BPP_RANGE = (0.2, 1.0)
+RATES = tuple(float(r) for r in range(1, 9))  # the eight trained levels
+PIL_QUALITIES = tuple(range(2, 101, 6))
+BPP_RANGE = (0.1, 2.0)
+METRICS = {"psnr": "PSNR (dB, RGB)", "ms_ssim": "MS-SSIM"}
+ANCHORS = ("jpeg", "webp", "avif")
+TINY_PHOTOS = ("astronaut.png", "chelsea.png")
 
 
-def held_out_images(tiny: bool = False) -> dict[str, np.ndarray]:
+def pillow_codecs():
+    """The anchors: Pillow's JPEG and AVIF with their defaults, WebP at ``method=6``."""
+    from comneck_cli.eval.baselines import TRADITIONAL
+
+    return {"jpeg": TRADITIONAL["jpeg"], "webp": dataclasses.replace(TRADITIONAL["webp"], options={"method": 6}),
+            "avif": TRADITIONAL["avif"]}
+
+
+def tiny_images() -> dict[str, np.ndarray]:
+    """Two 96×128 crops of scikit-image photos for the smoke test (scikit-image's photos tuned the codec)."""
     import skimage.data
 
     from comneck_cli.io.images import read_image
 
     folder = Path(skimage.data.__file__).parent
-    names = HELD_OUT[:2] if tiny else HELD_OUT
-    images = {name: read_image(folder / name) for name in names}
-    return {k: v[:96, :128] for k, v in images.items()} if tiny else images
+    return {name: read_image(folder / name)[:96, :128] for name in TINY_PHOTOS}
 
 
-def sweep_codec(images: dict[str, np.ndarray], weights: str | None, rates) -> list[dict]:
+MS_SSIM_WEIGHTS = np.array([0.0448, 0.2856, 0.3001, 0.2363, 0.1333])  # Wang et al. 2003, per scale
+
+
+def _gaussian_valid(x: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Separable Gaussian filter of an H×W×C array, 'valid' positions only (as pytorch-msssim's conv2d)."""
+    from scipy.ndimage import correlate1d
+
+    half = len(window) // 2
+    x = correlate1d(x, window, axis=0, mode="constant")[half:-half]
+    return correlate1d(x, window, axis=1, mode="constant")[:, half:-half]
+
+
+def _pool(x: np.ndarray) -> np.ndarray:
+    """avg_pool2d(kernel 2, padding = side % 2) as pytorch-msssim downsamples: odd sides get a zero row each end."""
+    x = np.pad(x, ((x.shape[0] % 2,) * 2, (x.shape[1] % 2,) * 2, (0, 0)))
+    x = x[: x.shape[0] // 2 * 2, : x.shape[1] // 2 * 2]
+    return x.reshape(x.shape[0] // 2, 2, x.shape[1] // 2, 2, -1).mean(axis=(1, 3))
+
+
+def ms_ssim(reference: np.ndarray, test: np.ndarray) -> float | None:
+    """MS-SSIM of two H×W×3 uint8 images as pytorch-msssim computes it, in float64 numpy; None below 161 px.
+
+    The same definition (an 11-tap σ = 1.5 Gaussian window, valid positions, C1 = (0.01·255)², C2 = (0.03·255)²,
+    contrast-structure cs at scales 1-4 and SSIM at scale 5 weighted by ``MS_SSIM_WEIGHTS``, negative values clipped,
+    the mean over channels) with separable scipy filters: about 15× faster on CPU than pytorch-msssim's grouped
+    convolutions, and equal to it within 1e-5 (tests/test_default_codec.py).
+    """
+    from comneck_cli.eval.metrics import MS_SSIM_MIN_SIDE
+
+    if min(reference.shape[:2]) < MS_SSIM_MIN_SIDE:
+        return None
+    coords = np.arange(11, dtype=np.float64) - 5
+    window = np.exp(-(coords**2) / (2 * 1.5**2))
+    window /= window.sum()
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    x, y = reference.astype(np.float64), test.astype(np.float64)
+    factors = []
+    for scale in range(len(MS_SSIM_WEIGHTS)):
+        mu_x, mu_y = _gaussian_valid(x, window), _gaussian_valid(y, window)
+        var_x = _gaussian_valid(x * x, window) - mu_x**2
+        var_y = _gaussian_valid(y * y, window) - mu_y**2
+        cov = _gaussian_valid(x * y, window) - mu_x * mu_y
+        cs = (2 * cov + c2) / (var_x + var_y + c2)
+        if scale < len(MS_SSIM_WEIGHTS) - 1:
+            factors.append(np.maximum(cs.mean(axis=(0, 1)), 0))
+            x, y = _pool(x), _pool(y)
+        else:
+            ssim = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs
+            factors.append(np.maximum(ssim.mean(axis=(0, 1)), 0))
+    return float(np.prod(np.stack(factors) ** MS_SSIM_WEIGHTS[:, None], axis=0).mean())
+
+
+def quality(image: np.ndarray, decoded: np.ndarray) -> dict[str, float | None]:
+    """PSNR (dB, RGB 8-bit) and MS-SSIM (None below the 161-px short side) of ``decoded`` against ``image``."""
+    from comneck_cli.eval.metrics import psnr
+
+    return {"psnr": psnr(image, decoded), "ms_ssim": ms_ssim(image, decoded)}
+
+
+def sweep_codec(images: dict[str, np.ndarray], weights: str | None, rates, codec=None) -> list[dict]:
+    """The learned codec's rows; ``codec`` is the loaded model when the caller has it (else ``weights`` is loaded)."""
     from comneck_cli import coding as api
     from comneck_cli.codecs import load_codec
-    from comneck_cli.eval.metrics import psnr
     from comneck_cli.formats import pack
 
-    codec = load_codec(CODEC, 1, weights=weights)
+    codec = load_codec(CODEC, 1, weights=weights) if codec is None else codec
     rows = []
     for name, image in images.items():
+        print(f"{CODEC}: {name}", file=sys.stderr, flush=True)
         y = codec.analyze(api.to_tensor(image, 64))  # g_a once per image; each rate only re-codes y
         for rate in rates:
             at = codec.at_rate(rate)
             strings, _ = at.code(y)
             record = api.record_from_strings(image, at, strings, None)
-            decoded = api.decode(record, at)
             rows.append({"method": CODEC, "setting": rate, "image": name,
                          "bpp": 8 * len(pack(record)) / (image.shape[0] * image.shape[1]),
-                         "psnr": psnr(image, decoded)})
+                         **quality(image, api.decode(record, at))})
     return rows
 
 
 def sweep_pillow(images: dict[str, np.ndarray], method: str, qualities) -> list[dict]:
-    from comneck_cli.eval.baselines import TRADITIONAL
-    from comneck_cli.eval.metrics import psnr
-
-    codec = TRADITIONAL[method]
+    codec = pillow_codecs()[method]
     rows = []
     for name, image in images.items():
-        for quality in qualities:
-            data = codec.encode(image, quality)
-            rows.append({"method": method, "setting": quality, "image": name,
+        print(f"{method}: {name}", file=sys.stderr, flush=True)
+        for setting in qualities:
+            data = codec.encode(image, setting)
+            rows.append({"method": method, "setting": setting, "image": name,
                          "bpp": 8 * len(data) / (image.shape[0] * image.shape[1]),
-                         "psnr": psnr(image, codec.decode(data))})
+                         **quality(image, codec.decode(data))})
     return rows
 
 
-def mean_curve(rows: list[dict]) -> list[tuple[float, float]]:
-    """(mean bpp, mean PSNR) per setting, in order of rate."""
+def mean_points(rows: list[dict], metric: str) -> list[dict]:
+    """Per setting: the mean bpp and mean ``metric`` over the images (None if any image lacks it), by bpp."""
     by_setting: dict[float, list[dict]] = {}
     for row in rows:
         by_setting.setdefault(row["setting"], []).append(row)
-    points = [(float(np.mean([r["bpp"] for r in group])), float(np.mean([r["psnr"] for r in group])))
-              for group in by_setting.values()]
-    return sorted(points)
+    points = []
+    for setting, group in by_setting.items():
+        values = [r[metric] for r in group]
+        points.append({"setting": setting, "bpp": float(np.mean([r["bpp"] for r in group])),
+                       "value": None if any(v is None for v in values) else float(np.mean(values))})
+    return sorted(points, key=lambda p: p["bpp"])
 
 
-def in_range(curve: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The points inside BPP_RANGE, kept monotone in PSNR (pchip needs a strictly increasing curve)."""
-    kept: list[tuple[float, float]] = []
+def mean_curve(rows: list[dict], metric: str = "psnr") -> list[tuple[float, float | None]]:
+    """(mean bpp, mean metric) per setting, in order of bpp."""
+    return [(p["bpp"], p["value"]) for p in mean_points(rows, metric)]
+
+
+def in_range(curve: list[tuple[float, float | None]]) -> list[tuple[float, float | None]]:
+    """The points inside BPP_RANGE, kept monotone in quality (pchip needs a strictly increasing curve)."""
+    kept: list[tuple[float, float | None]] = []
     for bpp, value in curve:
-        if BPP_RANGE[0] <= bpp <= BPP_RANGE[1] and (not kept or value > kept[-1][1]):
+        if BPP_RANGE[0] <= bpp <= BPP_RANGE[1] and (value is None or not kept or kept[-1][1] is None
+                                                    or value > kept[-1][1]):
             kept.append((bpp, value))
     return kept
+
+
+def anchor_better(points: list[dict], anchor: list[tuple[float, float | None]]) -> list[float]:
+    """The codec's settings whose mean quality is below the anchor's at the same mean bpp (anchor interpolated
+    linearly in bpp); settings outside the anchor's bpp span, or without a value, are not judged."""
+    known = [(b, v) for b, v in anchor if v is not None]
+    if not known:
+        return []
+    bpps, values = zip(*known)
+    return [p["setting"] for p in points if p["value"] is not None and bpps[0] <= p["bpp"] <= bpps[-1]
+            and float(np.interp(p["bpp"], bpps, values)) > p["value"]]
+
+
+_WORKER: dict = {}
+
+
+def _start_worker(images: dict[str, np.ndarray], weights: str | None, rates, qualities) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core: torch's own threads would only contend
+    _WORKER.update(images=images, weights=weights, rates=rates, qualities=qualities)
+
+
+def _sweep_one(key: tuple[str, str]) -> tuple[tuple[str, str], list[dict]]:
+    """One (method, photo) sweep in a worker process; the worker loads the codec once, on its first codec sweep."""
+    method, name = key
+    image = {name: _WORKER["images"][name]}
+    if method != CODEC:
+        return key, sweep_pillow(image, method, _WORKER["qualities"])
+    if "codec" not in _WORKER:
+        from comneck_cli.codecs import load_codec
+
+        _WORKER["codec"] = load_codec(CODEC, 1, weights=_WORKER["weights"])
+    return key, sweep_codec(image, _WORKER["weights"], _WORKER["rates"], _WORKER["codec"])
+
+
+def measure(images: dict[str, np.ndarray], weights: str | None, rates, qualities, anchors,
+            done: Path | None = None, jobs: int = 1) -> dict:
+    """Every row, the mean curves, BD-rates and anchor-better rates of one run (the JSON's measured part).
+
+    ``done`` (a JSON-lines file) keeps each finished (method, photo) sweep, so a run that is stopped resumes
+    where it was; its first line names the weights' sha256 and the settings, and a file made for others is
+    started afresh. ``jobs`` > 1 runs the sweeps in that many processes of one torch thread each.
+    """
+    from comneck_cli.codecs import load_codec
+    from comneck_cli.eval.report import bd_rate
+    from comneck_cli.weights import file_sha256
+
+    codec = load_codec(CODEC, 1, weights=weights)
+    header = {"sha256": file_sha256(Path(codec.source)), "rates": list(rates), "qualities": list(qualities)}
+    finished: dict[tuple[str, str], list[dict]] = {}
+    if done is not None and done.exists():
+        lines = [json.loads(line) for line in done.read_text().splitlines() if line.strip()]
+        if lines and lines[0] == header:
+            finished = {(e["method"], e["image"]): e["rows"] for e in lines[1:]}
+    if done is not None and not finished:
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(header) + "\n")
+    skipped = {}
+    for method in anchors:
+        why = pillow_codecs()[method].unavailable()
+        if why:
+            skipped[method] = why
+    anchors = [a for a in anchors if a not in skipped]
+    keys = [(method, name) for method in (CODEC, *anchors) for name in images]
+    pending = [key for key in keys if key not in finished]
+    if jobs > 1 and pending:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # never fork a process that has started torch's threads
+        with context.Pool(jobs, _start_worker, (images, weights, rates, qualities)) as pool:
+            results = pool.imap_unordered(_sweep_one, pending)
+            for key, rows in results:
+                finished[key] = rows
+                _record(done, key, rows)
+    else:
+        _WORKER.update(images=images, weights=weights, rates=rates, qualities=qualities, codec=codec)
+        for key in pending:
+            finished[key] = _sweep_one(key)[1]
+            _record(done, key, finished[key])
+    rows = [row for key in keys for row in finished[key]]
+    methods = (CODEC, *anchors)
+    curves = {metric: {m: mean_curve([r for r in rows if r["method"] == m], metric) for m in methods}
+              for metric in METRICS}
+    bd, better = {}, {}
+    for anchor in anchors:
+        bd[anchor], better[anchor] = {}, {}
+        for metric, label in METRICS.items():
+            value, note = bd_rate(in_range(curves[metric][anchor]), in_range(curves[metric][CODEC]),
+                                  names=(anchor, CODEC), metric=label.split(" ")[0])
+            bd[anchor][metric] = {"bd_rate_percent": value, "note": note}
+            points = mean_points([r for r in rows if r["method"] == CODEC], metric)
+            better[anchor][metric] = anchor_better(points, curves[metric][anchor])
+    return {"rows": rows, "curves": curves, "bd_rate": bd, "anchor_better": better, "skipped": skipped}
+
+
+def _record(done: Path | None, key: tuple[str, str], rows: list[dict]) -> None:
+    if done is not None:
+        with open(done, "a") as f:
+            f.write(json.dumps({"method": key[0], "image": key[1], "rows": rows}) + "\n")
 
 
 CARD_BEGIN = "<!-- results: written by benchmarks/default_codec.py --card from its JSON; do not edit by hand -->"
@@ -110,29 +295,53 @@ CARD_END = "<!-- /results -->"
 CARD_RATES = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
+def _percent(entry: dict) -> str:
+    value = entry["bd_rate_percent"]
+    return "n/a" if value is None else f"{value:+.1f} %"
+
+
 def card_results(report: dict) -> str:
-    """The model card's results block: BD-rates and the codec's mean points beside JPEG/WebP at the same bpp."""
+    """The model card's results block: BD-rates, the rates where an anchor wins, and the codec's mean points."""
     curves, n = report["curves"], len(report["held_out"])
+    sizes = report.get("sizes", {})
+    pixels = sorted(h * w for h, w in sizes.values()) if sizes else []
+    fed = (f", each coded whole at its own size ({pixels[0] / 1e6:.2f}–{pixels[-1] / 1e6:.2f} Mpixel)"
+           if pixels else "")
     lines = [CARD_BEGIN, "",
-             f"Measured {report['date']} with `benchmarks/default_codec.py` on {n} held-out photos "
-             f"({report['machine']['cpus']} CPUs, {report['seconds']:.0f} s). BD-rate over "
-             f"{report['bpp_range'][0]}–{report['bpp_range'][1]} bpp, PSNR (RGB, 8 bit), whole-file bits; negative "
-             "means fewer bits than the anchor for the same PSNR.", "",
-             "| anchor | BD-rate of this codec |", "|---|---|"]
+             f"Measured {report['date']} with `benchmarks/default_codec.py` on {n} photos of {report['photo_set']}"
+             f"{fed} ({report['machine']['cpus']} CPUs, {report['seconds']:.0f} s). BD-rate over "
+             f"{report['bpp_range'][0]}–{report['bpp_range'][1]} bpp (pchip), whole-file bits; negative means fewer "
+             "bits than the anchor for the same quality. Anchors: "
+             + "; ".join(report["anchors"].values()) + ".", ""]
+    lines += ["| anchor | BD-rate, PSNR | BD-rate, MS-SSIM | rates R where the anchor is better at equal bpp (PSNR) |",
+              "|---|---|---|---|"]
+    notes = []
     for anchor, result in report["bd_rate"].items():
-        value = result["bd_rate_percent"]
-        shown = "n/a" if value is None else f"{value:+.1f} %"
-        note = f" ({result['note']})" if result["note"] else ""
-        lines.append(f"| Pillow {anchor.upper()} | {shown}{note} |")
-    lines += ["", "| rate R | mean bpp | PSNR (dB) | JPEG at that bpp | WebP at that bpp |", "|---|---|---|---|---|"]
+        cells = []
+        for metric in METRICS:
+            cells.append(_percent(result[metric]))
+            if result[metric]["note"]:
+                notes.append(f"{anchor.upper()}, {METRICS[metric].split(' ')[0]}: {result[metric]['note']}")
+        rates = report["anchor_better"][anchor]["psnr"]
+        lines.append(f"| Pillow {anchor.upper()} | {cells[0]} | {cells[1]} | "
+                     f"{', '.join(f'{r:g}' for r in rates) if rates else 'none'} |")
+    lines += [""] + [f"- {note}" for note in notes] + ([""] if notes else [])
+    for anchor, why in report.get("skipped", {}).items():
+        lines += [f"{anchor.upper()} skipped: {why}", ""]
+    anchors = list(report["bd_rate"])
+    lines += ["| rate R | mean bpp | PSNR (dB) | MS-SSIM | " + " | ".join(f"{a.upper()} PSNR at that bpp" for a in anchors)
+              + " |", "|---" * (4 + len(anchors)) + "|"]
     by_rate: dict[float, list[dict]] = {}
     for row in report["rows"]:
         if row["method"] == report["codec"] and row["setting"] in CARD_RATES:
             by_rate.setdefault(row["setting"], []).append(row)
     for rate, group in sorted(by_rate.items()):
         bpp, value = float(np.mean([r["bpp"] for r in group])), float(np.mean([r["psnr"] for r in group]))
-        anchors = [np.interp(bpp, [p[0] for p in curves[m]], [p[1] for p in curves[m]]) for m in ("jpeg", "webp")]
-        lines.append(f"| {rate:g} | {bpp:.3f} | {value:.2f} | {anchors[0]:.2f} | {anchors[1]:.2f} |")
+        ssim = None if any(r["ms_ssim"] is None for r in group) else float(np.mean([r["ms_ssim"] for r in group]))
+        psnr_curves = curves["psnr"]
+        at = [np.interp(bpp, [p[0] for p in psnr_curves[a]], [p[1] for p in psnr_curves[a]]) for a in anchors]
+        lines.append(f"| {rate:g} | {bpp:.3f} | {value:.2f} | {'n/a' if ssim is None else f'{ssim:.4f}'} | "
+                     + " | ".join(f"{v:.2f}" for v in at) + " |")
     return "\n".join(lines + ["", CARD_END])
 
 
@@ -149,22 +358,26 @@ def write_card(path: Path, block: str) -> None:
     write_atomic(path, text.encode("utf-8"), force=True)
 
 
-def plot(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
+def plot(curves: dict[str, dict[str, list]], path: Path, title: str) -> None:
+    """Rate-PSNR and rate-MS-SSIM (in dB, −10·log10(1 − MS-SSIM)) side by side, up to 2.2 bpp."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
-    for name, curve in curves.items():
-        points = [p for p in curve if p[0] <= 1.6]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
-    ax.axvspan(*BPP_RANGE, color="0.92", zorder=0, label="BD-rate range")
-    ax.set_xlabel("bits per pixel (whole file)")
-    ax.set_ylabel("PSNR (dB, RGB)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=110)
+    for ax, metric in zip(axes, METRICS):
+        for name, curve in curves[metric].items():
+            points = [(b, v) for b, v in curve if b <= 2.2 and v is not None]
+            if metric == "ms_ssim":
+                points = [(b, -10 * math.log10(max(1 - v, 1e-10))) for b, v in points]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
+        ax.axvspan(*BPP_RANGE, color="0.94", zorder=0, label="BD-rate range")
+        ax.set_xlabel("bits per pixel (whole file)")
+        ax.set_ylabel("PSNR (dB, RGB)" if metric == "psnr" else "MS-SSIM (dB: −10·log10(1 − MS-SSIM))")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -174,52 +387,74 @@ def plot(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default=None, help="codec FILE or registry NAME (default: the registry's)")
+    parser.add_argument("--evalset", type=Path, default=None,
+                        help=f"the assembled evaluation set (default ${evalset.ENV} or ~/.cache/comneck/evalset)")
     parser.add_argument("-o", "--output", type=Path, default=Path("benchmarks/results/default_codec.json"))
-    parser.add_argument("--plot", type=Path, default=None, help="also write the rate-PSNR plot here (PNG)")
+    parser.add_argument("--plot", type=Path, default=None, help="also write the rate-quality plot here (PNG)")
     parser.add_argument("--card", type=Path, default=None, help="rewrite this model card's results block")
-    parser.add_argument("--tiny", action="store_true", help="smoke test: two small crops, few settings")
+    parser.add_argument("--jobs", type=int, default=1, help="sweep in this many processes (one torch thread each)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke test: two small scikit-image crops, few settings, JPEG and WebP only")
     args = parser.parse_args()
 
-    from comneck_cli.eval.report import bd_rate
+    import PIL
+    from PIL import features
 
     started = time.time()
-    images = held_out_images(args.tiny)
-    rates = RATES[::7] if args.tiny else RATES
-    qualities = PIL_QUALITIES[::10] if args.tiny else PIL_QUALITIES
-    rows = sweep_codec(images, args.weights, rates)
-    for method in ("jpeg", "webp"):
-        rows += sweep_pillow(images, method, qualities)
-    methods = (CODEC, "jpeg", "webp")
-    curves = {m: mean_curve([r for r in rows if r["method"] == m]) for m in methods}
-    bd = {}
-    for anchor in ("jpeg", "webp"):
-        value, note = bd_rate(in_range(curves[anchor]), in_range(curves[CODEC]), names=(anchor, CODEC), metric="PSNR")
-        bd[anchor] = {"bd_rate_percent": value, "note": note}
+    if args.tiny:
+        images, photo_set = tiny_images(), "scikit-image (smoke test only: these photos tuned the codec)"
+        rates, qualities, anchors = RATES[::7], PIL_QUALITIES[::6], ANCHORS[:2]
+    else:
+        try:
+            images = evalset.load_photos(args.evalset)
+        except evalset.EvalsetError as exc:
+            sys.exit(f"default_codec: {exc}")
+        photo_set = "the unseen evaluation set (`benchmarks/evalset/`)"
+        rates, qualities, anchors = RATES, PIL_QUALITIES, ANCHORS
+    done = None if args.tiny else args.output.with_suffix(".partial.jsonl")
+    result = measure(images, args.weights, rates, qualities, anchors, done, args.jobs)
+    curves, bd = result["curves"], result["bd_rate"]
 
-    print(f"{len(images)} held-out photos, bpp range {BPP_RANGE[0]}-{BPP_RANGE[1]} for BD-rate")
-    print(f"{'method':18} {'points in range':>15}  mean curve (bpp, PSNR dB)")
-    for m in methods:
-        shown = ", ".join(f"({b:.3f}, {p:.2f})" for b, p in in_range(curves[m])[::3])
-        print(f"{m:18} {len(in_range(curves[m])):>15}  {shown}")
-    for anchor, result in bd.items():
-        value = result["bd_rate_percent"]
-        print(f"BD-rate of {CODEC} vs {anchor}: {'n/a' if value is None else f'{value:+.1f} %'}"
-              f"{'' if not result['note'] else '  (' + result['note'] + ')'}")
+    print(f"{len(images)} photos, bpp range {BPP_RANGE[0]}-{BPP_RANGE[1]} for BD-rate")
+    for method, curve in curves["psnr"].items():
+        shown = ", ".join(f"({b:.3f}, {p:.2f})" for b, p in in_range(curve)[::3])
+        print(f"{method:18} {len(in_range(curve)):>3} points in range  (bpp, PSNR dB): {shown}")
+    for anchor, by_metric in bd.items():
+        for metric, entry in by_metric.items():
+            print(f"BD-rate of {CODEC} vs {anchor}, {metric}: {_percent(entry)}"
+                  f"{'' if not entry['note'] else '  (' + entry['note'] + ')'}")
+        print(f"rates where {anchor} is better at equal bpp (PSNR): {result['anchor_better'][anchor]['psnr']}")
+    for anchor, why in result["skipped"].items():
+        print(f"{anchor} skipped: {why}")
 
     from comneck_cli.codecs import load_codec
     from comneck_cli.weights import file_sha256
 
     source = load_codec(CODEC, 1, weights=args.weights).source
+    codecs = pillow_codecs()
+    libraries = {"jpeg": "libjpeg_turbo", "webp": "webp", "avif": "avif"}
     report = {
-        "codec": CODEC, "weights": str(source), "sha256": file_sha256(Path(source)), "held_out": list(images),
-        "bpp_range": BPP_RANGE, "bd_rate": bd, "curves": curves, "rows": rows,
+        "codec": CODEC, "weights": str(source), "sha256": file_sha256(Path(source)),
+        "photo_set": photo_set, "held_out": list(images),
+        "sizes": {name: list(image.shape[:2]) for name, image in images.items()},
+        "fed": "each photo whole at its own size, 8-bit RGB as comneck encode reads it; nothing scaled or cropped"
+               if not args.tiny else "96x128 crops",
+        "evalset_listing_sha256": None if args.tiny else file_sha256(evalset.LISTING),
+        "bpp_range": BPP_RANGE, "rates": list(rates), "qualities": list(qualities),
+        "anchors": {a: f"Pillow {PIL.__version__} {codecs[a].title} ({libraries[a]} "
+                       f"{features.version(libraries[a]) or '?'}"
+                       f"{', ' + ', '.join(f'{k}={v}' for k, v in codecs[a].options.items()) if codecs[a].options else ''})"
+                    for a in anchors if a not in result["skipped"]},
+        **result,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "seconds": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1))
+    if done is not None:
+        done.unlink()  # the JSON holds every row now
     if args.plot:
-        plot(curves, args.plot, f"{CODEC} (shipped) vs Pillow, {len(images)} held-out scikit-image photos")
+        plot(curves, args.plot, f"{CODEC} (shipped) vs Pillow, {len(images)} photos of {photo_set}".replace("`", ""))
     if args.card:
         write_card(args.card, card_results(report))
     print(f"wrote {args.output}" + "".join(f" and {p}" for p in (args.plot, args.card) if p))

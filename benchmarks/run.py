@@ -8,12 +8,13 @@ Random weights (nothing is downloaded): timings are real, sizes and bpp of the l
   (median), images per second at batch 1 and batch 8 (``encode_batch``), g_a / g_s / entropy-coding split,
   container overhead (``record.overhead_bytes()``).
 - head to head: CompressAI's ``model.compress(x)`` / ``model.decompress(strings, shape)`` as its
-  ``examples/codec.py`` calls them, on the same model object, weights and image; payload identity, file
-  overhead against that example's header, and comneck/CompressAI time ratios (interleaved runs).
+  ``examples/codec.py`` calls them, on a fresh CompressAI model with the same weights, and the same image; payload
+  identity, file overhead against that example's header, and comneck/CompressAI time ratios (interleaved runs).
 - features: ``benchmarks/features_paths.py`` (neck vs reconstruction vs uncompressed CLIP ViT-L/14), run as is.
 - traditional: Pillow JPEG and WebP at the quality whose bpp is closest to ``--target-bpp`` (binary search).
 - start-up: ``comneck --help`` and ``comneck info FILE`` as subprocesses; whether torch gets imported;
-  the costliest imports (``python -X importtime``).
+  the costliest imports (``python -X importtime``); ``comneck encode``, ``decode`` and ``features`` of one image,
+  each as a ratio to ``python -c "import torch"`` timed in the same rounds.
 
     python benchmarks/run.py [--repeat 5] [--budget 10] [--threads N] [-o benchmarks/results/run.json]
     python benchmarks/run.py --smoke -o /tmp/run.json      # tiny codecs, 64×64, 1 repeat, no ViT-L (the test)
@@ -164,6 +165,40 @@ def child_prepare(workdir: Path, smoke: bool) -> dict:
     return {"images": images}
 
 
+# `comneck features` start-up: a neck for the shipped codec and a random open_clip ViT-S/32 (its config ships with
+# open_clip, so a plain `comneck features` process can build it), registered in a temporary COMNECK_HOME.
+STARTUP_CLIP = "ViT-S-32"
+
+
+def child_startup_models(workdir: Path, size: tuple[int, int]) -> dict:
+    """The CLIP weights file and the neck file (for H×W ``size`` images) that `comneck features` loads in the
+    start-up rows."""
+    warnings.filterwarnings("ignore")
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from comneck_cli import weights as registry
+    from comneck_cli.codecs import weights_info
+    from comneck_cli.formats import latent_grids
+    from comneck_cli.models.neck import EVERY_RATE, NeckInfo, TransformNeck, save_neck
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model(STARTUP_CLIP, pretrained=None)
+    clip_file = workdir / "startup-clip.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(clip_file))
+    codec_file = registry.resolve("mbt2018-mean-vbr")  # the shipped default codec, what `comneck encode` uses
+    config = json.loads(weights_info(codec_file)["config"])
+    vision = clip.visual
+    neck = TransformNeck(latent_channels=config["M"], width=vision.conv1.out_channels,
+                         heads=vision.transformer.resblocks[0].attn.num_heads, grid=latent_grids(*size)[0])
+    info = NeckInfo(codec="mbt2018-mean-vbr", quality=EVERY_RATE, codec_digest=registry.file_sha256(codec_file)[:8],
+                    clip_model=STARTUP_CLIP, clip_tag=None, k=2, scenario="d1", config=neck.config)
+    neck_file = workdir / "startup-neck.safetensors"
+    save_neck(neck, neck_file, info)
+    return {"clip": str(clip_file), "neck": str(neck_file)}
+
+
 def compressai_header_bytes(strings: int) -> int:
     """CompressAI examples/codec.py, image file: u8 model id, u8 metric<<4|quality-1, u32 H, u32 W,
     u8 bit depth, then write_body: u32 shape×2, u32 string count, u32 length per string."""
@@ -246,7 +281,7 @@ def child_codec(args: argparse.Namespace) -> dict:
         rss["batch8"] = peak_rss_mib()
 
     if args.h2h:
-        row["head_to_head"] = head_to_head(codec, image, record, run)
+        row["head_to_head"] = head_to_head(codec, (SMOKE if args.smoke else FULL)[name][1], image, record, run)
     row["peak_rss_mib"] = rss
     return row
 
@@ -275,9 +310,14 @@ def batch_summary(b8: dict, parts: dict) -> dict:
     return out
 
 
-def head_to_head(codec, image, record, run: dict) -> dict:
-    """CompressAI's own coding of the same image with the same model object, as examples/codec.py does it."""
+def head_to_head(codec, config: dict, image, record, run: dict) -> dict:
+    """CompressAI's own coding of the same image with the same weights, as examples/codec.py does it.
+
+    CompressAI's side is a fresh model of CompressAI's class with the codec's state dict (entropy tables included),
+    not comneck's loaded model object: that one decodes through comneck's rANS decoder and scale-index search
+    (``codecs.rans.bound_entropy_decoders``), which would put comneck's code on both sides."""
     import torch
+    from compressai.registry import MODELS
     from compressai.zoo import models as zoo_models
 
     from comneck_cli import coding as api
@@ -285,23 +325,25 @@ def head_to_head(codec, image, record, run: dict) -> dict:
     from comneck_cli.formats import PAD_MULTIPLE, pack, unpack
 
     height, width = image.shape[:2]
+    model = MODELS[codec.name](**config).eval()
+    model.load_state_dict(codec.model.state_dict())
 
     def cai_encode():
         x = to_tensor(image, PAD_MULTIPLE)  # the example pads centred with zeros to 64, as comneck does
         with torch.no_grad():
-            return codec.model.compress(x)
+            return model.compress(x)
 
-    out, enc = measure({"comneck": lambda: api.encode(image, codec), "compressai": cai_encode}, **run, warmup=False)
+    # warm-up calls: CompressAI's fresh model builds its kernels on its first call
+    out, enc = measure({"comneck": lambda: api.encode(image, codec), "compressai": cai_encode}, **run)
     cai = out["compressai"]
     cai_strings = [s[0] for s in cai["strings"]]
 
     def cai_decode():
         with torch.no_grad():
-            x_hat = codec.model.decompress(cai["strings"], cai["shape"])["x_hat"]
+            x_hat = model.decompress(cai["strings"], cai["shape"])["x_hat"]
         return from_tensor(x_hat, height, width, PAD_MULTIPLE)
 
-    out, dec = measure({"comneck": lambda: api.decode(record, codec), "compressai": cai_decode}, **run,
-                       warmup=False)
+    out, dec = measure({"comneck": lambda: api.decode(record, codec), "compressai": cai_decode}, **run)
     payload = sum(len(s) for s in cai_strings)
     shape = cai["shape"]
     writable = codec.name in zoo_models and len(shape) == 2 and not isinstance(shape, dict)
@@ -436,6 +478,49 @@ def startup(cnk: Path, repeat: int, workdir: Path) -> dict:
     }
 
 
+def coding_startup(workdir: Path, image: Path, size: tuple[int, int], repeat: int, warmup: bool = True) -> dict:
+    """`comneck encode`, `decode` and `features` of one image as a user starts them (issue #20): the shipped default
+    codec, and for features a random-weight neck and ViT-S/32 registered in a temporary COMNECK_HOME (offline).
+    Each is timed beside ``python -c "import torch"`` in interleaved rounds, after an untimed round that warms the
+    file cache (with ``warmup``), so the ratio to importing torch holds on a machine whose load drifts; the ratio
+    is the median of the per-round ratios."""
+    made, error = run_child(["--child", "startup-models", "--workdir", str(workdir), "--size", label(size)],
+                            timeout=600)
+    if error:
+        return {"error": f"preparing the neck and CLIP failed: {error}"}
+    env = {**os.environ, "COMNECK_HOME": str(workdir / "startup-home"), "HF_HUB_OFFLINE": "1"}
+    comneck = [sys.executable, "-m", "comneck_cli"]
+    clip_name = f"clip-{STARTUP_CLIP.lower()}-none"  # clip.tower.weights_entry_name(STARTUP_CLIP, None)
+    subprocess.run(comneck + ["weights", "import", clip_name, made["clip"], "--kind", "clip"], env=env,
+                   capture_output=True, check=True)
+    cnk, png, feats = workdir / "startup.cnk", workdir / "startup.png", workdir / "startup-features.npy"
+    commands = {
+        'python -c "import torch"': [sys.executable, "-c", "import torch"],
+        "comneck encode": comneck + ["encode", str(image), "-o", str(cnk), "--force"],
+        "comneck decode": comneck + ["decode", str(cnk), "-o", str(png), "--force"],
+        "comneck features": comneck + ["features", str(cnk), "-o", str(feats), "--neck", made["neck"], "--force"],
+    }
+    times: dict[str, list[float]] = {k: [] for k in commands}
+    for round_ in range(repeat + warmup):
+        for key, cmd in commands.items():
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            elapsed = time.perf_counter() - start
+            if proc.returncode != 0:
+                last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+                return {"error": f"{key} failed: {last}"}
+            if round_ or not warmup:
+                times[key].append(elapsed)
+    base = times['python -c "import torch"']
+    return {
+        "image": image.name, "codec": "mbt2018-mean-vbr (shipped)", "features_clip": f"{STARTUP_CLIP} (random)",
+        "commands": {key: {"median_s": statistics.median(v), "min_s": min(v), "runs": len(v),
+                           "samples_s": [round(t, 4) for t in v],
+                           "ratio_to_import_torch": statistics.median(a / b for a, b in zip(v, base))}
+                     for key, v in times.items()},
+    }
+
+
 def importtime(cmd: list[str], top: int = 12) -> dict:
     """Parse ``-X importtime``: total, and the top-level imports (and heaviest modules) by cumulative time."""
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -556,6 +641,15 @@ def report_tables(report: dict) -> tuple[str, list[tuple[str, list[str], list[li
     rows = [[cmd, f"{v['median_s']:.3f}"] for cmd, v in s["commands"].items()]
     rows.append(["python -c pass (the interpreter alone)", f"{s['python_c_pass_median_s']:.3f}"])
     tables.append(("Start-up (subprocess wall time, median)", ["command", "median s"], rows))
+    coding = s.get("coding", {})
+    if "commands" in coding:
+        tables.append((f"Start-up of the coding commands on {coding['image']} ({coding['codec']}; features: a neck "
+                       f"and {coding['features_clip']}), interleaved with importing torch",
+                       ["command", "median s", "÷ import torch"],
+                       [[cmd, f"{v['median_s']:.3f}", f"{v['ratio_to_import_torch']:.2f}"]
+                        for cmd, v in coding["commands"].items()]))
+    elif coding:
+        notes.append(f"Start-up of the coding commands: {coding['error']}")
     notes.append(f"heavy modules imported: {s['heavy_modules_loaded']}")
     return headline, tables, notes
 
@@ -624,7 +718,7 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, default=HERE / "results" / "run.json")
     parser.add_argument("--markdown", action="store_true", help="Print the tables as Markdown (for the README).")
     parser.add_argument("--show", type=Path, metavar="JSON", help="Print the tables of an earlier run; run nothing.")
-    parser.add_argument("--child", choices=("prepare", "codec"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("prepare", "codec", "startup-models"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--codec", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -644,6 +738,9 @@ def main() -> None:
         return
     if args.child == "codec":
         print(json.dumps(child_codec(args)))
+        return
+    if args.child == "startup-models":
+        print(json.dumps(child_startup_models(args.workdir, parse_size(args.size))))
         return
 
     began = time.perf_counter()
@@ -712,6 +809,10 @@ def main() -> None:
         if cnk is None:
             raise SystemExit("run.py: no codec configuration succeeded; nothing to run `comneck info` on")
         report["startup"] = startup(cnk, 1 if args.smoke else 5, workdir)
+        report["startup"]["coding"] = coding_startup(workdir, workdir / f"image-{label(sizes[0])}-0.png", sizes[0],
+                                                     1 if args.smoke else 5, warmup=not args.smoke)
+        if "error" in report["startup"]["coding"]:
+            failures.append(f"start-up: {report['startup']['coding']['error']}")
 
     report["machine"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     busiest = max(report["machine"]["loadavg_start"][0], report["machine"]["loadavg_end"][0])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+from comneck_cli.errors import UsageError
+
 # Shipped in weights/ (issue #10; model card weights/mbt2018-mean-vbr.md): one variable-rate file covers every -q,
 # so `comneck encode photo.png` works offline. The zoo codecs stay one --codec away.
 DEFAULT_CODEC = "mbt2018-mean-vbr"
@@ -23,28 +25,30 @@ CODEC_LEVELS: dict[str, range] = {
 VARIABLE_RATE_CODECS = ("mbt2018-mean-vbr",)  # one file for every rate: --rate and --bpp-target apply
 
 
-def quality_problem(codec: str, quality: int) -> str | None:
-    """Why ``quality`` is not a level of ``codec`` (a sentence), or None."""
+def quality_problem(codec: str, quality: int) -> UsageError | None:
+    """Why ``quality`` is not a level of ``codec`` (the error to raise), or None."""
     levels = CODEC_LEVELS[codec]
     if quality in levels:
         return None
-    return f"codec {codec} has quality levels {levels[0]}..{levels[-1]}, not {quality}"
+    return UsageError(f"codec {codec} has quality levels {levels[0]}..{levels[-1]}, not {quality}")
 
 
-def rate_problem(codec: str, rate: float | None, bpp_target: float | None) -> str | None:
-    """Why ``rate`` / ``bpp_target`` cannot apply to ``codec`` (a sentence), or None: at most one of them, a
-    variable-rate codec, R within its levels, a finite positive bits-per-pixel target."""
+def rate_problem(codec: str, rate: float | None, bpp_target: float | None) -> UsageError | None:
+    """Why ``rate`` / ``bpp_target`` cannot apply to ``codec`` (the error to raise, naming the parameters), or
+    None: at most one of them, a variable-rate codec, R within its levels, a finite positive bits-per-pixel target."""
     if rate is not None and bpp_target is not None:
-        return "pass --rate or --bpp-target, not both"
+        return UsageError("pass `rate` or `bpp_target`, not both", params=("rate", "bpp_target"))
     if rate is None and bpp_target is None:
         return None
     if codec not in VARIABLE_RATE_CODECS:
-        flag = "--rate" if rate is not None else "--bpp-target"
-        return (f"codec {codec} has fixed quality levels; {flag} needs a variable-rate codec "
-                f"({', '.join(VARIABLE_RATE_CODECS)})")
+        given = "rate" if rate is not None else "bpp_target"
+        return UsageError(f"codec {codec} has fixed quality levels; `{given}` needs a variable-rate codec "
+                          f"({', '.join(VARIABLE_RATE_CODECS)})", params=(given,))
     levels = CODEC_LEVELS[codec]
     if rate is not None and not levels[0] <= rate <= levels[-1]:  # also refuses nan
-        return f"codec {codec} takes --rate between {levels[0]} and {levels[-1]}, not {rate:g}"
+        return UsageError(f"codec {codec} takes `rate` between {levels[0]} and {levels[-1]}, not {rate:g}",
+                          params=("rate",))
     if bpp_target is not None and not (bpp_target > 0 and math.isfinite(bpp_target)):
-        return f"--bpp-target must be a positive number of bits per pixel, not {bpp_target:g}"
+        return UsageError(f"`bpp_target` must be a positive number of bits per pixel, not {bpp_target:g}",
+                          params=("bpp_target",))
     return None

@@ -5,29 +5,33 @@
 - ``reconstruction`` (the paper's *Reconstruction* baseline): ``.cnk`` -> ``g_s`` -> x_hat -> full C -> features.
 - ``uncompressed`` (the upper bound): image -> full C -> features, i.e. C(x).
 
-Feature selection follows Hugging Face's hidden-state numbering (see :func:`comneck_cli.clip.select_features`);
+Feature selection follows Hugging Face's hidden-state numbering (see :func:`comneck_cli.clip.tower.select_features`);
 the default, layer -2 patch tokens, is what LLaVA and Shikra feed their projector.
+
+:class:`FeatureExtractor` holds one (neck, CLIP) pair; :class:`FeatureRunner` is the one feature path of
+``comneck features`` and ``comneck batch features``: the extractors of a run and their batching.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from comneck_cli import coding as api
+from comneck_cli import hub
 from comneck_cli import weights as registry
-from comneck_cli.formats import CnkError, Limits, Record, latent_grids
-
-from comneck_cli.coding import check_record
-from comneck_cli.clip.tower import ClipHead, ClipTail, load_clip, weights_entry_name
+from comneck_cli.clip.preprocess import ClipPreprocess
+from comneck_cli.clip.tower import ClipHead, ClipTail, resolve_clip
 from comneck_cli.codecs import Codec
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import ComneckError, MismatchError, RegistryError
+from comneck_cli.formats import Limits, Record, latent_grids
 from comneck_cli.models.neck import NeckInfo, TransformNeck, load_neck
-from comneck_cli.clip.presets import expand_to_square, mean_colour
 
 VIAS = ("neck", "reconstruction", "uncompressed")
 
@@ -42,36 +46,31 @@ def neck_registry_name(codec: str, quality: int) -> str:
 
 
 def resolve_neck(neck: str | Path | None, record: Record | None = None) -> Path:
-    """``--neck FILE`` or ``--neck NAME`` (registry), else the registry's neck for the record's codec."""
-    if neck is not None:
-        path = Path(neck)
-        if path.suffix == ".safetensors" or path.exists():
-            if not path.is_file():
-                raise ComneckError(f"neck file {path} does not exist")
-            return path
-        name = str(neck)
-    elif record is not None and record.codec_name is not None:
-        name = neck_registry_name(record.codec_name, record.quality)
+    """``neck`` by :func:`comneck_cli.hub.resolve`'s rule (a file, else a registered name), else the registry's neck
+    for the record's codec."""
+    trained = neck is None and record is not None and record.codec_name is not None
+    return hub.resolve(neck, "neck", default=_trained_neck(record) if trained else None)
+
+
+def _trained_neck(record: Record) -> str:
+    """The registered neck trained on the record's codec weights, found by the digest its entry records (a d2/d3
+    codec has its own neck); the codec's default name when it is one of them or none records the digest."""
+    digest = record.weights_digest.hex()
+    entries = registry.entries().values()
+    trained = sorted(e.name for e in entries if e.kind == "neck" and e.info.get("codec_digest") == digest)
+    name = neck_registry_name(record.codec_name, record.quality)
+    if trained:
+        return name if name in trained else trained[0]
+    if registry.lookup(name) is not None:
+        return name  # a neck of other weights: FeatureExtractor.check says which weights it needs
+    if record.codec_name == "elic-comneck":  # the authors' released models: the file of the record's scenario
+        scenario = next((e.info.get("scenario") for e in entries
+                         if e.kind == "codec" and e.sha256.startswith(digest)), None) or "d{S}"
+        how = f"import its release file with `comneck weights import-comneck {scenario}_{record.quality}.pth.tar`"
     else:
-        raise ComneckError("no neck given; pass --neck NAME|FILE")
-    try:
-        return registry.resolve(name)
-    except registry.WeightsError as exc:
-        raise ComneckError(
-            f"{exc}; train a neck with `comneck train neck` or pass --neck FILE" if neck is None else str(exc)
-        ) from exc
-
-
-def resolve_clip(model_name: str, tag: str | None, weights_file: Path | None = None, device="cpu") -> nn.Module:
-    """CLIP from ``weights_file``, else the registry entry ``clip-<model>-<tag>``, else open_clip's cache/hub."""
-    if weights_file is None:
-        name = weights_entry_name(model_name, tag)
-        if registry.lookup(name) is not None:
-            try:
-                weights_file = registry.resolve(name)
-            except registry.WeightsError as exc:
-                raise ComneckError(str(exc)) from exc
-    return load_clip(model_name, tag, weights_file=weights_file, device=device)
+        how = "train one with `comneck train neck`"
+    raise RegistryError(f"no neck is registered for {record.codec_name} quality {record.quality} codec weights "
+                        f"{digest}; {how}, or pass `neck` FILE", params=("neck",))
 
 
 @dataclass
@@ -92,7 +91,7 @@ class FeatureExtractor:
     clip_model: str | None = None  # the tower's open_clip name and weights tag, for the features' metadata;
     clip_tag: str | None = None  # a neck's info says them where there is one
     limits: Limits | None = None  # max_tokens bounds the latent grids the neck and C' take (default: environment's)
-    _preprocess: object = field(default=None, repr=False)
+    _prep: ClipPreprocess | None = field(default=None, repr=False)
 
     @property
     def tail(self) -> ClipTail:
@@ -120,22 +119,15 @@ class FeatureExtractor:
 
     def preprocess(self, image: np.ndarray) -> Tensor:
         """open_clip's own eval transform (resize shortest side, centre crop, normalise) for one uint8 image."""
-        from open_clip.model import get_model_preprocess_cfg
-        from open_clip.transform import PreprocessCfg, image_transform_v2
-        from PIL import Image
-
-        cfg = PreprocessCfg(**get_model_preprocess_cfg(self.clip))
-        if self._preprocess is None:
-            self._preprocess = image_transform_v2(cfg, is_train=False)
-        if self.pad_to_square:
-            image = expand_to_square(image, mean_colour(cfg.mean))
-        return self._preprocess(Image.fromarray(image, "RGB"))
+        if self._prep is None:
+            self._prep = ClipPreprocess(self.clip)
+        return self._prep.image(image, pad_to_square=self.pad_to_square)
 
     @torch.inference_mode()
     def from_latents(self, y_hats: Sequence[Tensor], layer: int, select: str) -> Tensor:
         """C'(T(y_hat)) for latents of one grid size, batched: (B, ...) features."""
         if self.neck is None:
-            raise ComneckError("no neck loaded; pass --neck")
+            raise ComneckError("no neck loaded; pass `neck`", params=("neck",))
         for y_hat in y_hats:
             self.check_tokens(*y_hat.shape[-2:], "latents")
         return self._tail_features(self.neck(torch.cat(list(y_hats)).to(self.device)), layer, select)
@@ -155,10 +147,7 @@ class FeatureExtractor:
     def check_tokens(self, rows: int, cols: int, subject: str) -> None:
         """Refuse a latent grid with more positions than ``limits.max_tokens``: the neck and C' attend over all of
         them at once, so their memory grows with its square (README, "Reliability")."""
-        try:
-            (self.limits or Limits.from_env()).check_tokens(rows, cols, subject)
-        except CnkError as exc:
-            raise ComneckError(str(exc)) from None
+        (self.limits or Limits.from_env()).check_tokens(rows, cols, subject)
 
     def check(self, record: Record, codec: Codec) -> None:
         """Refuse, before anything is decoded, a record the neck was not trained for (codec, quality, or codec
@@ -170,7 +159,91 @@ class FeatureExtractor:
             record.codec_name or f"id {record.codec_id}", record.quality, record.weights_digest,
             self.info.clip_model, self.info.clip_tag, self.info.k, neck=self.neck_path or "this neck",
         )
-        check_record(record, codec)
+        api.check_record(record, codec)
+
+
+class FeatureRunner:
+    """The one feature extractor of ``comneck features`` and ``comneck batch features``: the models of one run,
+    loaded once, and the per-input steps.
+
+    ``via`` is one of :data:`VIAS`; ``neck`` a file or registry name (None: each record's registry neck); ``family``
+    the MLLM preset whose tower the necks must feed (``clip.presets``; it only checks, the caller applies the preset's
+    layer, selection and tower). A run is :meth:`prepare` per input (entropy-decode ``y_hat``, or decode through
+    ``g_s``; raises :class:`ComneckError` for that input alone), then :meth:`compute`: one batched forward per
+    (extractor, latent grid) group.
+    """
+
+    def __init__(self, *, via: str = "neck", neck: str | Path | None = None, layer: int = -2, select: str = "patch",
+                 clip_model: str = "ViT-L-14", clip_tag: str | None = "openai", clip_weights: Path | None = None,
+                 weights: Path | str | None = None, device: torch.device | str = "cpu", family: str | None = None,
+                 pad_to_square: bool = False) -> None:
+        self.via, self.neck, self.layer, self.select = via, neck, layer, select
+        self.clip_model, self.clip_tag, self.clip_weights, self.device = clip_model, clip_tag, clip_weights, device
+        self.family, self.pad_to_square = family, pad_to_square
+        self.cache = api.CodecCache(device, weights)
+        self._extractors: dict[object, FeatureExtractor] = {}
+
+    def extractor_for(self, record: Record | None = None) -> FeatureExtractor:
+        """The extractor of a record (its neck's) or, for the reference paths without a neck, the full tower's."""
+        if self.via == "neck" or self.neck is not None:
+            path = resolve_neck(self.neck, record)
+            if path not in self._extractors:
+                extractor = FeatureExtractor.for_neck(path, clip_weights=self.clip_weights, device=self.device)
+                if self.family is not None and extractor.info.clip_model != self.clip_model:
+                    raise MismatchError(
+                        f"neck {path} was trained for CLIP {extractor.info.clip_model}, but `family` {self.family} "
+                        f"reads {self.clip_model}; use a neck trained for {self.clip_model}", params=("family",))
+                extractor.pad_to_square = self.pad_to_square
+                self._extractors[path] = extractor
+            return self._extractors[path]
+        if None not in self._extractors:
+            extractor = FeatureExtractor.for_clip(self.clip_model, self.clip_tag, clip_weights=self.clip_weights,
+                                                  device=self.device)
+            extractor.pad_to_square = self.pad_to_square
+            self._extractors[None] = extractor
+        return self._extractors[None]
+
+    def prepare(self, payload: Record | np.ndarray) -> tuple[FeatureExtractor, Tensor | np.ndarray]:
+        """A record (an image for ``uncompressed``) -> (its extractor, ``y_hat`` or the image to run C on)."""
+        if self.via == "uncompressed":
+            return self.extractor_for(None), payload
+        codec = self.cache.for_record(payload)
+        extractor = self.extractor_for(payload)
+        if self.via == "neck":
+            extractor.check(payload, codec)
+            return extractor, api.decode_latents(payload, codec)
+        return extractor, api.decode(payload, codec)
+
+    def compute(self, prepared: Sequence[tuple[FeatureExtractor, Any]],
+                names: Sequence[str] | None = None) -> tuple[list[Tensor | ComneckError], list[str]]:
+        """Features (one tensor per input, no batch dim) or the :class:`ComneckError` of its group, in input order,
+        and the warnings the forward passes gave (the neck interpolating its positions, say), each once."""
+        from comneck_cli.io.images import size_label
+
+        names = names or [f"input {i + 1}" for i in range(len(prepared))]
+        out: list[Any] = [None] * len(prepared)
+        groups: dict[tuple, list[int]] = {}
+        for i, (extractor, x) in enumerate(prepared):
+            key = (id(extractor), tuple(x.shape[-2:]) if self.via == "neck" else ())
+            groups.setdefault(key, []).append(i)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for indices in groups.values():
+                extractor = prepared[indices[0]][0]
+                forward = extractor.from_latents if self.via == "neck" else extractor.from_images
+                try:
+                    feats = api.split_on_oom(
+                        lambda part: list(forward([prepared[i][1] for i in part], self.layer, self.select)),
+                        indices, lambda i: f"{names[i]} ({size_label(prepared[i][1])})")
+                except ComneckError as exc:
+                    feats = [exc] * len(indices)
+                for i, f in zip(indices, feats):
+                    out[i] = f
+        return out, list(dict.fromkeys(str(w.message) for w in caught))
+
+    def metadata(self, extractor: FeatureExtractor, source: str) -> dict[str, str]:
+        """What the features file of ``source`` records about how it was made (:func:`metadata`)."""
+        return metadata(extractor, self.via, self.layer, self.select, source)
 
 
 def metadata(extractor: FeatureExtractor, via: str, layer: int, select: str, source: str) -> dict[str, str]:

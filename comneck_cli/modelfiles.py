@@ -15,7 +15,7 @@ from typing import Callable, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import ModelFileError
 
 InfoT = TypeVar("InfoT", bound="ModelInfo")
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
@@ -27,12 +27,12 @@ def read_safetensors(path: Path | str, what: str) -> tuple[dict[str, Tensor], di
 
     path = Path(path)
     if not path.is_file():
-        raise ComneckError(f"{what} file {path} does not exist; pass an existing {what} file")
+        raise ModelFileError(f"{what} file {path} does not exist; pass an existing {what} file")
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ComneckError(f"{path} is not a comneck {what} file (not a valid safetensors file: {exc})") from exc
+        raise ModelFileError(f"{path} is not a comneck {what} file (not a valid safetensors file: {exc})") from exc
 
 
 class ModelInfo:
@@ -71,14 +71,14 @@ class ModelInfo:
     @classmethod
     def from_metadata(cls: type[InfoT], meta: dict[str, str], path: Path | str) -> InfoT:
         if meta.get("format") != cls.format:
-            raise ComneckError(cls.not_ours.format(path=path))
+            raise ModelFileError(cls.not_ours.format(path=path))
         if meta.get("format_version") != cls.format_version:
-            raise ComneckError(f"{cls.what} {path} has format version {meta.get('format_version')!r}, which this "
-                               "comneck cannot read; upgrade comneck")
+            raise ModelFileError(f"{cls.what} {path} has format version {meta.get('format_version')!r}, which this "
+                                 "comneck cannot read; upgrade comneck")
         try:
             return cls._decode(meta)
         except (KeyError, ValueError, TypeError) as exc:
-            raise ComneckError(
+            raise ModelFileError(
                 f"{cls.what} {path} has damaged metadata ({type(exc).__name__}: {exc}); {cls.fix}"
             ) from exc
 
@@ -109,7 +109,7 @@ def load_module(path: Path | str, info_type: type[InfoT], build: Callable[[InfoT
         module.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ComneckError(
+        raise ModelFileError(
             f"{info_type.what} {path} holds tensors that do not fit its recorded config ({first}); {info_type.fix}"
         ) from exc
     return module.to(device).eval(), info

@@ -13,8 +13,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from comneck_cli import batch as batch_module
 from comneck_cli import coding as api
+from comneck_cli.coding import files as files_module
 from comneck_cli.cli.batch_commands import batch
 from comneck_cli.formats import read_file, unpack
 
@@ -132,8 +132,8 @@ def test_second_run_does_no_work_and_truncated_or_stale_outputs_are_redone(encod
     out = tmp_path / "out"
     shutil.copytree(encoded, out)
     calls = []
-    real = batch_module.encode_images
-    monkeypatch.setattr(batch_module, "encode_images", lambda images, *args: calls.append(len(images)) or
+    real = files_module.encode_images
+    monkeypatch.setattr(files_module, "encode_images", lambda images, *args: calls.append(len(images)) or
                         real(images, *args))
     r = run("encode", "--input", photo_dir, "--output", out, *mbt)
     assert r.exit_code == 1 and summary(r).startswith("comneck: batch encode: 0 done, 24 skipped, 1 failed")
@@ -273,3 +273,18 @@ def test_ray_features_equal_local(ray_cluster, encoded, codec_files, neck_file, 
         remote = torch.load(tmp_path / "ray" / path.relative_to(tmp_path / "local"), weights_only=True)
         assert torch.equal(remote["features"], local["features"]) and remote["metadata"] == local["metadata"]
     assert len(list((tmp_path / "ray").rglob("*.pt"))) == 4
+
+
+def test_bmp_inputs_and_flags_in_the_failure_reasons(mbt, tmp_path):
+    """A folder's .bmp images are inputs (io.images.IMAGE_SUFFIXES, the one list); a worker's library error names
+    `max_pixels`, and the line and errors.jsonl say --max-pixels."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(src / "small.bmp")
+    Image.new("RGB", (80, 80), (30, 200, 30)).save(src / "large.png")
+    r = run("encode", "--input", src, "--output", tmp_path / "out", *mbt, "--max-pixels", 64 * 64)
+    assert summary(r).startswith("comneck: batch encode: 1 done, 0 skipped, 1 failed")
+    assert (tmp_path / "out" / "small.cnk").is_file()
+    errors = [json.loads(line) for line in (tmp_path / "out" / "errors.jsonl").read_text().splitlines()]
+    assert "raise --max-pixels" in errors[0]["reason"] and "raise --max-pixels" in r.stderr
+    assert "`" not in r.stderr + errors[0]["reason"]

@@ -79,6 +79,11 @@ def test_startup_section_reports_commands_modules_and_imports(report):
     assert all(isinstance(v, bool) for v in s["torch_imported"].values())
     for section in s["importtime"].values():
         assert section["modules"] > 0 and section["top_level"][0]["cumulative_us"] > 0
+    # encode/decode/features as a user starts them, each against importing torch in the same rounds (issue #20)
+    coding = s["coding"]["commands"]
+    assert list(coding) == ['python -c "import torch"', "comneck encode", "comneck decode", "comneck features"]
+    assert coding['python -c "import torch"']["ratio_to_import_torch"] == 1
+    assert all(TIMING - {"first_s"} <= set(v) and v["ratio_to_import_torch"] > 0 for v in coding.values())
 
 
 DEFAULT_CODEC_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "default_codec.py"

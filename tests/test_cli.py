@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import click
 from click.testing import CliRunner
 from PIL import Image
 
@@ -215,3 +216,65 @@ def test_batched_encoding_decodes_like_single(work, mbt, codec_files):
     assert [(r.width, r.height) for r in batch] == [(451, 300), (512, 512), (640, 427)]
     for a, b in zip(batch, single):
         assert decode(a, codec).shape == decode(b, codec).shape
+
+
+# --------------------------------------------------------------------------- the Click layer over the library
+def test_library_errors_name_flags_and_usage_errors_exit_2(work, mbt):
+    """The library names parameters (`semantic`); the CLI prints the running command's flags, and a library
+    UsageError exits 2 like Click's own, before any model loads."""
+    r = run("encode", work / "camera.png", *mbt, "--semantic-strength", "2", "-o", work / "x.cnk")
+    assert r.exit_code == 2 and "--semantic-strength needs --semantic" in r.stderr and "`" not in r.stderr
+    assert not (work / "x.cnk").exists()
+    from comneck_cli.cli.batch_commands import batch
+    from comneck_cli.cli.plumbing import flag
+
+    with click.Context(batch.commands["encode"]):
+        assert flag("num_gpus") == "--num-gpus-per-worker" and flag("clip_model") == "--clip"
+        assert flag("max_pixels") == "--max-pixels"
+    with click.Context(click.Command("x", params=[click.Option(["--clip-model", "clip_model"])])):
+        assert flag("clip_model") == "--clip-model"  # `comneck train` spells it so
+
+
+def test_encode_files_reports_and_progresses_without_the_cli(work, codec_files):
+    """coding.files.encode_files is the library behind `comneck encode`: planned outputs, per-input failures to
+    the report, on_progress(done, total), no printing."""
+    from comneck_cli import coding as api
+    from comneck_cli.coding.files import encode_files
+
+    class Report:
+        def __init__(self):
+            self.warnings, self.failures = [], []
+
+        def warn(self, text):
+            self.warnings.append(text)
+
+        def fail(self, label, exc):
+            self.failures.append((label, exc.render(lambda p: f"<{p}>")))
+
+    (work / "rocket.cnk").write_bytes(b"")  # exists: refused without force
+    (work / "bad.png").write_bytes(b"not an image")
+    progress, report = [], Report()
+    codec = api.load_codec("mbt2018-mean", 1, weights=codec_files["mbt2018-mean"])
+    names = [str(work / n) for n in ("camera.png", "rocket.jpg", "bad.png")]
+    encode_files(names, None, lambda: api.ImageEncoder(codec), report, on_progress=lambda d, t: progress.append((d, t)))
+    assert (work / "camera.cnk").stat().st_size > 0 and (work / "rocket.cnk").stat().st_size == 0
+    assert report.failures[0] == (names[1], f"{work / 'rocket.cnk'} already exists; pass <force> to overwrite it")
+    assert report.failures[1][0] == names[2] and "not a readable image" in report.failures[1][1]
+    assert sorted(progress) == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_library_text_reaching_the_cli_names_the_commands_flags():
+    """eval's skip reasons and failures arrive as text: their backticked parameters are spelled as the command's
+    flags, other backticked words are left alone."""
+    import click
+
+    from comneck_cli.cli.plumbing import spell_params
+
+    @click.command()
+    @click.option("--clip", "clip_model")
+    @click.option("--postprocess")
+    def command(clip_model, postprocess):
+        click.echo(spell_params("pass `postprocess` FILE or `clip_model`; see `comneck weights` and `other`"))
+
+    out = CliRunner().invoke(command, []).output
+    assert out == "pass --postprocess FILE or --clip; see `comneck weights` and `other`\n"

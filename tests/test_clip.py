@@ -182,3 +182,53 @@ def test_bad_weights_file_is_an_error(tiny_clip, tmp_path):
     torch.save({"not": torch.zeros(1)}, bad)
     with pytest.raises(ComneckError, match=f"CLIP weights file {bad} could not be loaded into {TINY_CLIP}"):
         load_clip(TINY_CLIP, None, weights_file=bad)
+
+
+# --------------------------------------------------------------------------- preprocessing and zero-shot
+def test_tensor_preprocessing_agrees_with_open_clips_transform(tiny_clip):
+    """The differentiable path (teachers, guidance) and open_clip's eval transform (features, eval) give C the same
+    input for a square image: one preprocessor, one config."""
+    import numpy as np
+
+    from comneck_cli.clip.preprocess import ClipPreprocess
+
+    prep = ClipPreprocess(tiny_clip)
+    ramp = np.linspace(0, 255, 112)
+    image = np.stack([np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2,
+                      np.full((112, 112), 90.0)], axis=-1).round().astype(np.uint8)
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    assert prep.size == (56, 56)
+    ours, theirs = prep(pixels)[0], prep.image(image)
+    assert ours.shape == theirs.shape == (3, 56, 56)
+    assert ((ours - theirs) * prep.std[0]).abs().max() < 1.5 / 255  # a uint8 rounding apart
+    at_size = torch.rand(1, 3, 56, 56)  # no resize at C's own size: normalisation only
+    torch.testing.assert_close(prep(at_size), (at_size - prep.mean) / prep.std)
+
+
+def test_zero_shot_weights_average_normalised_templates(tiny_clip):
+    import open_clip
+    import torch.nn.functional as F
+
+    from comneck_cli.clip.zeroshot import ZeroShot, class_weights, imagenet_templates
+
+    classes, templates = ["cat", "dog", "fish"], ("a photo of a {}.", "a drawing of a {}.")
+    weights = class_weights(tiny_clip, TINY_CLIP, classes, templates, batch_size=2)  # one class per text pass
+    tokenizer = open_clip.get_tokenizer(TINY_CLIP)
+    with torch.no_grad():
+        texts = [F.normalize(tiny_clip.encode_text(tokenizer([t.format(c) for t in templates])), dim=-1) for c in classes]
+        by_hand = torch.stack([F.normalize(per_template.mean(0), dim=0) for per_template in texts])
+    torch.testing.assert_close(weights, by_hand)
+    classifier = ZeroShot(tiny_clip, TINY_CLIP, classes, templates)
+    assert classifier.predict(3 * by_hand[[2, 0, 1]]).tolist() == [2, 0, 1]
+    assert len(imagenet_templates()) == 80 and all("{}" in t for t in imagenet_templates())
+
+
+def test_clip_errors_name_parameters_for_the_command_line(tmp_path):
+    from comneck_cli.cli.plumbing import flag
+
+    with pytest.raises(ComneckError) as info:
+        load_clip(TINY_CLIP, None, weights_file=tmp_path / "missing.pt")
+    assert "--" not in str(info.value) and "pass --clip-weights an existing" in info.value.render(flag)
+    with pytest.raises(ComneckError) as info:
+        load_clip("ViT-Q-99", None)
+    assert "pass --clip an open_clip model name" in info.value.render(flag)

@@ -152,7 +152,7 @@ def test_large_images_run_g_a_in_tiles_and_still_decode_exactly(codec, monkeypat
 
     x = torch.rand(1, 3, 320, 448, generator=torch.Generator().manual_seed(5))
     whole = codec.model.g_a(x).float()
-    monkeypatch.setattr(codecs, "ANALYSIS_TILE", 128)
+    monkeypatch.setattr(codecs.runtime, "ANALYSIS_TILE", 128)
     calls = []
     hook = codec.model.g_a.register_forward_pre_hook(lambda _, args: calls.append(tuple(args[0].shape[-2:])))
     try:
@@ -182,3 +182,20 @@ def test_entropy_parameters_run_on_one_thread_and_the_count_comes_back():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_codec_sizes_come_from_compressai_and_the_file():
+    """No size is typed by hand: the zoo's table for zoo codecs, the constructor's defaults for the others, and a
+    registered comneck file's own metadata over both (the shipped mbt2018-mean-vbr is N=128, M=192)."""
+    import inspect
+
+    from compressai.registry import MODELS
+    from compressai.zoo.image import cfgs
+
+    from comneck_cli.codecs import file_config, get_spec
+
+    assert CODECS["cheng2020-anchor"].qualities[6] == dict(zip(("N", "M"), cfgs["cheng2020-anchor"][6]))
+    for name in ("elic2022-official", "mbt2018-mean-vbr", "elic-comneck"):
+        signature = inspect.signature(MODELS[name]).parameters
+        assert CODECS[name].qualities[1] == {"N": signature["N"].default, "M": signature["M"].default}
+    assert file_config(get_spec("mbt2018-mean-vbr"), 3) == ({"N": 128, "M": 192}, "registered file mbt2018-mean-vbr")

@@ -264,17 +264,15 @@ def release_file(reference, tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(reference, release_file):
     """comneck's ElicComneck and TransformNeck loaded (strict) from the release file; the reference updated."""
-    from comneck_cli.codecs.elic_comneck import RELEASE_NECK_CONFIG, ElicComneck, read_release
-    from comneck_cli.models.neck import TransformNeck
+    from comneck_cli.codecs.elic_comneck import ElicComneck
+    from comneck_cli.models.release import read_release
 
-    codec_state, neck_state = read_release(release_file)
+    codec_state, neck = read_release(release_file)
     model = ElicComneck().eval()
     model.load_state_dict(codec_state, strict=True)
     model.update(force=True)
-    ours_neck = TransformNeck(**RELEASE_NECK_CONFIG).eval()
-    ours_neck.load_state_dict(neck_state, strict=True)
     reference[0].update()
-    return model, ours_neck
+    return model, neck
 
 
 def _image(side=64):
@@ -321,7 +319,8 @@ def test_strings_y_hat_and_pixels_match_the_reference(reference, loaded):
 def test_comneck_codec_codes_like_the_reference(reference, release_file, tmp_path):
     """Through comneck's Codec (save_codec -> load_codec, bounded rANS decoder): the reference's strings and y_hat."""
     from comneck_cli.codecs import load_codec, one_thread, save_codec
-    from comneck_cli.codecs.elic_comneck import ElicComneck, read_release
+    from comneck_cli.codecs.elic_comneck import ElicComneck
+    from comneck_cli.models.release import read_release
 
     model = ElicComneck()
     model.load_state_dict(read_release(release_file)[0], strict=True)
@@ -348,13 +347,11 @@ def test_comneck_codec_codes_like_the_reference(reference, release_file, tmp_pat
 @torch.no_grad()
 def test_neck_mapping_gives_the_references_tokens():
     """Their sequence-first Linear_Encoder and comneck's batch-first neck under the mapped names: the same tokens."""
-    from comneck_cli.codecs.elic_comneck import RELEASE_NECK_CONFIG, neck_state_from_release
-    from comneck_cli.models.neck import TransformNeck
+    from comneck_cli.models.release import release_neck
 
     torch.manual_seed(3)
     theirs = RefLinearEncoder().eval()
-    ours = TransformNeck(**RELEASE_NECK_CONFIG).eval()
-    ours.load_state_dict(neck_state_from_release(theirs.state_dict()), strict=True)
+    ours = release_neck(theirs.state_dict())
     y_hat = torch.round(torch.randn(2, 320, 16, 16) * 3)
     expected, got = theirs(y_hat), ours(y_hat)
     assert got.shape == (2, 257, 1024)
@@ -383,18 +380,17 @@ def layout():
 
 
 def test_release_layout_reads_with_and_without_module_prefix(layout, tmp_path):
-    from comneck_cli.codecs.elic_comneck import read_release
+    from comneck_cli.models.release import read_release
 
     codec, neck = layout
     for module in (False, True):
-        codec_state, neck_state = read_release(_save_release(tmp_path / f"m{module}.pth.tar", codec, neck,
-                                                             module=module))
+        codec_state, ours = read_release(_save_release(tmp_path / f"m{module}.pth.tar", codec, neck, module=module))
         assert set(codec_state) == set(codec)
-        assert "proj.weight" in neck_state and "block.attn.in_proj_weight" in neck_state
+        assert {"proj.weight", "block.attn.in_proj_weight"} <= set(ours.state_dict())
 
 
 def _error(path) -> str:
-    from comneck_cli.codecs.elic_comneck import read_release
+    from comneck_cli.models.release import read_release
 
     with pytest.raises(ComneckError) as info:
         read_release(path)

@@ -299,7 +299,8 @@ def test_ms_ssim_is_pytorch_msssim_above_160_px_and_says_why_below(photos):
 
 def test_postprocess_unet_runs_and_is_counted(common, tmp_path, codec_files, other_weights):
     from comneck_cli import weights as registry
-    from comneck_cli.eval.postprocess import PostprocessInfo, UNet, save_postprocess, unet_cost
+    from comneck_cli.eval.methods import unet_cost
+    from comneck_cli.models.unet import PostprocessInfo, UNet, save_postprocess
 
     # The standard U-Net (base 64, depth 4, 3 -> 3 channels): the paper's 31.04 M parameters.
     cost = unet_cost(UNet(), 64, 64)

@@ -156,4 +156,35 @@ def test_complexity_command_counts_every_component(tiny_clip_file):
     assert set(rows) == {"transform-neck T", "codec synthesis g_s", "CLIP C: patch embedding + first 2 blocks"}
     assert all(row["kmac_per_px"] > 0 for row in rows.values())
     r = run("complexity", "--size", "100")
-    assert r.exit_code == 1 and "multiple of 64" in r.stderr
+    assert r.exit_code == 2 and "multiple of 64" in r.stderr  # a usage error
+
+
+def test_feature_runner_batches_what_the_extractor_computes(cnk, neck_file, tiny_clip_file, codec_files):
+    """The library's one feature path (what ``features`` and ``batch features`` call): each record's neck, one
+    forward per latent grid, the same tensors as the step-by-step computation; a bad input fails alone."""
+    from comneck_cli.features import FeatureRunner
+
+    runner = FeatureRunner(via="neck", neck=str(neck_file), clip_weights=tiny_clip_file,
+                           weights=codec_files["mbt2018-mean"])
+    records = [unpack(path.read_bytes()) for path in cnk]
+    prepared = [runner.prepare(record) for record in records]
+    assert prepared[0][0] is prepared[1][0]  # one extractor (one neck, one CLIP) for both
+    features, notes = runner.compute(prepared, ["a", "b"])
+    for path, got in zip(cnk, features):
+        assert torch.allclose(got, expected_neck_features(path, neck_file, tiny_clip_file, codec_files)[0], atol=1e-6)
+    assert notes == [] and runner.metadata(prepared[0][0], "a")["source"] == "a"
+
+
+def test_library_errors_name_parameters_for_the_command_line():
+    from comneck_cli.cli.plumbing import flag
+    from comneck_cli.errors import ComneckError
+    from comneck_cli.features import FeatureExtractor, resolve_neck
+
+    with pytest.raises(ComneckError) as info:
+        resolve_neck(None)
+    assert "--" not in str(info.value) and "`neck`" in str(info.value)
+    assert info.value.render(flag) == str(info.value).replace("`neck`", "--neck")
+    extractor = FeatureExtractor(clip=None, k=2, device=torch.device("cpu"))
+    with pytest.raises(ComneckError) as info:
+        extractor.from_latents([torch.zeros(1, 8, 4, 4)], -2, "patch")
+    assert str(info.value) == "no neck loaded; pass `neck`" and info.value.render(flag) == "no neck loaded; pass --neck"

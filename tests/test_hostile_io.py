@@ -240,8 +240,8 @@ def test_raised_max_pixels_over_this_machines_memory(tmp_path):
         from comneck_cli.io.images import read_image
         try:
             read_image({str(png)!r}, "huge.png", max_pixels=10_000_000_000)
-        except ComneckError as exc:
-            print(exc)
+        except ComneckError as exc:  # the library names `max_pixels`; the command line says its flag
+            print(exc.render(lambda param: "--" + param.replace("_", "-")))
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stderr == ""

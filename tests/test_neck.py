@@ -141,7 +141,7 @@ def test_mismatch_names_the_field(info, change, message):
     }
     info.check_matches(**used)  # the neck's own setting passes (digest case-insensitive)
     info.check_matches(**{**used, "digest_hex": bytes.fromhex("0a1b2c3d")})
-    with pytest.raises(ComneckError, match=f"neck n.safetensors .*{message}.*; use a matching neck or --neck"):
+    with pytest.raises(ComneckError, match=f"neck n.safetensors .*{message}.*; use a matching neck or `neck`"):
         info.check_matches(**{**used, **change}, neck="n.safetensors")
 
 

@@ -128,13 +128,13 @@ def test_info_of_an_empty_file_fails_as_decode_does(tmp_path):
 
 # --------------------------------------------------------------------------- 8: an interrupted batch decode
 def test_interrupted_batch_decode_counts_the_images_it_wrote(tmp_path, photo, mbt, monkeypatch):
-    from comneck_cli import batch
+    from comneck_cli.coding import files
 
     coded = tmp_path / "coded"
     assert run("batch", "encode", "--input", photo.parent, "--output", coded, *mbt, "--quiet").exit_code == 0
     for n in range(1, 5):  # five one-record files: one chunk of the default --batch-size 8
         (coded / f"copy{n}.cnk").write_bytes((coded / "photo.cnk").read_bytes())
-    real, calls = batch.decode_record_bytes, []
+    real, calls = files.decode_record_bytes, []
 
     def interrupted_on_the_fourth(*args):
         calls.append(1)
@@ -142,7 +142,7 @@ def test_interrupted_batch_decode_counts_the_images_it_wrote(tmp_path, photo, mb
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(batch, "decode_record_bytes", interrupted_on_the_fourth)
+    monkeypatch.setattr(files, "decode_record_bytes", interrupted_on_the_fourth)
     out = tmp_path / "decoded"
     r = run("batch", "decode", "--input", coded, "--output", out, *mbt[-2:])
     assert r.exit_code == 130

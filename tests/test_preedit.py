@@ -28,7 +28,7 @@ def test_tokens_come_from_the_asked_layers(tiny_clip):
     with torch.no_grad():
         got = tokens(x)
         head, tail = split_clip(tiny_clip, 0)
-        states = tail(head((x - tokens.mean) / tokens.std), layer=None).hidden_states
+        states = tail(head((x - tokens.prep.mean) / tokens.prep.std), layer=None).hidden_states
     assert [t.shape for t in got] == [(2, 16, 64)] * 2
     assert torch.allclose(got[0], states[1][:, 1:]) and torch.allclose(got[1], states[3][:, 1:])
     assert [g.shape for g in tokens.grids(got)] == [(2, 64, 4, 4)] * 2
@@ -87,5 +87,5 @@ def test_a_codec_p_was_not_trained_with_is_refused(vbr_codec_file, tiny_clip_fil
     codec = load_codec("mbt2018-mean-vbr", 3, weights=vbr_codec_file)
     with pytest.raises(ComneckError, match="was trained with mbt2018-mean-vbr weights 00000000"):
         load_pre_edit(path, codec, clip_weights=tiny_clip_file)
-    with pytest.raises(ComneckError, match="no weights named 'mbt2018-mean-vbr-preedit'"):
+    with pytest.raises(ComneckError, match="no pre-editing module 'mbt2018-mean-vbr-preedit' is registered"):
         load_pre_edit(None, codec)

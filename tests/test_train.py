@@ -195,6 +195,36 @@ def test_rd_loss_decreases_and_metrics_are_logged(image_folder, tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
 
 
+def test_trainer_reports_progress_and_prints_nothing(image_folder, tmp_path, capfd):
+    """The library's trainer tells its caller each step reached through on_progress and writes nothing itself."""
+    from comneck_cli.train import train_codec
+
+    calls = []
+    train_codec(codec_config("mbt2018-mean", image_folder, tmp_path / "run", steps=3, quiet=False),
+                on_progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_each_setting_lives_in_its_config_dataclass():
+    """Defaults and what a resume keeps are read from the config fields, and errors name parameters, not flags."""
+    from comneck_cli.train.codec import CodecTrainConfig
+    from comneck_cli.train.config import defaults, merge_resumed, trajectory
+    from comneck_cli.train.neck import NeckTrainConfig
+
+    cfg = CodecTrainConfig(lr=0.01)
+    assert defaults(cfg)["lr"] == 1e-4 and defaults(cfg)["batch_size"] == 8
+    assert {"codec", "lr", "crop", "seed"} <= set(trajectory(cfg)) and "steps" not in trajectory(cfg)
+    assert "classes" in trajectory(NeckTrainConfig()) and "classes" not in trajectory(cfg)
+    with pytest.raises(ComneckError) as caught:
+        merge_resumed(cfg, {"lr": 0.005})
+    assert caught.value.params == ("lr", "resume")
+    assert caught.value.render(lambda name: "--" + name) == (
+        "the checkpoint was trained with --lr 0.005, not 0.01; drop --lr to resume it, or start a new run without "
+        "--resume")
+
+
 @pytest.mark.parametrize("name", ["mbt2018-mean", "elic2022-official"])
 def test_resume_equals_uninterrupted(image_folder, tmp_path, name):
     from comneck_cli.train import train_codec
@@ -235,7 +265,7 @@ def test_precision_picks_bf16_autocast_of_the_transforms_only():
     from comneck_cli.train.loop import setup_runtime
 
     assert not setup_runtime("cpu").bf16 and setup_runtime("cpu", "bf16").bf16
-    with pytest.raises(ComneckError, match="unknown precision 'fp16'"):
+    with pytest.raises(ComneckError, match="unknown `precision` 'fp16'"):
         setup_runtime("cpu", "fp16")
     runtime = setup_runtime("cpu", "bf16")
     torch.manual_seed(0)
@@ -278,7 +308,7 @@ def test_resume_refuses_a_different_trajectory(image_folder, tmp_path):
     train_codec(codec_config("mbt2018-mean", image_folder, tmp_path / "run", steps=1))
     again = codec_config("mbt2018-mean", image_folder, tmp_path / "run", steps=2, lr=1e-2,
                          resume=tmp_path / "run" / "checkpoint.pt")
-    with pytest.raises(ComneckError, match="trained with --lr 0.005, not 0.01"):
+    with pytest.raises(ComneckError, match="trained with `lr` 0.005, not 0.01"):
         train_codec(again)
     with pytest.raises(ComneckError, match="from `comneck train codec`, not `comneck train neck`"):
         from comneck_cli.train.checkpoint import load
@@ -319,7 +349,7 @@ def test_lambda_table():
 
     assert [default_lambda("elic2022-official", q) for q in range(1, 5)] == [0.004, 0.008, 0.016, 0.032]
     assert default_lambda("mbt2018-mean", 3) == 0.0067 and default_lambda("cheng2020-anchor", 6) == 0.0483
-    with pytest.raises(ComneckError, match="pass --lmbda"):
+    with pytest.raises(ComneckError, match="pass `lmbda`"):
         default_lambda("elic2022-official", 5)
 
 

@@ -102,7 +102,7 @@ def test_trained_neck_beats_an_untrained_one(trained_codec, image_folder, tmp_pa
     from comneck_cli.train import Target, train_neck
     from comneck_cli.train.data import ImageFolderCrops
     from comneck_cli.train.latents import frozen_latents
-    from comneck_cli.train.neck import Teacher
+    from comneck_cli.clip.teacher import Teacher
 
     result = train_neck(neck_config("d1", trained_codec, image_folder, tmp_path, steps=(0, 0, 60), lr=(3e-3,)))
     torch.manual_seed(0)  # the run's seed: the same random tiny CLIP
@@ -223,7 +223,7 @@ def test_token_targets_must_fit_the_teachers_grid(trained_codec, image_folder, t
     assert Target.parse("patch:-2") == Target("patch", -2) and str(Target.parse("pooled")) == "pooled"
     with pytest.raises(ComneckError, match="unknown distillation target"):
         Target.parse("hidden:3")
-    with pytest.raises(ComneckError, match="use --crop 64 or a pooled or cls target"):
+    with pytest.raises(ComneckError, match="use `crop` 64 or a pooled or cls target"):
         train_neck(neck_config("d1", trained_codec, image_folder, tmp_path, crop=128, target="patch:-1"))
     # A hidden-state target that fits trains.
     result = train_neck(neck_config("d1", trained_codec, image_folder, tmp_path, target="patch:-1", steps=(1, 1, 1)))
@@ -308,7 +308,7 @@ def test_quality_of_a_variable_rate_neck_is_refused(image_folder, tmp_path):
                                         "--steps", "1", "--device", "cpu"])
     assert result.exit_code == 1
     assert result.output == ("comneck: error: a neck for the variable-rate mbt2018-mean-vbr trains on every rate at "
-                             "once and serves records of any rate; drop -q/--quality 3\n")
+                             "once and serves records of any rate; drop --quality 3\n")
 
 
 def test_d2_and_d3_start_from_the_registrys_d1_neck_or_refuse(trained_codec, image_folder, tmp_path):

@@ -34,7 +34,7 @@ def clip_distance(unet, clip_file: Path, codec_file: Path, data: Path) -> tuple[
     from comneck_cli.codecs import load_codec
     from comneck_cli.train import Target
     from comneck_cli.train.data import ImageFolderCrops
-    from comneck_cli.train.neck import Teacher
+    from comneck_cli.clip.teacher import Teacher
     from comneck_cli.train.postprocess import reconstruct
 
     clip = load_clip(TINY_CLIP, "test", weights_file=clip_file)
@@ -56,7 +56,7 @@ def test_three_stages_lower_both_losses_and_the_unet_is_exported(trained_codec, 
     from comneck_cli import weights as registry
 
     from comneck_cli.codecs import load_codec
-    from comneck_cli.eval.postprocess import load_postprocess
+    from comneck_cli.models.unet import load_postprocess
     from comneck_cli.train.loop import read_metrics
     from comneck_cli.train.postprocess import train_postprocess
 
@@ -149,13 +149,13 @@ def test_resume_refuses_other_settings_and_other_codec_weights(trained_codec, im
     shutil.copy(trained_codec, codec_file)
     train_postprocess(postprocess_config(codec_file, image_folder, tmp_path, tiny_clip_file, steps=(1, 0, 0)))
     ckpt = tmp_path / "run" / "checkpoint.pt"
-    with pytest.raises(ComneckError, match="trained with --base 8, not 16"):
+    with pytest.raises(ComneckError, match="trained with `base` 8, not 16"):
         train_postprocess(postprocess_config(codec_file, image_folder, tmp_path, tiny_clip_file, resume=ckpt, base=16))
     other = make_codec_file(tmp_path, CODEC, seed=1, quality=8)
     shutil.copy(other, codec_file)  # same path and architecture, other weights: reconstructions never seen
     with pytest.raises(ComneckError, match="are not the ones this run trained on"):
         train_postprocess(postprocess_config(codec_file, image_folder, tmp_path, tiny_clip_file, resume=ckpt))
-    with pytest.raises(ComneckError, match="--lr takes one value or three"):
+    with pytest.raises(ComneckError, match="`lr` takes one value or three"):
         train_postprocess(postprocess_config(trained_codec, image_folder, tmp_path / "x", tiny_clip_file,
                                              lr=(1e-3, 1e-3)))
 

@@ -54,8 +54,8 @@ def test_targets_parse_weights_forms_and_family_names():
     ("", "names no target"),
     ("pooled,,layer-2/patch", "has an empty item"),
     ("hidden:1", "unknown distillation target 'hidden'; use pooled, projected, layerN/patch"),
-    ("pooled:heavy", "the weight 'heavy' of --targets item 'pooled:heavy' is not a number"),
-    ("pooled:", "the weight '' of --targets item 'pooled:' is not a number"),
+    ("pooled:heavy", "the weight 'heavy' of `targets` item 'pooled:heavy' is not a number"),
+    ("pooled:", "the weight '' of `targets` item 'pooled:' is not a number"),
     ("pooled:0", "must be a positive number, not '0'"),
     ("pooled:-1", "must be a positive number"),
     ("pooled:nan", "must be a positive number"),
@@ -66,7 +66,7 @@ def test_targets_parse_weights_forms_and_family_names():
     ("llava:1,shikra:1", r"names layer-2/patch twice \(llava and shikra\); give it once, with the summed weight"),
     ("layer-2/patch,llava", "names layer-2/patch twice"),
     ("llava-1.5", "reads CLIP ViT-L-14-336/openai, but this neck trains against ViT-L-14/openai; train it with "
-                  "--clip-model ViT-L-14-336 --clip-tag openai, or name the features it reads \\(layer-2/patch\\)"),
+                  "`clip_model` ViT-L-14-336 `clip_tag` openai, or name the features it reads \\(layer-2/patch\\)"),
 ])
 def test_targets_errors_are_one_sentence(text, match):
     from comneck_cli.train.neck import parse_targets
@@ -137,10 +137,10 @@ def test_target_errors_before_training(trained_codec, image_folder, tmp_path):
     from comneck_cli.train import train_neck
 
     cases = [
-        (dict(target="pooled", targets="pooled:1"), "--target pooled and --targets pooled:1 both given"),
+        (dict(target="pooled", targets="pooled:1"), "`target` pooled and `targets` pooled:1 both given"),
         (dict(targets="pooled,layer1/patch"), r"layer 1 \(the output of block 1\) is computed inside C's first k=2"),
         (dict(targets="pooled,layer-9/cls"), "hidden-state layer -9 does not exist"),
-        (dict(targets="pooled,projected", crop=128), "target projected compares tokens, .* use --crop 64"),
+        (dict(targets="pooled,projected", crop=128), "target projected compares tokens, .* use `crop` 64"),
         (dict(targets="llava"), f"reads CLIP ViT-L-14/openai, but this neck trains against {TINY_CLIP}/None"),
         (dict(target="clip-embedding"), "reads CLIP ViT-L-14/openai"),
     ]
@@ -221,7 +221,7 @@ def feature_errors(neck_file: Path, codec_file: Path, clip_file: Path, x: torch.
     from comneck_cli.codecs import load_codec
     from comneck_cli.models.neck import load_neck
     from comneck_cli.train.latents import frozen_latents
-    from comneck_cli.train.neck import Target, Teacher, select_target, tail_request
+    from comneck_cli.clip.teacher import Target, Teacher, select_target, tail_request
 
     clip = load_clip(TINY_CLIP, None, weights_file=clip_file)
     head, tail = split_clip(clip, 2)

@@ -246,7 +246,7 @@ def test_bad_input_is_one_error_line(photo_folder, vbr_codec_file, tiny_clip_fil
         (train_args(photo_folder, vbr_codec_file, tiny_clip_file, tmp_path / "x.safetensors", 2, "--rank-weight",
                     "-1", "--no-register"), "must not be negative"),
         (["encode", str(photos["chelsea"]), "--codec", "mbt2018-mean", "--weights", str(codec_files["mbt2018-mean"]),
-          "-q", "1", "--pre-edit", "-o", str(tmp_path / "x.cnk")], "no weights named 'mbt2018-mean-preedit'"),
+          "-q", "1", "--pre-edit", "-o", str(tmp_path / "x.cnk")], "no pre-editing module 'mbt2018-mean-preedit' is registered"),
         (["encode", str(photos["chelsea"]), "--codec", "mbt2018-mean-vbr", "--weights", str(vbr_codec_file),
           f"--pre-edit={tmp_path / 'missing.safetensors'}", "-o", str(tmp_path / "x.cnk")], "does not exist"),
     ]

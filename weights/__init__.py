@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from comneck_cli.errors import RegistryError
+
 __all__ = [
     "Entry",
     "WeightsError",
@@ -41,7 +43,7 @@ _ENTRY_FIELDS = {"file", "sha256", "kind", "info"}
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
-class WeightsError(Exception):
+class WeightsError(RegistryError):
     """A registry problem a user can act on (missing name, bad digest, unreadable file)."""
 
 

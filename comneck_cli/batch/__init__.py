@@ -24,22 +24,19 @@ import logging
 import os
 import sys
 import traceback
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import click
-
 from comneck_cli.defaults import DEFAULT_CODEC
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import ComneckError, InputError, UsageError
+from comneck_cli.io.images import IMAGE_SUFFIXES
+from comneck_cli.io.outputs import STDIO
 
-STDIO = "-"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff")
 CNK_SUFFIX = ".cnk"
 ERRORS_FILE = "errors.jsonl"
 DECODE_FORMATS = {"png": ".png", "webp": ".webp", "tif": ".tif", "jpg": ".jpg"}
-RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install 'comneck[ray]'"
+RAY_MISSING = "`engine` ray needs Ray, which is not installed: pip install 'comneck[ray]'"
 
 
 # --------------------------------------------------------------------------- planning (driver side)
@@ -67,15 +64,16 @@ def plan_inputs(spec: str, suffixes: Sequence[str], output: Path, relative_to: P
     if path.is_dir():
         return _walk(path, suffixes, output), []
     if not path.exists():
-        raise ComneckError(f"--input {spec} does not exist; give a folder, a text file listing paths, or -")
+        raise InputError(f"`input` {spec} does not exist; give a folder, a text file listing paths, or -",
+                         params=["input"])
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         text = None
     if text is None or "\x00" in text:
-        raise ComneckError(f"--input {spec} is neither a folder nor a text file listing paths; for single "
-                           f"files use `comneck encode|decode|features`")
+        raise InputError(f"`input` {spec} is neither a folder nor a text file listing paths; for single "
+                         f"files use `comneck encode|decode|features`", params=["input"])
     return _listed(text.splitlines(), relative_to)
 
 
@@ -107,13 +105,14 @@ def _listed(lines: Iterable[str], relative_to: Path | None) -> tuple[list[Item],
         seen.add(source)
         if source.is_dir():  # `.` or a folder: it has no file name for an output to mirror
             refused.append({"path": entry, "reason": "is a folder, not a file; list the files in it, or give "
-                                                     "the folder itself as --input"})
+                                                     "the folder itself as `input`", "params": ["input"]})
             continue
         try:
             relative = source.relative_to(base).as_posix()
         except ValueError:
             refused.append({"path": entry, "reason": f"not under {base}, which output paths mirror; "
-                                                     f"pass --relative-to a folder that holds it"})
+                                                     f"pass `relative_to` a folder that holds it",
+                            "params": ["relative_to"]})
             continue
         items.append(Item(str(source), entry, relative))
     return sorted(items, key=lambda item: item.relative), refused
@@ -121,128 +120,6 @@ def _listed(lines: Iterable[str], relative_to: Path | None) -> tuple[list[Item],
 
 def chunks(items: Sequence[Item], size: int) -> list[list[Item]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
-
-
-# --------------------------------------------------------------------------- per-input steps
-# The steps the single-machine commands (cli.py) and both batch engines share. Kept free of Click and of
-# output planning so that cli.encode/decode/features can call them too.
-
-def read_image_file(source: str | Path | bytes, name: str, max_pixels: int | None = None) -> tuple[Any, list[str]]:
-    """``images.read_image`` with its conversion warnings returned as messages instead of printed."""
-    from comneck_cli.io.images import read_image
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        image = read_image(source, name=name, max_pixels=max_pixels)
-    return image, [str(w.message) for w in caught]
-
-
-def encode_images(images: Sequence[Any], encoder, names: Sequence[str] | None = None) -> list[bytes]:
-    """Packed ``.cnk`` records of uint8 H×W×3 images by ``encoder`` (``api.ImageEncoder``: plain images share a g_a
-    pass per padded size); a batch that runs out of GPU memory is split (``api.split_on_oom``; ``names`` label the
-    one that fails)."""
-    from comneck_cli.formats import pack
-
-    from comneck_cli import coding as api
-
-    if not images:
-        return []
-
-    labelled = list(zip(names or [f"image {i + 1}" for i in range(len(images))], images))
-    records = api.split_on_oom(lambda part: encoder([im for _, im in part]), labelled,
-                               lambda item: f"{item[0]} ({item[1].shape[1]}×{item[1].shape[0]})")
-    return [pack(record) for record in records]
-
-
-def decode_record_bytes(record, cache, fmt: str) -> bytes:
-    """One record -> ``g_s`` -> image file bytes in Pillow format ``fmt`` (``PNG``, ``WEBP``...)."""
-    from comneck_cli import coding as api
-    from comneck_cli.io.images import encode_image_bytes
-
-    return encode_image_bytes(api.decode(record, cache.for_record(record)), fmt)
-
-
-class FeatureRunner:
-    """The models of one ``features`` invocation and the per-input steps: prepare (entropy-decode or decode),
-    then one batched forward per (extractor, latent grid) group, exactly as ``comneck features`` batches."""
-
-    def __init__(self, *, via: str, neck: str | None, layer: int, select: str, clip_model: str,
-                 clip_tag: str | None, clip_weights: Path | None, weights: Path | str | None, device,
-                 family: str | None = None, pad_to_square: bool = False) -> None:
-        from comneck_cli import coding as api
-
-        self.via, self.neck, self.layer, self.select = via, neck, layer, select
-        self.clip_model, self.clip_tag, self.clip_weights, self.device = clip_model, clip_tag, clip_weights, device
-        self.family, self.pad_to_square = family, pad_to_square
-        self.cache = api.CodecCache(device, weights)
-        self._extractors: dict[object, Any] = {}
-
-    def extractor_for(self, record=None):
-        from comneck_cli.features import FeatureExtractor, resolve_neck
-
-        if self.via == "neck" or self.neck is not None:
-            path = resolve_neck(self.neck, record)
-            if path not in self._extractors:
-                extractor = FeatureExtractor.for_neck(path, clip_weights=self.clip_weights, device=self.device)
-                if self.family is not None and extractor.info.clip_model != self.clip_model:
-                    raise ComneckError(f"neck {path} was trained for CLIP {extractor.info.clip_model}, but --for "
-                                       f"{self.family} reads {self.clip_model}; use a neck trained for "
-                                       f"{self.clip_model}")
-                extractor.pad_to_square = self.pad_to_square
-                self._extractors[path] = extractor
-            return self._extractors[path]
-        if None not in self._extractors:
-            extractor = FeatureExtractor.for_clip(self.clip_model, self.clip_tag, clip_weights=self.clip_weights,
-                                                  device=self.device)
-            extractor.pad_to_square = self.pad_to_square
-            self._extractors[None] = extractor
-        return self._extractors[None]
-
-    def prepare(self, payload) -> tuple[Any, Any]:
-        """A Record (or an image for ``uncompressed``) -> (extractor, y_hat or image); raises ComneckError."""
-        from comneck_cli import coding as api
-
-        if self.via == "uncompressed":
-            return self.extractor_for(None), payload
-        codec = self.cache.for_record(payload)
-        extractor = self.extractor_for(payload)
-        if self.via == "neck":
-            extractor.check(payload, codec)
-            return extractor, api.decode_latents(payload, codec)
-        return extractor, api.decode(payload, codec)
-
-    def compute(self, prepared: Sequence[tuple[Any, Any]],
-                names: Sequence[str] | None = None) -> tuple[list[Any], list[str]]:
-        """Features (one tensor per input, no batch dim) or the ComneckError of its group, in input order, and
-        the warnings the forward passes gave (the neck interpolating its positions, say)."""
-        from comneck_cli import coding as api
-        from comneck_cli.io.images import size_label
-
-        names = names or [f"input {i + 1}" for i in range(len(prepared))]
-        out: list[Any] = [None] * len(prepared)
-        groups: dict[tuple, list[int]] = {}
-        for i, (extractor, x) in enumerate(prepared):
-            key = (id(extractor), tuple(x.shape[-2:]) if self.via == "neck" else ())
-            groups.setdefault(key, []).append(i)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for indices in groups.values():
-                extractor = prepared[indices[0]][0]
-                forward = extractor.from_latents if self.via == "neck" else extractor.from_images
-                try:
-                    feats = api.split_on_oom(lambda part: list(forward([prepared[i][1] for i in part], self.layer,
-                                                                       self.select)),
-                                             indices, lambda i: f"{names[i]} ({size_label(prepared[i][1])})")
-                except ComneckError as exc:
-                    feats = [exc] * len(indices)
-                for i, f in zip(indices, feats):
-                    out[i] = f
-        return out, list(dict.fromkeys(str(w.message) for w in caught))
-
-    def metadata(self, extractor, source: str) -> dict[str, str]:
-        from comneck_cli.features import metadata
-
-        return metadata(extractor, self.via, self.layer, self.select, source)
 
 
 # --------------------------------------------------------------------------- output checks (resume)
@@ -349,7 +226,7 @@ class Job:
     """Settings of one batch command; picklable, so Ray can ship it to each worker before :meth:`open`.
 
     ``run`` gives one outcome per input, in input order: ``{"path", "status" (done|skipped|failed), "reason",
-    "warnings"}``.
+    "params" (the parameters the reason names, as ``ComneckError.params``), "warnings", "traceback"}``.
     """
 
     output: str
@@ -357,12 +234,11 @@ class Job:
     device: str = "auto"
     debug: bool = False
     max_pixels: int | None = None
-    suffixes = IMAGE_SUFFIXES  # what a folder --input is searched for
+    suffixes = IMAGE_SUFFIXES  # what a folder `input` is searched for
     command, label = "", ""  # the subcommand, and the progress bar's label
 
     def open(self) -> None:
         """Load the models (once per process / Ray actor)."""
-        _quiet_imports()
 
     def limits(self):
         """The .cnk reader's limits on this worker: its environment's, with --max-pixels applied."""
@@ -389,12 +265,15 @@ class Job:
             return [self.target(item, self.output_suffix)]
         return [self.target(item, self.output_suffix, n) for n in range(1, count + 1)]
 
-    def _outcome(self, item: Item, status: str, reason: str = "", notes: Sequence[str] = (), tb: str = "") -> dict:
-        return {"path": item.label, "status": status, "reason": reason, "warnings": list(notes), "traceback": tb}
+    def _outcome(self, item: Item, status: str, reason: str = "", notes: Sequence[str] = (), tb: str = "",
+                 params: Sequence[str] = ()) -> dict:
+        return {"path": item.label, "status": status, "reason": reason, "params": list(params),
+                "warnings": list(notes), "traceback": tb}
 
     def _failed(self, item: Item, exc: BaseException, notes: Sequence[str] = ()) -> dict:
         tb = "".join(traceback.format_exception(exc)) if self.debug else ""
-        return self._outcome(item, "failed", _reason(exc, item.label, item.source), notes, tb)
+        return self._outcome(item, "failed", _reason(exc, item.label, item.source), notes, tb,
+                             getattr(exc, "params", ()))
 
 
 @dataclass
@@ -414,7 +293,6 @@ class EncodeJob(Job):
     output_suffix = CNK_SUFFIX
 
     def open(self) -> None:
-        super().open()
         from comneck_cli import coding as api
 
         device = api.resolve_device(self.device)
@@ -427,6 +305,7 @@ class EncodeJob(Job):
             pre_edit=self.pre_edit, device=device, limits=self.limits())
 
     def run(self, items):
+        from comneck_cli.coding import files
         from comneck_cli.io.outputs import write_atomic
 
         outcomes: dict[int, dict] = {}
@@ -436,12 +315,12 @@ class EncodeJob(Job):
                 if not self.force and cnk_output_ok(self.target(item, CNK_SUFFIX), self._encoder, item.source):
                     outcomes[position] = self._outcome(item, "skipped")
                     continue
-                image, notes = read_image_file(item.source, item.label, self.max_pixels)
+                image, notes = files.read_image_file(item.source, item.label, self.max_pixels)
                 todo.append((position, item, image, notes))
             except Exception as exc:  # noqa: BLE001 - recorded per input, the chunk goes on
                 outcomes[position] = self._failed(item, exc)
         try:
-            packed = encode_images([image for _, _, image, _ in todo], self._encoder,
+            packed = files.encode_images([image for _, _, image, _ in todo], self._encoder,
                                    [item.label for _, item, _, _ in todo])
         except Exception as exc:  # noqa: BLE001 - g_a of the whole group failed (e.g. out of memory)
             packed = [exc] * len(todo)
@@ -473,7 +352,6 @@ class DecodeJob(Job):
     command, label = "decode", "decoding"
 
     def open(self) -> None:
-        super().open()
         from comneck_cli import coding as api
 
         self._cache = api.CodecCache(api.resolve_device(self.device), self.weights)
@@ -486,6 +364,7 @@ class DecodeJob(Job):
     def run(self, items):
         """Yields each input's outcome as soon as its images are written: g_s is slow, and an interrupted job
         must count what it finished, not only whole chunks."""
+        from comneck_cli.coding import files
         from comneck_cli.io.images import WRITE_FORMATS
         from comneck_cli.io.outputs import write_atomic
 
@@ -498,7 +377,7 @@ class DecodeJob(Job):
                     yield self._outcome(item, "skipped")
                     continue
                 for target, record in pending:
-                    data = decode_record_bytes(record, self._cache, WRITE_FORMATS[DECODE_FORMATS[self.fmt]])
+                    data = files.decode_record_bytes(record, self._cache, WRITE_FORMATS[DECODE_FORMATS[self.fmt]])
                     write_atomic(target, data, force=True)
                 outcome = self._outcome(item, "done")
             except Exception as exc:  # noqa: BLE001
@@ -531,8 +410,8 @@ class FeaturesJob(Job):
             self.suffixes = IMAGE_SUFFIXES
 
     def open(self) -> None:
-        super().open()
         from comneck_cli import coding as api
+        from comneck_cli.features import FeatureRunner
 
         self._runner = FeatureRunner(
             via=self.via, neck=self.neck, layer=self.layer, select=self.select, clip_model=self.clip_model,
@@ -543,6 +422,7 @@ class FeaturesJob(Job):
         self._limits = self.limits()
 
     def run(self, items):
+        from comneck_cli.coding import files
         from comneck_cli.features import save_features
 
         runner = self._runner
@@ -554,7 +434,7 @@ class FeaturesJob(Job):
         for position, item in enumerate(items):
             try:
                 if self.via == "uncompressed":
-                    image, notes[position] = read_image_file(item.source, item.label, self.max_pixels)
+                    image, notes[position] = files.read_image_file(item.source, item.label, self.max_pixels)
                     units.append((position, self.target(item, suffix), item.relative, image))
                     continue
                 records = _read_records(item, self._limits)
@@ -602,6 +482,9 @@ class FeaturesJob(Job):
 
 
 # --------------------------------------------------------------------------- engines
+_LISTS = ("params", "warnings")  # the columns a Ray row carries as JSON
+
+
 class Worker:
     """Ray Data callable class: one per actor. Loads the models once, then runs each row (one chunk of the
     driver's plan) through :meth:`Job.run`, writing the outputs from the actor.
@@ -611,11 +494,12 @@ class Worker:
     """
 
     def __init__(self, job: Job) -> None:
-        self.job, self.setup_error = job, ""
+        self.job, self.setup_error, self.setup_params = job, "", []
         try:
             job.open()
         except Exception as exc:  # noqa: BLE001 - reported by the driver, see the class docstring
             self.setup_error = _reason(exc) if not job.debug else "".join(traceback.format_exception(exc))
+            self.setup_params = list(getattr(exc, "params", ()))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -624,12 +508,12 @@ class Worker:
         for chunk in batch["chunk"]:
             items = [Item(*entry) for entry in json.loads(str(chunk))]
             if self.setup_error:
-                rows.append({"path": "", "status": "setup", "reason": self.setup_error, "warnings": [],
-                             "traceback": ""})
+                rows.append({"path": "", "status": "setup", "reason": self.setup_error,
+                             "params": self.setup_params, "warnings": [], "traceback": ""})
                 continue
             rows.extend(self.job.run(items))
-        columns = {key: np.array([str(r[key]) if key != "warnings" else json.dumps(r[key]) for r in rows],
-                                 dtype=object) for key in ("path", "status", "reason", "warnings", "traceback")}
+        columns = {key: np.array([json.dumps(r[key]) if key in _LISTS else str(r[key]) for r in rows], dtype=object)
+                   for key in ("path", "status", "reason", "params", "warnings", "traceback")}
         return columns
 
 
@@ -652,9 +536,9 @@ def run_ray(job: Job, plan: list[list[Item]], options: RayOptions, debug: bool =
     """Ray Data over the plan's chunks; a fixed pool of actors, each with ``num_gpus`` GPUs and ``num_cpus``
     CPUs. Starts a Ray instance on this machine unless one is running in this process, ``--address`` names a
     cluster, or ``RAY_ADDRESS`` is set."""
-    problem = _ray_problem()  # here, with the install hint or the real reason, not inside a worker
+    problem = ray_problem()  # here, with the install hint or the real reason, not inside a worker
     if problem is not None:
-        raise ComneckError(problem)
+        raise problem
     import ray
     started = False
     if not ray.is_initialized():
@@ -670,7 +554,7 @@ def run_ray(job: Job, plan: list[list[Item]], options: RayOptions, debug: bool =
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ComneckError(f"cannot start or reach Ray at {address or 'this machine'} "
                                f"({str(exc).splitlines()[0]}); start a cluster with `ray start --head` or leave "
-                               f"out --address") from None
+                               f"out `address`", params=["address"]) from None
         started = True
     try:
         if ray.util.client.ray.is_connected():
@@ -707,9 +591,10 @@ def _map_chunks(job: Job, plan: list[list[Item]], options: RayOptions, debug: bo
     )
     for row in results.iter_rows():
         if row["status"] == "setup":
-            raise ComneckError(f"a Ray worker could not load the models: {row['reason']}")
-        yield {"path": row["path"], "status": row["status"], "reason": row["reason"],
-               "warnings": json.loads(row["warnings"]), "traceback": row["traceback"]}
+            raise ComneckError(f"a Ray worker could not load the models: {row['reason']}",
+                               params=json.loads(row["params"]))
+        yield {key: json.loads(row[key]) if key in _LISTS else row[key]
+               for key in ("path", "status", "reason", "params", "warnings", "traceback")}
 
 
 class _ClusterDriver:
@@ -719,18 +604,18 @@ class _ClusterDriver:
 
     def __init__(self) -> None:
         self.outcomes: list[dict] = []
-        self.finished, self.error = False, ""
+        self.finished, self.error = False, None
 
     def run(self, job: Job, plan: list[list[Item]], options: RayOptions, debug: bool) -> None:
         try:
             for outcome in _map_chunks(job, plan, options, debug):
                 self.outcomes.append(outcome)
         except Exception as exc:  # noqa: BLE001 - handed to the client, which raises it
-            self.error = str(exc) if isinstance(exc, ComneckError) else f"{type(exc).__name__}: {exc}"
+            self.error = exc if isinstance(exc, ComneckError) else ComneckError(f"{type(exc).__name__}: {exc}")
         finally:
             self.finished = True
 
-    def poll(self, start: int) -> tuple[list[dict], bool, str]:
+    def poll(self, start: int) -> tuple[list[dict], bool, ComneckError | None]:
         finished = self.finished  # read first: when True, every outcome is already in the list
         return self.outcomes[start:], finished, self.error
 
@@ -749,8 +634,8 @@ def _through_client(ray, job: Job, plan: list[list[Item]], options: RayOptions, 
             if finished:
                 break
             time.sleep(0.5)
-        if error:
-            raise ComneckError(error)
+        if error is not None:
+            raise error
     finally:
         ray.kill(driver)
 
@@ -765,8 +650,8 @@ def _probe(address: str) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
     except OSError as exc:
-        raise ComneckError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); check --address "
-                           f"or RAY_ADDRESS, or leave both out to run Ray on this machine") from None
+        raise ComneckError(f"cannot reach a Ray cluster at {address} ({exc.strerror or exc}); check `address` "
+                           f"or RAY_ADDRESS, or leave both out to run Ray on this machine", params=["address"]) from None
 
 
 def _pool_size(resources: dict[str, float], options: RayOptions) -> int:
@@ -776,22 +661,33 @@ def _pool_size(resources: dict[str, float], options: RayOptions) -> int:
     if options.num_gpus > 0:
         gpus = resources.get("GPU", 0)
         if gpus < options.num_gpus:
-            raise ComneckError(f"--num-gpus-per-worker {options.num_gpus:g} but the Ray cluster has {gpus:g} "
-                               f"GPUs; lower it, or use 0 for CPU workers")
+            raise ComneckError(f"`num_gpus` {options.num_gpus:g} but the Ray cluster has {gpus:g} "
+                               f"GPUs; lower it, or use 0 for CPU workers", params=["num_gpus"])
         workers = min(workers, int(gpus // options.num_gpus))
     return max(1, workers)
 
 
-# --------------------------------------------------------------------------- reporting
-class Report:
-    """Tallies outcomes, prints one line per failure, writes ``errors.jsonl`` and the summary line."""
+# --------------------------------------------------------------------------- the driver
+def _backticks(param: str) -> str:
+    return f"`{param}`"
 
-    def __init__(self, run, output: Path, command: str) -> None:
-        self.run, self.output, self.command = run, output, command
-        self.advance: Callable[[], None] = lambda: None  # set to the progress bar's
+
+class Report:
+    """Tallies outcomes and keeps the failures for ``errors.jsonl``; prints nothing. ``spell`` writes the parameters
+    a reason names (``ComneckError.render``: the CLI passes its flags); ``on_warning(note)`` gets each distinct
+    warning once per job, ``on_failure(path, reason, traceback)`` each failed input, ``on_progress(done, total)``
+    follows the inputs."""
+
+    def __init__(self, output: Path, command: str, *, spell: Callable[[str], str] = _backticks,
+                 on_warning: Callable[[str], None] | None = None,
+                 on_failure: Callable[[str, str, str], None] | None = None,
+                 on_progress: Callable[[int, int], None] | None = None) -> None:
+        self.output, self.command, self.spell = output, command, spell
+        self.on_warning, self.on_failure, self.on_progress = on_warning, on_failure, on_progress
         self.counts = {"done": 0, "skipped": 0, "failed": 0}
+        self.total = 0  # set by :func:`execute` once the plan is made
         self.errors: list[dict[str, str]] = []
-        self._warned: set[str] = set()  # a warning about the models (not one input) is printed once per job
+        self._warned: set[str] = set()  # a warning about the models (not one input) is said once per job
 
     def add(self, outcome: dict) -> None:
         status = outcome["status"]
@@ -799,16 +695,18 @@ class Report:
         for note in outcome.get("warnings", ()):
             if note not in self._warned:
                 self._warned.add(note)
-                self.run.warn(note)
+                if self.on_warning is not None:
+                    self.on_warning(note)
         if status == "failed":
-            self.errors.append({"path": outcome["path"], "reason": outcome["reason"]})
-            if outcome.get("traceback"):
-                click.echo(outcome["traceback"], err=True, nl=False)
-            click.echo(f"comneck: error: {outcome['path']}: {outcome['reason']}", err=True)
-        self.advance()
+            reason = ComneckError(outcome["reason"], params=outcome.get("params", ())).render(self.spell)
+            self.errors.append({"path": outcome["path"], "reason": reason})
+            if self.on_failure is not None:
+                self.on_failure(outcome["path"], reason, outcome.get("traceback", ""))
+        if self.on_progress is not None:
+            self.on_progress(sum(self.counts.values()), self.total)
 
-    def finish(self) -> None:
-        """Write (or, after a clean run, remove) errors.jsonl, then the summary line."""
+    def finish(self) -> str:
+        """Write (or, after a clean run, remove) errors.jsonl; returns the summary line."""
         from comneck_cli.io.outputs import write_atomic
 
         path = self.output / ERRORS_FILE
@@ -818,19 +716,74 @@ class Report:
         else:
             path.unlink(missing_ok=True)
         c = self.counts
-        line = f"comneck: batch {self.command}: {c['done']} done, {c['skipped']} skipped, {c['failed']} failed"
-        if self.errors:
-            line += f"; see {path}"
-        if self.errors or not self.run.quiet:
-            click.echo(line, err=True)
+        line = f"batch {self.command}: {c['done']} done, {c['skipped']} skipped, {c['failed']} failed"
+        return line + (f"; see {path}" if self.errors else "")
 
 
-def _quiet_imports() -> None:
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
+def execute(job: Job, spec: str, output: Path, report: Report, *, relative_to: Path | None = None,
+            engine: str = "local", options: RayOptions | None = None, batch_size: int = 8) -> None:
+    """Plan every input of ``spec`` (:func:`plan_inputs`) and its outputs, then run the chunks through ``job``
+    on ``engine`` (local or ray), adding each outcome to ``report``. The caller calls ``report.finish()``, also
+    after an interrupt; a setup error (models that do not load) propagates: no input was tried."""
+    from comneck_cli.io.outputs import make_folder
+
+    if relative_to is not None and (spec != STDIO and Path(spec).is_dir()):
+        raise UsageError("`relative_to` applies to a list of paths; a folder `input` is mirrored from itself",
+                         params=["relative_to", "input"])
+    items, refused = plan_inputs(spec, job.suffixes, output, relative_to)
+    items, clashing = _without_clashes(job, items)
+    refused += clashing
+    if not items and not refused:
+        raise InputError(f"no inputs: {spec} holds no {' / '.join(job.suffixes)} files")
+    if engine == "ray" and (problem := ray_problem()) is not None:
+        raise problem
+    make_folder(output)
+    plan = chunks(items, batch_size)
+    report.total = len(items) + len(refused)
+    for entry in refused:
+        report.add({"path": entry["path"], "status": "failed", "reason": entry["reason"],
+                    "params": entry.get("params", [])})
+    if plan:
+        outcomes = run_local(job, plan) if engine == "local" else run_ray(job, plan, options or RayOptions(),
+                                                                          job.debug)
+        for outcome in outcomes:
+            report.add(outcome)
 
 
-def _ray_problem() -> str | None:
+def _without_clashes(job: Job, items: list[Item]) -> tuple[list[Item], list[dict[str, str]]]:
+    """Every input's outputs, planned before any is written (``outputs.clashes``): an input that would write what an
+    earlier one writes is refused -- a/b.png and a/b.jpg (both OUT/a/b.cnk), or a stream's numbered outputs and
+    another input's (a.cnk's record 1 and a_0001.cnk, both OUT/a_0001.png)."""
+    from comneck_cli.io.outputs import clashes
+
+    counts = _stream_counts(job, items)
+    refused = clashes([(item.label, job.targets(item, counts.get(item, 1))) for item in items])
+    kept = [item for index, item in enumerate(items) if index not in refused]
+    return kept, [{"path": items[index].label, "reason": reason} for index, reason in refused.items()]
+
+
+def _stream_counts(job: Job, items: list[Item]) -> dict[Item, int]:
+    """The records in each ``.cnk`` input whose numbered outputs could meet another input's: ``a.cnk`` beside
+    ``a_0001.cnk`` (read, both of them). Other inputs are not read while planning: their outputs can only meet
+    by sharing a stem, whatever their record counts."""
+    if CNK_SUFFIX not in job.suffixes:
+        return {}
+    by_stem = {Path(item.relative).with_suffix("").as_posix().casefold(): item for item in items}
+    counts: dict[Item, int] = {}
+    for item in items:
+        stem, underscore, number = Path(item.relative).with_suffix("").as_posix().casefold().rpartition("_")
+        parent = by_stem.get(stem) if underscore and len(number) >= 4 and number.isdigit() else None
+        if parent is not None:
+            for each in (parent, item):
+                if each not in counts:
+                    try:
+                        counts[each] = max(1, len(_read_records(each, job.limits())))
+                    except (ComneckError, OSError):  # its worker reports the damage
+                        counts[each] = 1
+    return counts
+
+
+def ray_problem() -> ComneckError | None:
     """Why ``--engine ray`` cannot run here, or None. Ray is imported, not only looked for: an installed Ray whose
     import fails (e.g. a pyarrow built for another numpy) must say so, not that Ray is missing."""
     try:
@@ -838,8 +791,8 @@ def _ray_problem() -> str | None:
         import ray.data  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - whatever a broken install raises, it is the reason to show
         if isinstance(exc, ModuleNotFoundError) and exc.name in ("ray", "ray.data"):
-            return RAY_MISSING
+            return ComneckError(RAY_MISSING, params=["engine"])
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return (f"--engine ray: Ray is installed but importing it failed ({type(exc).__name__}: {first}); "
-                "fix that installation, or use --engine local")
+        return ComneckError(f"`engine` ray: Ray is installed but importing it failed ({type(exc).__name__}: {first}); "
+                            "fix that installation, or use `engine` local", params=["engine"])
     return None

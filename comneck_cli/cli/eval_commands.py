@@ -1,25 +1,20 @@
 """``comneck eval``: a thin Click command over :func:`comneck_cli.eval.run.run_eval`.
 
 Importing this module imports neither torch nor compressai: the command imports the evaluation code when it
-runs. Register it with ``main.add_command(eval_command)`` in ``comneck_cli/cli.py``.
+runs.
 """
 
 from __future__ import annotations
 
-import signal
-import sys
-import traceback
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 import click
 
+from comneck_cli.cli.options import CODEC_CHOICE, family_options, max_pixels_option
+from comneck_cli.cli.plumbing import apply_preset, guard, progress, quiet_imports, spell_params
 from comneck_cli.defaults import DEFAULT_CODEC, quality_problem
-from comneck_cli.errors import ComneckError
-from comneck_cli.cli.options import CODEC_CHOICE
-from comneck_cli.clip.presets import PRESETS
 from comneck_cli.eval import DEFAULT_METHODS, DEFAULT_PROMPT, METHOD_NAMES
 
 _FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
@@ -67,25 +62,6 @@ def _methods(ctx, param, value: str | None) -> tuple[str, ...] | None:
     return names
 
 
-@contextmanager
-def _progress(total: int, enabled: bool) -> Iterator[Callable[[], None]]:
-    """A rich progress bar on stderr, only on a terminal and without --quiet; yields ``advance()``."""
-    if not enabled or total < 1 or not sys.stderr.isatty():
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("evaluating", total=total)
-        yield lambda: bar.advance(task)
-
-
-class _Terminated(KeyboardInterrupt):
-    pass
-
-
 @click.command("eval")
 @click.option("--data", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="Images: one sub-folder per class (ImageFolder; enables zero-shot accuracy) or a flat folder.")
@@ -119,14 +95,9 @@ class _Terminated(KeyboardInterrupt):
 @click.option("--size", type=click.IntRange(0), default=256, show_default=True,
               help="Resize the short side to S (bicubic) and centre-crop S×S before coding, as the paper's 256×256; "
                    "0 codes images as they are.")
-@click.option("--for", "family", type=click.Choice(list(PRESETS)), default=None,
-              help="Compare exactly what that MLLM family reads: sets --layer/--select, the CLIP tower and its "
-                   "preprocessing (as `comneck features --for`).")
-@click.option("--layer", type=int, default=-2, show_default=True,
-              help="Hidden state compared with C(x), Hugging Face numbering (-2: what LLaVA reads).")
-@click.option("--select", type=click.Choice(["patch", "cls", "all", "pooled", "projected"]), default="patch",
-              show_default=True, help="Tokens compared with C(x): patch (no CLS), cls, all, pooled (the projected "
-              "embedding) or projected (every last-layer token after ln_post and the projection).")
+@family_options("Hidden state compared with C(x), Hugging Face numbering (-2: what LLaVA reads).",
+                "Tokens compared with C(x): patch (no CLS), cls, all, pooled (the projected embedding) or projected "
+                "(every last-layer token after ln_post and the projection).")
 @click.option("--clip", "clip_model", default=None, show_default="the necks' CLIP, else ViT-L-14",
               help="open_clip model of the reference tower C and the zero-shot text encoder.")
 @click.option("--clip-tag", default=None, show_default="the necks' tag, else openai", help="open_clip weights tag.")
@@ -139,8 +110,7 @@ class _Terminated(KeyboardInterrupt):
               help="Images per chunk (CLIP runs batched over a chunk).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the codec transforms, the neck, the U-Net and CLIP run; entropy coding stays on the CPU.")
-@click.option("--max-pixels", type=click.IntRange(1), default=None,
-              help="Refuse images with more pixels than this (decompression-bomb protection).")
+@max_pixels_option
 @click.option("--resume", is_flag=True,
               help="Continue the evaluation in REPORT_DIR: finished points are not recomputed.")
 @click.option("--force", is_flag=True, help="Start over, discarding the evaluation already in REPORT_DIR.")
@@ -162,35 +132,24 @@ def eval_command(data: Path, output: Path, codec: str, qualities: tuple[int, ...
     for quality in qualities:  # usage errors before torch is imported
         problem = quality_problem(codec, quality)
         if problem is not None:
-            raise click.BadParameter(problem, param_hint="--qualities")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
+            raise click.BadParameter(str(problem), param_hint="--qualities")
+    quiet_imports()
     if methods is None:
         methods = DEFAULT_METHODS + (("postprocess",) if postprocess else ())
-    pad_to_square = False
-    if family is not None:
-        preset = PRESETS[family]
-        ctx = click.get_current_context()
-        for name, value in (("layer", layer), ("select", select), ("clip_model", clip_model), ("clip_tag", clip_tag)):
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and \
-                    value != getattr(preset, name):
-                option = "--clip" if name == "clip_model" else f"--{name.replace('_', '-')}"
-                raise click.UsageError(f"--for {family} sets {option} {getattr(preset, name)}; drop {option} {value}")
-        layer, select, clip_model, clip_tag = preset.layer, preset.select, preset.clip_model, preset.clip_tag
-        pad_to_square = preset.pad_to_square
+    layer, select, clip_model, clip_tag, pad_to_square = apply_preset(family, layer, select, clip_model, clip_tag)
 
     def say(message: str) -> None:
         if not quiet or message.startswith("error:"):
-            click.echo(f"comneck: {message}", err=True)
+            click.echo(f"comneck: {spell_params(message)}", err=True)
 
-    def on_term(signum, frame):
-        raise _Terminated()
+    @contextmanager
+    def bar(total: int) -> Iterator[Callable[[], None]]:
+        with progress(quiet, "evaluating", total, minimum=1) as shown:
+            yield shown.advance
 
-    try:
-        previous = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
+    interrupted = (f"interrupted; finished points are kept in {output / 'points.jsonl'}: rerun with --resume to "
+                   "continue")
+    with guard(debug, interrupted):
         from comneck_cli.eval.run import EvalConfig, run_eval
 
         cfg = EvalConfig(
@@ -203,19 +162,7 @@ def eval_command(data: Path, output: Path, codec: str, qualities: tuple[int, ...
             clip_weights=clip_weights, classes=classes, prompt=prompt, batch_size=batch_size, device=device,
             resume=resume, force=force, max_pixels=max_pixels,
         )
-        result = run_eval(cfg, progress=lambda total: _progress(total, not quiet), echo=say)
-    except ComneckError as exc:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"comneck: error: {exc}", err=True)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt as exc:
-        click.echo(f"comneck: interrupted; finished points are kept in {output / 'points.jsonl'}: rerun with --resume "
-                   "to continue", err=True)
-        raise SystemExit(143 if isinstance(exc, _Terminated) else 130) from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        result = run_eval(cfg, progress=bar, echo=say)
     say(f"wrote {output / 'summary.md'}: {result.computed} point(s) computed, {result.reused} taken from the log, "
         f"{len(result.skips)} skipped, {len(result.failures)} failed")
     raise SystemExit(1 if result.failures else 0)

@@ -1,13 +1,60 @@
-"""Click options several commands take alike (torch-free: cli.py and batch.py import it at start-up)."""
+"""Option groups several commands take alike, each defined once (torch-free: every command module imports it)."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Callable
 
 import click
 
+from comneck_cli.clip.presets import PRESETS
+from comneck_cli.cli.plumbing import Run, flag, guard
 from comneck_cli.defaults import CODEC_LEVELS, quality_problem, rate_problem
+
+SELECT_CHOICE = click.Choice(["patch", "cls", "all", "pooled", "projected"])
+
+
+def common_options(func: Callable) -> Callable:
+    """Options every single-machine data command takes; the command gets the :class:`Run` first, inside the guard."""
+
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                  help="Where the networks run (the codec's transforms, the neck, CLIP); entropy coding always runs "
+                       "on the CPU.")
+    @click.option("--quiet", is_flag=True, help="No progress bar, no warnings; errors still print.")
+    @click.option("--force", is_flag=True, help="Overwrite existing output files.")
+    @click.option("--fail-fast", is_flag=True, help="Stop at the first input that fails instead of going on.")
+    @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+    @max_pixels_option
+    @functools.wraps(func)
+    def wrapper(*args, device, quiet, force, fail_fast, debug, max_pixels, **kwargs):
+        run = Run(quiet=quiet, debug=debug, fail_fast=fail_fast, force=force, device=device, max_pixels=max_pixels)
+        with guard(debug):
+            func(run, *args, **kwargs)
+        run.exit()
+
+    return wrapper
+
+
+def max_pixels_option(func: Callable) -> Callable:
+    return click.option("--max-pixels", type=click.IntRange(1), default=None,
+                        help="Refuse images and records with more pixels than this (decompression-bomb protection). "
+                             "[default: $COMNECK_MAX_PIXELS or 89478485]")(func)
+
+
+def family_options(layer_help: str, select_help: str) -> Callable[[Callable], Callable]:
+    """``--for``/``--layer``/``--select``: which MLLM family's features, or which hidden state and tokens
+    (``plumbing.apply_preset`` turns ``--for`` into the rest); the help says what the command does with them."""
+
+    def decorate(func: Callable) -> Callable:
+        func = click.option("--select", type=SELECT_CHOICE, default="patch", show_default=True,
+                            help=select_help)(func)
+        func = click.option("--layer", type=int, default=-2, show_default=True, help=layer_help)(func)
+        return click.option("--for", "family", type=click.Choice(list(PRESETS)), default=None,
+                            help="Exactly what that MLLM family reads: sets --layer/--select, and for the reference "
+                                 "paths the CLIP tower, resolution and preprocessing (see the README's table).")(func)
+
+    return decorate
 
 
 def clip_options(model_help: str, weights_help: str) -> Callable[[Callable], Callable]:
@@ -55,4 +102,4 @@ def check_codec_usage(codec: str, quality: int | None, rate: float | None = None
     if problem is None and quality is not None and rate is None:
         problem = quality_problem(codec, quality)
     if problem is not None:
-        raise click.UsageError(problem)
+        raise click.UsageError(problem.render(flag))

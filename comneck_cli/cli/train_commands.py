@@ -2,21 +2,20 @@
 ``train_neck`` / ``train_postprocess``.
 
 Importing this module imports neither torch nor compressai: the commands import the training code when
-they run. Register the group with ``main.add_command(train)`` in ``comneck_cli/cli.py``.
+they run.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import traceback
 from functools import wraps
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from comneck_cli.errors import ComneckError
+from comneck_cli.cli.plumbing import guard, progress, quiet_imports
 
 _FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
 _DIR = click.Path(path_type=Path, exists=True, file_okay=False)
@@ -86,35 +85,28 @@ def _clip_options(model_help: str, weights_help: str = "Local CLIP weights file 
 
 
 def _guarded(func: Callable) -> Callable:
-    """One-line errors (exit 1); Ctrl-C says how to resume (exit 130)."""
+    """The guard (one-line errors, exit 1), with Ctrl-C saying how to resume (exit 130)."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> None:
-        try:
+        with guard(kwargs.get("debug", False), RESUME_HINT, sigterm=False):
             func(*args, **kwargs)
-        except ComneckError as exc:
-            if kwargs.get("debug"):
-                traceback.print_exc()
-            click.echo(f"comneck: error: {exc}", err=True)
-            raise SystemExit(1) from None
-        except KeyboardInterrupt:
-            click.echo("comneck: interrupted; continue from the last checkpoint with --resume RUN_DIR/checkpoint.pt",
-                       err=True)
-            raise SystemExit(130) from None
 
     return wrapper
 
 
-def _quiet_imports() -> None:
-    import warnings
+RESUME_HINT = "interrupted; continue from the last checkpoint with --resume RUN_DIR/checkpoint.pt"
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*")
+
+def _trained(train_function: Callable, cfg: Any) -> Any:
+    """Run ``train_function(cfg, on_progress)`` under the progress bar (on a terminal, without --quiet)."""
+    with progress(cfg.quiet, "training", minimum=1) as bar:
+        return train_function(cfg, bar)
 
 
 def _add_clip_config(clip_config: Path | None) -> None:
     """Quiet the heavy imports, then add ``--clip-config``'s open_clip model configs before any model is built."""
-    _quiet_imports()
+    quiet_imports()
     if clip_config is not None:
         import open_clip
 
@@ -212,13 +204,13 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
     Example:
       comneck train codec --codec elic2022-official -q 2 --data imagenet8k/ --epochs 100
     """
-    _quiet_imports()
+    quiet_imports()
     from comneck_cli.train.codec import CodecTrainConfig, train_codec
 
     cfg = CodecTrainConfig(codec=codec, quality=quality, steps=steps, epochs=epochs, lr=lr, aux_lr=aux_lr,
                            clip_max_norm=clip_max_norm, lmbda=lmbda, config=_json_config(config_json), init=init, warmup=warmup,
                            output=output, register=None if no_register else register, **run)
-    result = train_codec(cfg)
+    result = _trained(train_codec, cfg)
     _summary(run["quiet"], cfg.codec if cfg.quality is None else f"{cfg.codec} q{cfg.quality}", result)
 
 
@@ -303,7 +295,7 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
         clip_max_norm=clip_max_norm, neck_width=neck_width, neck_heads=neck_heads, neck_init=neck_init,
         output=output, register=None if no_register else register, codec_output=codec_output,
         codec_register=None if no_register else codec_register, **run)
-    result = train_neck(cfg)
+    result = _trained(train_neck, cfg)
     _summary(run["quiet"], f"neck {cfg.scenario} for {cfg.codec} q{cfg.quality}", result)
 
 
@@ -369,7 +361,7 @@ def train_vbr_command(codec, pre_edit, init, config_json, steps, epochs, lr, pre
         token_layers=_numbers(token_layers, int, "--token-layers"), pre_edit_channels=pre_edit_channels,
         output=output, register=None if no_register else register, pre_edit_output=pre_edit_output,
         pre_edit_register=None if no_register else pre_edit_register, **run)
-    result = train_vbr(cfg)
+    result = _trained(train_vbr, cfg)
     _summary(run["quiet"], f"{cfg.codec}{' and pre-editing module' if cfg.pre_edit else ''}", result)
     extra = result.extra or {}
     if not run["quiet"] and extra.get("pre_edit_output"):
@@ -420,53 +412,56 @@ def train_postprocess_command(codec, quality, weights, clip_model, clip_tag, cli
         steps=_numbers(steps, int, "--steps"), epochs=_numbers(epochs, int, "--epochs"), lr=_numbers(lr, float, "--lr"),
         ce_dist=_ce_dist(ce_dist), base=base, depth=depth, output=output,
         register=None if no_register else register, **run)
-    result = train_postprocess(cfg)
+    result = _trained(train_postprocess, cfg)
     _summary(run["quiet"], f"post-processing U-Net for {cfg.codec} q{cfg.quality}", result)
 
 
 @train.command("adapter")
-@click.option("--codec", default=None, help="Codec whose reconstructions x_hat the adapter repairs (frozen).")
+@click.option("--codec", default=None, help="Codec whose y_hat and x_hat the adapter reads (frozen).")
 @click.option("-q", "--quality", type=click.IntRange(1, 255), default=None,
               help="Codec quality level (fixed-rate codecs; a variable-rate codec draws R from --rates each step).")
 @click.option("--weights", "--codec-weights", "weights", type=_FILE, default=None,
               help="Codec file. Default: the registry entry (CODEC or CODEC-qQUALITY), else the CompressAI zoo.")
-@_clip_options("open_clip model of the loss's CLIP tower.")
+@_clip_options("open_clip model whose layer-0 tokens the adapter corrects (frozen).")
 @click.option("--rates", default=None, show_default="1,8", help="Variable-rate codecs: the range R is drawn from.")
-@click.option("--layers", default=None, show_default="2,-2",
-              help="Shallow and deep CLIP hidden states of the loss (Hugging Face numbering).")
-@click.option("--loss-weights", default=None, show_default="1,1,1",
-              help="Weights of pixel MSE, shallow-feature MSE and deep-feature MSE.")
+@click.option("--shallow-layer", type=int, default=None, show_default="0",
+              help="Hidden state of the importance-weighted term (Hugging Face numbering; 0: the layer-0 tokens).")
+@click.option("--loss-weights", default=None, show_default="0.1,1",
+              help="Weights of the importance-weighted shallow MSE and of the final-embedding MSE (CoTAM's).")
+@click.option("--warmup-epochs", type=click.FloatRange(0), default=None, show_default="5",
+              help="Epochs trained on the shallow term alone before the final-embedding term joins (CoTAM's).")
 @click.option("--semantic-strength", type=click.FloatRange(0, 65.535), default=None, show_default="0",
               help="Train on --semantic records of this strength (guided by the same CLIP); 0: plain records.")
-@click.option("--width", type=click.IntRange(1), default=None, show_default="64", help="Adapter channels.")
-@click.option("--blocks", type=click.IntRange(0), default=None, show_default="4", help="Adapter residual blocks.")
 @click.option("--steps", type=click.IntRange(0), default=None, help="Optimizer steps (or --epochs).")
 @click.option("--epochs", type=click.IntRange(0), default=None, help="Passes over the data (or --steps).")
-@click.option("--lr", type=float, default=None, show_default="1e-4", help="Adam learning rate.")
+@click.option("--lr", type=float, default=None, show_default="5e-4", help="Adam learning rate.")
 @click.option("-o", "--output", type=_OUT, default=None, help="Write the trained adapter (.safetensors) here.")
 @click.option("--register", default="{name}", show_default=True,
               help="Registry name; {name} is CODEC-adapter (variable rate) or CODEC-qQUALITY-adapter, where "
-                   "`decode --for mllm` looks.")
+                   "`eval --methods semantic-adapter` looks.")
 @click.option("--no-register", is_flag=True, help="Do not add the adapter to the registry (then -o is needed).")
 @_run_options
 @_guarded
-def train_adapter_command(codec, quality, weights, clip_model, clip_tag, clip_weights, clip_config, rates, layers,
-                          loss_weights, semantic_strength, width, blocks, steps, epochs, lr, output, register,
-                          no_register, debug, **run) -> None:
-    """Train the CoTAM decoder adapter: x_hat -> A -> x̃, loss = pixel + shallow + deep CLIP-feature MSE.
+def train_adapter_command(codec, quality, weights, clip_model, clip_tag, clip_weights, clip_config, rates,
+                          shallow_layer, loss_weights, warmup_epochs, semantic_strength, steps, epochs, lr, output,
+                          register, no_register, debug, **run) -> None:
+    """Train the CoTAM decoder adapter A: CLIP reads E(x_hat) + A(y_hat), its layer-0 tokens corrected from y_hat.
+
+    Loss: importance-weighted shallow-token MSE (x0.1) + final-embedding MSE, the latter after the warm-up epochs.
+    --crop defaults to 16 pixels per CLIP token (ViT-L-14: 256).
 
     \b
     Example:
-      comneck train adapter --codec mbt2018-mean-vbr --data imagenet/train --epochs 5 --semantic-strength 1.5
+      comneck train adapter --codec mbt2018-mean-vbr --data imagenet/train --epochs 20 --semantic-strength 1.5
     """
     _add_clip_config(clip_config)
     from comneck_cli.train.adapter import AdapterTrainConfig, train_adapter
 
     cfg = AdapterTrainConfig(
         codec=codec, quality=quality, weights=weights, clip_model=clip_model, clip_tag=clip_tag,
-        clip_weights=clip_weights, rates=_numbers(rates, float, "--rates"), layers=_numbers(layers, int, "--layers"),
-        loss_weights=_numbers(loss_weights, float, "--loss-weights"), semantic_strength=semantic_strength,
-        width=width, blocks=blocks, steps=steps, epochs=epochs, lr=lr, output=output,
+        clip_weights=clip_weights, rates=_numbers(rates, float, "--rates"), shallow_layer=shallow_layer,
+        loss_weights=_numbers(loss_weights, float, "--loss-weights"), warmup_epochs=warmup_epochs,
+        semantic_strength=semantic_strength, steps=steps, epochs=epochs, lr=lr, output=output,
         register=None if no_register else register, **run)
     result = train_adapter(cfg)
     _summary(run["quiet"], f"decoder adapter for {cfg.codec}", result)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Iterator, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import ComneckError, ModelFileError
 
 if TYPE_CHECKING:  # open_clip costs ~2.5 s to import: only functions that need it import it
     from open_clip.transformer import VisionTransformer
@@ -43,6 +43,19 @@ SELECTS: tuple[str, ...] = ("patch", "cls", "all", "pooled", "projected")
 def weights_entry_name(model_name: str, tag: str | None) -> str:
     """The ``comneck weights`` registry name for a CLIP model and weights tag (``clip-vit-l-14-openai``)."""
     return f"clip-{model_name}-{tag or 'none'}".lower().replace("/", "-")
+
+
+def resolve_clip(model_name: str, tag: str | None, weights_file: Path | None = None,
+                 device: torch.device | str = "cpu") -> nn.Module:
+    """CLIP from ``weights_file`` (a file or a registered name, :func:`comneck_cli.hub.resolve`), else the registry
+    entry ``clip-<model>-<tag>`` (sha256-checked), else open_clip's Hugging Face cache or hub (:func:`load_clip`)."""
+    from comneck_cli import hub
+
+    if weights_file is not None:
+        weights_file = hub.resolve(weights_file, "clip", param="clip_weights")
+    else:
+        weights_file = hub.find(weights_entry_name(model_name, tag), "clip")
+    return load_clip(model_name, tag, weights_file=weights_file, device=device)
 
 
 def load_clip(
@@ -67,8 +80,8 @@ def load_clip(
     name = model_name.replace("/", "-")
     if name not in open_clip.list_models():
         raise ComneckError(
-            f"unknown CLIP model {model_name!r}; use an open_clip model name such as ViT-L-14 "
-            "(see open_clip.list_models())"
+            f"unknown CLIP model {model_name!r}; pass `clip_model` an open_clip model name such as ViT-L-14 "
+            "(see open_clip.list_models())", params=("clip_model",)
         )
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
     quick_gelu = pretrained == "openai" or bool(tag_cfg.get("quick_gelu", False))
@@ -76,22 +89,23 @@ def load_clip(
     if weights_file is not None:
         weights_file = Path(weights_file)
         if not weights_file.is_file():
-            raise ComneckError(
-                f"CLIP weights file {weights_file} does not exist; pass an existing .bin/.pt/.safetensors file"
+            raise ModelFileError(
+                f"CLIP weights file {weights_file} does not exist; pass `clip_weights` an existing "
+                ".bin/.pt/.safetensors file", params=("clip_weights",)
             )
         source = str(weights_file)
     elif pretrained and not tag_cfg:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise ComneckError(
             f"unknown weights tag {pretrained!r} for CLIP model {name}; use one of: {tags} "
-            "(or pass a local weights file)"
+            "(or pass a local weights file as `clip_weights`)", params=("clip_weights",)
         )
     download = weights_file is None and bool(pretrained) and not _hub_cached(tag_cfg, cache_dir)
     if download:
         # Not cached: fail at once rather than after a minute of Hugging Face's retries when nothing can be fetched.
         why = "HF_HUB_OFFLINE is set" if _hub_offline() else _hub_unreachable()
         if why is not None:
-            raise ComneckError(
+            raise ModelFileError(
                 f"CLIP weights {name}/{pretrained} are not in the local cache and cannot be downloaded ({why}); "
                 "download them on a connected machine (HF_HOME cache) or register a local file with "
                 f"`comneck weights import {weights_entry_name(name, pretrained)} FILE`"
@@ -108,12 +122,12 @@ def load_clip(
     except Exception as exc:  # open_clip wraps hub/url/state-dict failures in RuntimeError and others
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if weights_file is not None:
-            raise ComneckError(
+            raise ModelFileError(
                 f"CLIP weights file {weights_file} could not be loaded into {name} ({first}); "
                 f"pass a state dict saved from open_clip's {name}"
             ) from exc
         if isinstance(exc, RuntimeError) and first.startswith("Failed to download weights"):
-            raise ComneckError(
+            raise ModelFileError(
                 f"CLIP weights {name}/{pretrained} are not in the local cache and cannot be downloaded; download "
                 "them on a connected machine (HF_HOME cache) or register a local file with "
                 f"`comneck weights import {weights_entry_name(name, pretrained)} FILE` (offline, HF_HUB_OFFLINE=1 "
@@ -181,12 +195,12 @@ def _vision_tower(visual: nn.Module) -> "VisionTransformer":
     from open_clip.transformer import VisionTransformer
 
     if not isinstance(visual, VisionTransformer):
-        raise ComneckError(
+        raise ModelFileError(
             f"the CLIP visual tower is a {type(visual).__name__}, not an open_clip VisionTransformer; "
             "comneck can split only ViT CLIP models such as ViT-L-14"
         )
     if visual.attn_pool is not None:
-        raise ComneckError(
+        raise ModelFileError(
             "the CLIP visual tower uses attentional pooling (CoCa), which comneck cannot split; "
             "use a plain ViT CLIP model"
         )

@@ -1,10 +1,12 @@
-"""Import CompressAI without its point-cloud datasets, torch_geometric and torchvision.
+"""Import CompressAI without its point-cloud datasets, torch_geometric, torchvision and scipy.stats.
 
 ``compressai/__init__.py`` imports every subpackage, and two of them cost most of its start-up: ``datasets`` and
 ``transforms`` pull in torch_geometric (point clouds), and ``registry.transforms`` imports ``torch_geometric.transforms``
 and ``torchvision.transforms`` only to list their classes in CompressAI's ``TRANSFORMS`` table. comneck uses none of
 them (its codecs are built from ``compressai.models``, ``entropy_models`` and ``zoo``), and shell pipelines pay the
-import on every call.
+import on every call. ``entropy_models`` also imports ``scipy.stats`` (about 40 % of ``import torch`` again) for one
+call, ``scipy.stats.norm.ppf``, made only when an entropy model's tables are rebuilt; SciPy loads its submodules
+lazily on attribute access, so with a stand-in during the import that call still reaches the real ``scipy.stats``.
 
 :func:`import_compressai` imports the real package once with empty stand-ins for those four modules in
 ``sys.modules`` and takes the stand-ins out again as soon as the import is done. So nothing is patched afterwards:
@@ -21,13 +23,14 @@ from types import ModuleType
 
 # Imported only to fill CompressAI's TRANSFORMS table, or holding point-cloud code comneck never runs.
 _STAND_INS = ("compressai.datasets", "compressai.transforms", "torch_geometric", "torch_geometric.transforms",
-              "torchvision", "torchvision.transforms")
+              "torchvision", "torchvision.transforms", "scipy.stats")
 
 
 def import_compressai() -> ModuleType:
     """The ``compressai`` package, imported without the modules listed in ``_STAND_INS`` (see the module doc)."""
     if "compressai" in sys.modules:
         return sys.modules["compressai"]
+    import scipy  # the real package (light): `import scipy.stats` binds it, and it imports `stats` when first used
     added: dict[str, ModuleType] = {}
     for name in _STAND_INS:
         if name not in sys.modules:

@@ -20,22 +20,28 @@ The authors' inference feeds the neck the y_hat of their ``forward`` (rounding a
 y_hat. Decoding goes through ``gaussian_conditional.decompress`` and ``entropy_bottleneck.decompress``, so the
 bounded rANS decoder that :func:`comneck_cli.codecs.rans.bound_entropy_decoders` installs is the one that runs.
 
-The authors' neck (``Linear_Encoder``) is comneck's :class:`~comneck_cli.models.neck.TransformNeck` under other names:
-:func:`neck_state_from_release` maps it, :func:`read_release` reads and checks a whole release file.
+:func:`read_checkpoint` reads a released file safely, :func:`release_codec_state` checks its codec, and
+:func:`write_release_codec` turns it into comneck's codec file, the one conversion ``comneck weights import-comneck``
+and ``--weights dS_Q.pth.tar`` share (so both give the same digest). The neck ('adapter') is the models layer's:
+:mod:`comneck_cli.models.release`.
 """
 
 from __future__ import annotations
 
 import collections
+import json
+import re
+import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from comneck_cli.codecs._compressai import import_compressai
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import MismatchError, ModelFileError, UsageError
 
 import_compressai()  # the light import (no point-cloud modules) before any compressai submodule
 
@@ -51,8 +57,8 @@ GROUPS = (16, 16, 32, 64, 192)  # channels of each group of y, coded in this ord
 CONTEXT_WIDTHS = (224, 128)  # hidden widths of every cc_transforms network
 AGGREGATION_WIDTHS = (640, 512)  # hidden widths of every ParamAggregation network
 RELEASE_CONFIG = {"N": 192, "M": 320}  # every released file
-# The released neck as comneck's TransformNeck: ViT-L/14's width and heads, a 256² image's 16×16 latent grid.
-RELEASE_NECK_CONFIG = {"latent_channels": 320, "width": 1024, "heads": 16, "grid": (16, 16), "mlp_ratio": 4.0}
+# The released files' names: d{scenario}_{quality}.pth.tar, scenarios d1-d3 of the paper, qualities 1-4.
+RELEASE_NAME = re.compile(r"d([123])_([1-4])\.pth\.tar")
 _TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")  # entropy tables: empty until update()
 
 
@@ -269,38 +275,6 @@ def _check_grid(batch: int, grid: tuple[int, int] | torch.Size) -> None:
 
 # --- the released files -------------------------------------------------------------------------------------
 
-_NECK_NAMES = (  # the authors' Linear_Encoder -> comneck's TransformNeck (same modules, other names)
-    ("trans_latent_dim.", "proj."),
-    ("transformer.resblocks.0.", "block."),
-)
-
-
-def neck_state_from_release(adapter_state: dict[str, Tensor], source: str = "the adapter") -> dict[str, Tensor]:
-    """The authors' ``Linear_Encoder`` state dict -> a :class:`~comneck_cli.models.neck.TransformNeck` state dict.
-
-    The two are the same network: their attention is sequence-first (``nn.MultiheadAttention``'s default) and
-    open_clip's batch-first, but the parameters are laid out alike, so only names change. The result is checked
-    by loading it, strict, into a neck of :data:`RELEASE_NECK_CONFIG`; ``source`` names the file in errors.
-    """
-    from comneck_cli.models.neck import TransformNeck
-
-    state = {}
-    for key, value in adapter_state.items():
-        for theirs, ours in _NECK_NAMES:
-            if key.startswith(theirs):
-                key = ours + key[len(theirs):]
-                break
-        state[key] = value
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        neck = TransformNeck(**RELEASE_NECK_CONFIG)
-    try:
-        neck.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        problem = " ".join(str(exc).split("\n\t")[1:2]) or str(exc)
-        raise ComneckError(f"{source}: the neck ('adapter') is not the ComNeck Linear_Encoder: {problem}") from exc
-    return state
-
-
 @lru_cache(maxsize=1)
 def _codec_shapes() -> dict[str, tuple[int, ...]]:
     """Every tensor of a fresh release-size codec and its shape (entropy tables are empty until update())."""
@@ -320,7 +294,7 @@ def _table_problem(key: str, value: Tensor) -> str | None:
 
 def release_codec_state(state: dict[str, Tensor], source: str = "the codec") -> dict[str, Tensor]:
     """A released codec state dict (``module.`` prefixes and CompressAI's older entropy-bottleneck names allowed)
-    -> :class:`ElicComneck`'s, with every key and shape checked; :class:`ComneckError` names the first problem."""
+    -> :class:`ElicComneck`'s, with every key and shape checked; :class:`ModelFileError` names the first problem."""
     state = {k.removeprefix("module."): v for k, v in state.items()}
     state = dict(remap_old_keys("entropy_bottleneck", state))  # _matrix0 (CompressAI 1.2.0) -> matrices.0
     expected = _codec_shapes()
@@ -329,28 +303,27 @@ def release_codec_state(state: dict[str, Tensor], source: str = "the codec") -> 
     if missing or unexpected:
         what = f"lack {missing[0]!r}" if missing else f"hold {unexpected[0]!r}, which ELIC_LLM has not"
         more = len(missing) + len(unexpected) - 1
-        raise ComneckError(f"{source}: the codec weights ('state_dict') {what}"
-                           f"{f' (and {more} more key problems)' if more else ''}; is this a ComNeck release file?")
+        raise ModelFileError(f"{source}: the codec weights ('state_dict') {what}"
+                             f"{f' (and {more} more key problems)' if more else ''}; is this a ComNeck release file?")
     for key, value in state.items():
         if not isinstance(value, Tensor):
-            raise ComneckError(f"{source}: codec entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise ModelFileError(f"{source}: codec entry {key!r} is a {type(value).__name__}, not a tensor")
         name = key.rsplit(".", 1)[-1]
         problem = _table_problem(key, value) if name in _TABLES else (
             None if tuple(value.shape) == expected[key] else f"shape {expected[key]}")
         if problem is not None:
-            raise ComneckError(f"{source}: codec weight {key!r} has shape {tuple(value.shape)}, but ELIC_LLM "
-                               f"(N=192, M=320) needs {problem}")
+            raise ModelFileError(f"{source}: codec weight {key!r} has shape {tuple(value.shape)}, but ELIC_LLM "
+                                 f"(N=192, M=320) needs {problem}")
     for i in range(len(GROUPS)):
         mask = state[f"context_prediction.{i}.mask"]
         if not torch.equal(mask.bool(), ~_anchor_mask(5, 5).expand_as(mask)):
-            raise ComneckError(f"{source}: context_prediction.{i}.mask is not the checkerboard mask (ones where the "
-                               "row and column parities differ)")
+            raise ModelFileError(f"{source}: context_prediction.{i}.mask is not the checkerboard mask (ones where the "
+                                 "row and column parities differ)")
     return state
 
 
-def read_release(path: Path | str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Read one released ``d{S}_{Q}.pth.tar`` -> (codec state for :class:`ElicComneck`, neck state for
-    :class:`~comneck_cli.models.neck.TransformNeck` of :data:`RELEASE_NECK_CONFIG`), both checked against the architecture.
+def read_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Read one released ``d{S}_{Q}.pth.tar`` -> its dict, with a ``state_dict`` and an ``adapter`` dict (unchecked).
 
     The file is unpickled with ``weights_only=True``: tensors, numbers and plain containers, plus
     ``collections.Counter`` (the milestones in the saved learning-rate scheduler's state); anything else is
@@ -361,16 +334,64 @@ def read_release(path: Path | str) -> tuple[dict[str, Tensor], dict[str, Tensor]
         with torch.serialization.safe_globals([collections.Counter]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as exc:
-        raise ComneckError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise ModelFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for other files
-        raise ComneckError(f"{path} is not a checkpoint comneck loads safely (tensors, numbers and plain containers "
-                           f"only; {type(exc).__name__}): is it a ComNeck release file?") from exc
+        raise ModelFileError(f"{path} is not a checkpoint comneck loads safely (tensors, numbers and plain containers "
+                             f"only; {type(exc).__name__}): is it a ComNeck release file?") from exc
     if not isinstance(checkpoint, dict):
-        raise ComneckError(f"{path} holds a {type(checkpoint).__name__}, not a ComNeck release checkpoint "
-                           "(a dict with 'state_dict' and 'adapter')")
+        raise ModelFileError(f"{path} holds a {type(checkpoint).__name__}, not a ComNeck release checkpoint "
+                             "(a dict with 'state_dict' and 'adapter')")
     for key in ("state_dict", "adapter"):
         if not isinstance(checkpoint.get(key), dict):
-            raise ComneckError(f"{path} has no {key!r} dict: a ComNeck release checkpoint holds the codec "
-                               "('state_dict') and the neck ('adapter')")
-    codec = release_codec_state(checkpoint["state_dict"], str(path))
-    return codec, neck_state_from_release(checkpoint["adapter"], str(path))
+            raise ModelFileError(f"{path} has no {key!r} dict: a ComNeck release checkpoint holds the codec "
+                                 "('state_dict') and the neck ('adapter')")
+    return checkpoint
+
+
+def release_of(path: Path | str, scenario: str | None = None, quality: int | None = None) -> tuple[str, int]:
+    """(scenario ``"d1"``-``"d3"``, quality 1-4) of a released file: those given, else its name ``d{S}_{Q}.pth.tar``."""
+    match = RELEASE_NAME.fullmatch(Path(path).name)
+    if match is None and (scenario is None or quality is None):
+        raise UsageError(f"cannot tell the scenario and quality of {path} from its name: keep the release name "
+                         "d{S}_{Q}.pth.tar or give `scenario` and `quality`", params=("scenario", "quality"))
+    return (scenario or f"d{match.group(1)}"), int(quality or match.group(2))
+
+
+def write_release_codec(codec_state: dict[str, Tensor], target: Path, quality: int, scenario: str) -> None:
+    """A checked release codec state (:func:`release_codec_state`) -> comneck's codec file ``target`` (safetensors,
+    entropy tables built by ``update()``, machine-only for d3, whose g_a was retrained for the neck alone).
+
+    The same state always gives the same bytes on one installation: the digest records carry does not depend on
+    whether the release went through ``weights import-comneck`` or ``--weights FILE``.
+    """
+    from comneck_cli.codecs import save_codec
+
+    model = ElicComneck(**RELEASE_CONFIG)
+    model.load_state_dict(codec_state, strict=True)
+    save_codec(model, Path(target), "elic-comneck", quality, dict(RELEASE_CONFIG), machine_only=scenario == "d3")
+    _sort_header(Path(target))
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys: safetensors writes its metadata from a hash map,
+    in an order that changes from one save to the next, and the file's digest must not."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors aligns the tensor data to 8 bytes
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size :])
+
+
+@contextmanager
+def converted_release(path: Path, quality: int) -> Iterator[Path]:
+    """A raw released file given as codec weights -> a temporary comneck codec file of it (deleted afterwards);
+    ``quality`` is what the caller codes at, refused unless it is the file's."""
+    scenario, trained_for = release_of(path)
+    if trained_for != quality:
+        raise MismatchError(f"{path} is the release for quality {trained_for}, not {quality}; pass `quality` "
+                            f"{trained_for}", params=("quality",))
+    state = release_codec_state(read_checkpoint(path)["state_dict"], str(path))
+    with tempfile.TemporaryDirectory(prefix="comneck-release-") as folder:
+        converted = Path(folder) / f"elic-comneck-q{quality}-{scenario}.safetensors"
+        write_release_codec(state, converted, quality, scenario)
+        yield converted

@@ -20,7 +20,7 @@ import torch
 from comneck_cli.formats import PAD_MULTIPLE, CnkError, ImportanceMap, Limits, Record, codec_name
 
 from comneck_cli.codecs import RATE_STEPS, Codec, load_codec
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import ComneckError, MismatchError, UsageError
 from comneck_cli.io.images import check_size, from_tensor, to_tensor
 from comneck_cli.coding.semantic import DEFAULT_STRENGTH, strength_steps
 
@@ -33,7 +33,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ComneckError("--device cuda was requested but no CUDA device is available; use --device cpu")
+        raise ComneckError("`device` cuda was requested but no CUDA device is available; use `device` cpu",
+                           params=["device"])
     try:
         return torch.device(name)
     except RuntimeError as exc:
@@ -153,13 +154,18 @@ class ImageEncoder:
 
 
 def check_guidance(spec, semantic: bool, semantic_strength: float | None, pre_edit: str | None) -> None:
-    """``--semantic``, ``--semantic-strength`` and ``--pre-edit`` against each other and the codec (``CodecSpec``)."""
+    """``semantic``, ``semantic_strength`` and ``pre_edit`` against each other and the codec (``CodecSpec``)."""
     if semantic_strength is not None and not semantic:
-        raise ComneckError("--semantic-strength needs --semantic")
+        raise UsageError("`semantic_strength` needs `semantic`", params=["semantic_strength", "semantic"])
     if semantic and pre_edit is not None:
-        raise ComneckError("pass --semantic or --pre-edit, not both")
+        raise UsageError("pass `semantic` or `pre_edit`, not both", params=["semantic", "pre_edit"])
     if semantic and not spec.variable_rate:
-        raise ComneckError(f"--semantic needs a variable-rate codec (e.g. mbt2018-mean-vbr), not {spec.name}")
+        raise _not_variable_rate(spec.name)
+
+
+def _not_variable_rate(name: str) -> UsageError:
+    return UsageError(f"`semantic` needs a variable-rate codec (e.g. mbt2018-mean-vbr), not {name}",
+                      params=["semantic"])
 
 
 def encode_to_bpp(image: np.ndarray, codec: Codec, target: float, *, tolerance: float = 0.05,
@@ -216,7 +222,7 @@ def code_semantic(image: np.ndarray, codec: Codec, y: torch.Tensor, importance: 
     from comneck_cli.coding.semantic import gain_map
 
     if not codec.spec.variable_rate:
-        raise ComneckError(f"--semantic needs a variable-rate codec (e.g. mbt2018-mean-vbr), not {codec.name}")
+        raise _not_variable_rate(codec.name)
     strings, _ = codec.code(y, gain=gain_map(codec.model, codec.rate, importance, tuple(y.shape[-2:])))
     return replace(record_from_strings(image, codec, strings, metadata), importance_map=importance.pack())
 
@@ -262,9 +268,9 @@ def check_record(record: Record, codec: Codec) -> None:
             f"record was coded with {name} quality {record.quality}, not {codec.name} quality {codec.quality}"
         )
     if record.weights_digest != codec.digest:
-        raise ComneckError(
+        raise MismatchError(
             f"record was coded with codec weights {record.weights_digest.hex()}, but {codec.source} is "
-            f"{codec.digest.hex()}; decode with the weights that encoded it (--weights FILE)"
+            f"{codec.digest.hex()}; decode with the weights that encoded it (`weights` FILE)", params=["weights"]
         )
 
 
@@ -302,8 +308,8 @@ def split_on_oom(run_batch: Callable[[list[T]], list[R]], items: list[T], descri
         torch.cuda.empty_cache()
         if len(items) == 1:
             raise ComneckError(
-                f"out of GPU memory on {describe(items[0])} even alone; use --device cpu or a smaller image"
-            ) from None
+                f"out of GPU memory on {describe(items[0])} even alone; use `device` cpu or a smaller image",
+                params=["device"]) from None
         half = len(items) // 2
         return split_on_oom(run_batch, items[:half], describe) + split_on_oom(run_batch, items[half:], describe)
 

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from comneck_cli.formats import PAD_MULTIPLE, ImportanceMap, latent_grids
 
 from comneck_cli.codecs import rate_gain
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import ComneckError, UsageError
 from comneck_cli.io.images import pad_amounts
 
 Y_STRIDE = 16  # pixels per latent position (formats.latent_grids)
@@ -56,8 +56,8 @@ class Guide:
     _prep: nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        from comneck_cli.clip.preprocess import ClipPreprocess
         from comneck_cli.clip.tower import ClipHead
-        from comneck_cli.train.neck import Teacher
 
         visual = self.clip.visual
         blocks = len(visual.transformer.resblocks)
@@ -66,7 +66,7 @@ class Guide:
         self.head = ClipHead(visual, self.block - 1)  # tokens entering the block whose attention is read
         self.attn_block = visual.transformer.resblocks[self.block - 1]
         self.batch_first = visual.transformer.batch_first
-        self._prep = Teacher(self.clip, None, None, ())  # CLIP's resize + normalisation, as training uses
+        self._prep = ClipPreprocess(self.clip).to(self.device)  # CLIP's resize + normalisation, as training uses
         self.size = self._prep.size
         if self.local_above is None:
             self.local_above = 2 * max(self.size)
@@ -78,7 +78,7 @@ class Guide:
     @torch.inference_mode()
     def attention(self, x: Tensor) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] -> class-token-to-patch attention (B, gh, gw), mean over heads."""
-        tokens = self.head(self._prep.preprocess(x.to(self.device)))
+        tokens = self.head(self._prep(x.to(self.device)))
         q = self.attn_block.ln_1(tokens)
         if not self.batch_first:
             q = q.transpose(0, 1)
@@ -140,7 +140,8 @@ def strength_steps(strength: float) -> int:
     """The strength S as the importance map stores it (thousandths, SPEC §7.1)."""
     steps = round(strength * 1000)
     if not 0 <= steps <= 0xFFFF:
-        raise ComneckError(f"--semantic-strength must be between 0 and 65.535, not {strength:g}")
+        raise UsageError(f"`semantic_strength` must be between 0 and 65.535, not {strength:g}",
+                         params=["semantic_strength"])
     return steps
 
 
@@ -195,7 +196,7 @@ def bits_per_position(model: nn.Module, y: Tensor, gain: Tensor) -> Tensor:
 def load_guide(clip_model: str, clip_tag: str | None, clip_weights=None, *, block: int = DEFAULT_BLOCK,
                device: torch.device | str = "cpu") -> Guide:
     """A :class:`Guide` on ``clip_model`` (weights from a file, the registry or open_clip's cache)."""
-    from comneck_cli.features import resolve_clip
+    from comneck_cli.clip.tower import resolve_clip
 
     return Guide(resolve_clip(clip_model, clip_tag, clip_weights, device=device), block=block)
 

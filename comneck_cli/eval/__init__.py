@@ -7,11 +7,10 @@ person sees (PSNR, MS-SSIM), how close the features are to C(x) (MSE, cosine) an
 One module per concern:
 
 - ``data``        the image folder (ImageFolder classes or flat), ``--limit``, ``--size``;
-- ``metrics``     bpp, PSNR, MS-SSIM, feature fidelity, the zero-shot classifier, the metric table;
+- ``metrics``     bpp, PSNR, MS-SSIM, feature fidelity, the metric table (zero-shot: ``clip.zeroshot``);
 - ``baselines``   traditional codecs through Pillow (JPEG, WebP, AVIF, JPEG XL) and the bpp-matching search;
-- ``postprocess`` the U-Net of the *Post-processing* baseline and its file format;
-- ``methods``     one class per method (neck, reconstruction, postprocess, uncompressed, traditional codecs,
-                  CoTAM's semantic and semantic-adapter);
+- ``methods``     one class per method (neck, reconstruction, postprocess with ``models.unet``'s U-Net,
+                  uncompressed, traditional codecs, CoTAM's semantic and semantic-adapter);
 - ``run``         the loop over image chunks, the JSONL log behind ``--resume``;
 - ``report``      averages, BD-rates, ``points.csv/json``, ``summary.md``, one PNG per metric;
 - ``commands``    the Click command (imports neither torch nor compressai until it runs).
@@ -27,15 +26,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from comneck_cli.clip.zeroshot import DEFAULT_TEMPLATES
+
 _EXPORTS = {
     "EvalConfig": "run",
     "EvalResult": "run",
     "run_eval": "run",
     "bd_rate": "report",
-    "UNet": "postprocess",
-    "PostprocessInfo": "postprocess",
-    "save_postprocess": "postprocess",
-    "load_postprocess": "postprocess",
 }
 
 __all__ = ["METHOD_NAMES", "DEFAULT_METHODS", "DEFAULT_PROMPT", *_EXPORTS]
@@ -44,7 +41,7 @@ __all__ = ["METHOD_NAMES", "DEFAULT_METHODS", "DEFAULT_PROMPT", *_EXPORTS]
 METHOD_NAMES = ("neck", "reconstruction", "postprocess", "uncompressed", "jpeg", "webp", "avif", "jxl", "semantic",
                 "semantic-adapter", "vbr-preedit")
 DEFAULT_METHODS = ("neck", "reconstruction", "uncompressed", "jpeg", "webp", "avif", "jxl")
-DEFAULT_PROMPT = "a photo of a {}."
+DEFAULT_PROMPT = DEFAULT_TEMPLATES[0]  # the zero-shot prompt, as training's single template
 
 
 def __getattr__(name: str) -> Any:

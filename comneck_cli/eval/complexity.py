@@ -41,6 +41,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from comneck_cli.errors import UsageError
+
 # y_hat is the image downsampled 16x by g_a in every CompressAI codec comneck supports (ELIC included).
 LATENT_STRIDE = 16
 
@@ -130,3 +132,40 @@ def component_costs(
         row("codec synthesis g_s", count(codec_model.g_s, y_hat)),
         row(f"CLIP C: patch embedding + first {k} blocks", count(ClipHead(visual, k), images)),
     ]
+
+
+def measure(codec: str, quality: int | None, clip_model: str, image_size: int = 256, k: int = 2
+            ) -> tuple[list[Row], str]:
+    """:func:`component_costs` of models built with random weights (counts do not depend on them, so nothing is
+    downloaded): ``codec`` at ``quality`` (default its highest) sized as the file ``encode`` would load, the
+    open_clip tower ``clip_model``, and a neck for both. Returns the rows and the codec's size with where it comes
+    from (``codecs.file_config``)."""
+    import logging
+
+    import open_clip
+
+    from comneck_cli.codecs import check_quality, file_config, get_spec, latent_channels
+    from comneck_cli.models.neck import TransformNeck
+
+    spec = get_spec(codec)
+    quality = max(spec.qualities) if quality is None else quality
+    check_quality(spec, quality)
+    if clip_model not in open_clip.list_models():
+        raise UsageError(f"unknown CLIP model {clip_model!r}; use an open_clip model name such as ViT-L-14")
+    if image_size % 64:
+        raise UsageError(f"`size` must be a multiple of 64 (the codec's padding), not {image_size}", params=["size"])
+    config, source = file_config(spec, quality)
+    codec_model = spec.constructor()(**config)
+    logging.disable(logging.WARNING)  # open_clip logs "initialized randomly", which is the point here
+    try:
+        clip = open_clip.create_model(clip_model, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
+    visual = clip.visual
+    grid = image_size // LATENT_STRIDE
+    neck = TransformNeck(
+        latent_channels=latent_channels(config), width=visual.transformer.width,
+        heads=visual.transformer.resblocks[0].attn.num_heads, grid=(grid, grid),
+    )
+    sized = ", ".join(f"{key}={value}" for key, value in config.items())
+    return component_costs(codec_model, clip, neck, image_size=image_size, k=k), f"q{quality}, {sized}: {source}"

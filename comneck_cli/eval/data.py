@@ -19,11 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from comneck_cli.errors import ComneckError
-from comneck_cli.io.images import read_image
-from comneck_cli.train.data import read_class_names
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+from comneck_cli.clip.zeroshot import read_class_names
+from comneck_cli.errors import InputError
+from comneck_cli.io.images import IMAGE_SUFFIXES, read_image
 
 
 @dataclass(frozen=True)
@@ -56,7 +54,7 @@ def find_images(root: Path, *, limit: int | None = None, classes_file: Path | No
     """The images under ``root``: class sub-folders if any hold images, else the folder's own images."""
     root = Path(root)
     if not root.is_dir():
-        raise ComneckError(f"data folder {root} does not exist; pass a folder of images or of class sub-folders")
+        raise InputError(f"data folder {root} does not exist; pass a folder of images or of class sub-folders")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     per_class = [(label, _images_in(root / name)) for label, name in enumerate(folders)]
     per_class = [(label, files) for label, files in per_class if files]
@@ -71,11 +69,12 @@ def find_images(root: Path, *, limit: int | None = None, classes_file: Path | No
                     items.append(Item(f"{folders[label]}/{files[rank].name}", files[rank], label))
     else:
         if classes_file:
-            raise ComneckError(f"--classes {classes_file} was given but {root} has no class sub-folders with images")
+            raise InputError(f"`classes` {classes_file} was given but {root} has no class sub-folders with images",
+                             params=("classes",))
         classes, ignored = [], []
         items = [Item(p.name, p, None) for p in _images_in(root)]
     if not items:
-        raise ComneckError(f"data folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise InputError(f"data folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if limit is not None:
         items = items[:limit]
     return Dataset(root=root, items=items, classes=classes, ignored=ignored)

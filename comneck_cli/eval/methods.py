@@ -9,7 +9,8 @@ quality q (point ``qQ``):
 - ``reconstruction`` (the paper's *Reconstruction*, the BD-rate anchor): ``.cnk`` -> ``g_s`` -> x_hat -> C.
 - ``postprocess`` (*Post-processing*): x_hat -> U-Net -> C; a person sees x_hat.
 - ``semantic`` (CoTAM): CLIP-attention bit allocation, the record with its importance map -> ``g_s`` -> C;
-  ``semantic-adapter``: the same reconstruction through the decoder adapter -> C (variable-rate codecs only).
+  ``semantic-adapter``: the same record's y_hat through the decoder adapter A, added to C's layer-0 tokens of
+  its reconstruction -> C's blocks (variable-rate codecs only).
 - ``vbr-preedit`` (arXiv 2407.17060): x -> pre-editing module P -> variable-rate codec at R = q -> ``g_s`` -> C.
 - ``jpeg``, ``webp``, ``avif``, ``jxl``: the file whose bpp is nearest to the ``.cnk`` record's, image by image
   (:mod:`.baselines`), decoded -> C.
@@ -33,14 +34,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from comneck_cli import hub
 from comneck_cli import weights as registry
-from comneck_cli.formats import PAD_MULTIPLE, pack
+from comneck_cli.formats import PAD_MULTIPLE, Record, pack
 
 from comneck_cli import coding as api
-from comneck_cli.clip.tower import resolve_layer
+from comneck_cli.clip.tower import resolve_clip, resolve_layer
 from comneck_cli.codecs import Codec
-from comneck_cli.errors import ComneckError
-from comneck_cli.features import FeatureExtractor, neck_registry_name, resolve_clip, resolve_neck
+from comneck_cli.errors import ComneckError, MismatchError, RegistryError
+from comneck_cli.features import FeatureExtractor, neck_registry_name, resolve_neck
 from comneck_cli.io.images import from_tensor
 from comneck_cli.models.neck import EVERY_RATE, load_neck
 from comneck_cli.eval.baselines import TRADITIONAL, ImageCodec
@@ -180,21 +182,6 @@ class Context:
         return self._coded[key]
 
 
-def model_file(given: str | Path | None, what: str) -> Path | None:
-    """A file path as given, or the verified file of a registry name; None stays None (default lookup)."""
-    if given is None:
-        return None
-    path = Path(given)
-    if path.is_file():
-        return path
-    if path.suffix in (".safetensors", ".pt", ".pth", ".tar") or "/" in str(given):
-        raise ComneckError(f"{what} file {given} does not exist")
-    try:
-        return registry.resolve(str(given))
-    except registry.WeightsError as exc:
-        raise ComneckError(f"{what} {given!r}: {exc}") from exc
-
-
 # ---------------------------------------------------------------------------------------------- methods
 class Method:
     """One compared method: :meth:`plan` its points (or skips), :meth:`run` it on one image at one point."""
@@ -227,8 +214,9 @@ class Reconstruction(Method):
     def plan_quality(self, ctx, quality):
         codec = ctx.codec(quality)
         if codec.machine_only:
-            raise ComneckError(f"codec weights {codec.source} were retrained for machines only (d3): g_s does not "
-                               "reconstruct images; pass the codec's original weights with --weights")
+            raise MismatchError(f"codec weights {codec.source} were retrained for machines only (d3): g_s does not "
+                                "reconstruct images; pass the codec's original weights as `weights`",
+                                params=("weights",))
         return Point(self.name, f"q{quality}", quality, {"codec": codec.digest.hex()}, codec=codec)
 
     def run(self, ctx, point, entry):
@@ -249,12 +237,12 @@ class Neck(Method):
         except ComneckError as exc:
             if given is not None:
                 raise
-            raise ComneckError(f"no neck for quality {quality}: none given (--neck q{quality}=FILE) and {exc}; "
-                               "train one with `comneck train neck`") from exc
+            raise RegistryError(f"no neck for quality {quality}: none given (`neck` q{quality}=FILE) and {exc}; "
+                                "train one with `comneck train neck`", params=("neck", *exc.params)) from exc
         neck, info = load_neck(path, device=ctx.device)
         if info.codec != ctx.codec_name or info.quality not in (quality, EVERY_RATE):
-            raise ComneckError(f"neck {path} was trained for {info.codec} quality {info.quality}, not {ctx.codec_name} "
-                               f"quality {quality}; pass the neck of this codec and quality")
+            raise MismatchError(f"neck {path} was trained for {info.codec} quality {info.quality}, not "
+                                f"{ctx.codec_name} quality {quality}; pass the neck of this codec and quality")
         codec = ctx.codec(quality)
         if info.codec_digest != codec.digest.hex():
             codec = self._retrained_codec(ctx, quality, info, path, codec)
@@ -273,19 +261,20 @@ class Neck(Method):
         if given is not None:
             retrained = ctx.codec(quality, given)
             if retrained.digest.hex() != info.codec_digest:
-                raise ComneckError(
-                    f"--neck-weights for quality {quality} ({retrained.source}) have digest {retrained.digest.hex()}, "
-                    f"but neck {path} was trained on codec weights {info.codec_digest}; pass the codec the neck was "
-                    "trained with"
+                raise MismatchError(
+                    f"`neck_weights` for quality {quality} ({retrained.source}) have digest "
+                    f"{retrained.digest.hex()}, but neck {path} was trained on codec weights {info.codec_digest}; "
+                    "pass the codec the neck was trained with", params=("neck_weights",)
                 )
             return retrained
         for entry in registry.entries().values():
             if entry.kind == "codec" and entry.sha256.startswith(info.codec_digest):
                 return ctx.codec(quality, entry.name)
-        raise ComneckError(
+        raise MismatchError(
             f"neck {path} reads latents of {info.codec} quality {info.quality} weights {info.codec_digest} "
             f"(scenario {info.scenario}), but the codec at quality {quality} has weights {codec.digest.hex()} and no "
-            f"registered codec has digest {info.codec_digest}; pass --neck-weights q{quality}=FILE"
+            f"registered codec has digest {info.codec_digest}; pass `neck_weights` q{quality}=FILE",
+            params=("neck_weights",)
         )
 
     def run(self, ctx, point, entry):
@@ -297,40 +286,49 @@ class Neck(Method):
                        latents=y_hat, extractor=point.extractor)
 
 
+def unet_cost(unet: torch.nn.Module, height: int = 256, width: int = 256):
+    """Parameters and MACs of the U-Net on one ``height × width`` image (an ``eval.complexity.Cost``)."""
+    from comneck_cli.eval.complexity import count
+
+    device = next(unet.parameters()).device
+    return count(unet, torch.zeros(1, unet.config["channels"], height, width, device=device))
+
+
 class Postprocess(Method):
     name = "postprocess"
     what = "y_hat -> g_s -> U-Net -> full CLIP tower (the paper's Post-processing); people see g_s's output"
 
     def plan(self, ctx):
-        from comneck_cli.eval.postprocess import postprocess_registry_name
+        from comneck_cli.models.unet import postprocess_registry_name
 
         names = [postprocess_registry_name(ctx.codec_name, q) for q in ctx.qualities]
         if not ctx.postprocess and not any(registry.lookup(name) for name in names):
-            return [], [Skip(self.name, None, "no post-processing U-Net given: pass --postprocess FILE (or "
+            return [], [Skip(self.name, None, "no post-processing U-Net given: pass `postprocess` FILE (or "
                                               "q1=FILE,...) trained with `comneck train postprocess`, or register "
                                               f"one as {names[0]}")]
         return super().plan(ctx)
 
     def plan_quality(self, ctx, quality):
-        from comneck_cli.eval.postprocess import load_postprocess, postprocess_registry_name, unet_cost
+        from comneck_cli.models.unet import load_postprocess, postprocess_registry_name
 
         given = spec_for(ctx.postprocess, quality)
         name = postprocess_registry_name(ctx.codec_name, quality)
         if given is None and registry.lookup(name) is None:
-            raise ComneckError(f"no U-Net for quality {quality}: none given (--postprocess q{quality}=FILE) and none "
-                               f"registered as {name}")
-        path = model_file(given if given is not None else name, "U-Net")
+            raise RegistryError(f"no U-Net for quality {quality}: none given (`postprocess` q{quality}=FILE) and "
+                                f"none registered as {name}", params=("postprocess",))
+        path = hub.resolve(given if given is not None else name, "postprocess")
         unet, info = load_postprocess(path, device=ctx.device)
         codec = ctx.codec(quality)
         if (info.codec, info.quality, info.codec_digest) != (codec.name, quality, codec.digest.hex()):
-            raise ComneckError(
+            raise MismatchError(
                 f"U-Net {path} was trained on reconstructions of {info.codec} quality {info.quality} weights "
                 f"{info.codec_digest}, not {codec.name} quality {quality} weights {codec.digest.hex()}; pass the "
                 "matching U-Net"
             )
         if (info.clip_model, info.clip_tag) != (ctx.clip_model, str(ctx.clip_tag)):
-            raise ComneckError(f"U-Net {path} was trained for CLIP {info.clip_model}/{info.clip_tag}, but the "
-                               f"evaluation uses {ctx.clip_model}/{ctx.clip_tag}; pass the matching U-Net or --clip")
+            raise MismatchError(f"U-Net {path} was trained for CLIP {info.clip_model}/{info.clip_tag}, but the "
+                                f"evaluation uses {ctx.clip_model}/{ctx.clip_tag}; pass the matching U-Net or "
+                                "`clip_model`", params=("clip_model",))
         cost = unet_cost(unet, 64, 64)  # fully convolutional: MACs per pixel do not depend on the size
         return Point(self.name, f"q{quality}", quality, {"codec": codec.digest.hex(), "unet": file_digest(path)},
                      codec=codec, unet=unet,
@@ -411,12 +409,14 @@ class Semantic(Method):
     def plan_quality(self, ctx, quality):
         codec = ctx.codec(quality)
         if not codec.spec.variable_rate:
-            raise ComneckError(f"{self.name} needs a variable-rate codec (--codec mbt2018-mean-vbr), not {codec.name}")
+            raise MismatchError(f"{self.name} needs a variable-rate codec (`codec` mbt2018-mean-vbr), not "
+                                f"{codec.name}", params=("codec",))
         return Point(self.name, f"q{quality}", quality, {"codec": codec.digest.hex()}, codec=codec,
                      detail=f"strength {self.strength:g}")
 
-    def coded(self, ctx: Context, codec: Codec, entry: Entry) -> tuple[int, np.ndarray]:
-        """(bytes of the semantic record, its g_s reconstruction), coded once per chunk for both CoTAM methods."""
+    def coded(self, ctx: Context, codec: Codec, entry: Entry) -> tuple[int, np.ndarray, Record]:
+        """(bytes of the semantic record, its g_s reconstruction, the record), coded once per chunk for both CoTAM
+        methods."""
         from comneck_cli.coding.semantic import Guide, semantic_map
 
         key = ("semantic", self.strength, codec.digest, codec.quality, entry.item.id)
@@ -424,20 +424,22 @@ class Semantic(Method):
             if self._guide is None:
                 self._guide = Guide(ctx.clip)
             record = api.encode(entry.image, codec, importance=semantic_map(entry.image, self._guide, self.strength))
-            ctx._coded[key] = (len(pack(record)), api.decode(record, codec))
+            ctx._coded[key] = (len(pack(record)), api.decode(record, codec), record)
         return ctx._coded[key]
 
     def run(self, ctx, point, entry):
-        size, x_hat = self.coded(ctx, point.codec, entry)
+        size, x_hat, _ = self.coded(ctx, point.codec, entry)
         return Outcome(size, x_hat, clip_image=x_hat)
 
 
 class SemanticAdapter(Semantic):
-    """CoTAM end to end: the semantic record's reconstruction through the decoder adapter (``--adapter``, else the
-    registry's ``{codec}-adapter``), as ``decode --for mllm`` writes it; people see g_s's output."""
+    """CoTAM end to end: the semantic record's latents through the decoder adapter A (``--adapter``, else the
+    registry's ``{codec}-adapter``), added to C's layer-0 tokens of its reconstruction: the features are
+    C_{1..L}(E(x_hat) + A(y_hat)). The outcome's ``latents`` are those layer-0 tokens and its tower C itself
+    (k = 0, no neck); people see g_s's output."""
 
     name = "semantic-adapter"
-    what = "CoTAM: semantic record -> g_s -> decoder adapter -> full CLIP tower; people see g_s's output"
+    what = "CoTAM: semantic record -> E(g_s(y_hat)) + A(y_hat) -> CLIP blocks 1..L; people see g_s's output"
 
     def plan_quality(self, ctx, quality):
         from comneck_cli.models.adapter import load_adapter, resolve_adapter
@@ -446,15 +448,21 @@ class SemanticAdapter(Semantic):
         path = resolve_adapter(ctx.adapter, point.codec)
         adapter, info = load_adapter(path, device=ctx.device)
         info.check_codec(point.codec, path)
+        info.check_clip(ctx.clip_model, ctx.clip_tag, path)
         point.unet, point.models["adapter"] = adapter, file_digest(path)
+        point.extractor = FeatureExtractor(clip=ctx.clip, k=0, device=ctx.device, neck=torch.nn.Identity(),
+                                           pad_to_square=ctx.pad_to_square)
         point.detail += f", adapter trained at strength {info.semantic_strength:g}"
         return point
 
     def run(self, ctx, point, entry):
-        from comneck_cli.models.adapter import adapt
+        from comneck_cli.models.adapter import adapted_tokens
 
-        size, x_hat = self.coded(ctx, point.codec, entry)
-        return Outcome(size, x_hat, clip_image=adapt(point.unet, x_hat))
+        size, x_hat, record = self.coded(ctx, point.codec, entry)
+        clip_input = point.extractor.preprocess(x_hat)[None].to(ctx.device)
+        tokens = adapted_tokens(point.unet, point.extractor.head.embed, api.decode_latents(record, point.codec),
+                                clip_input, *x_hat.shape[:2])
+        return Outcome(size, x_hat, latents=tokens, extractor=point.extractor)
 
 
 class VbrPreedit(Method):
@@ -475,7 +483,8 @@ class VbrPreedit(Method):
 
         codec = ctx.codec(quality)
         if not codec.spec.variable_rate:
-            raise ComneckError(f"{self.name} needs a variable-rate codec (--codec mbt2018-mean-vbr), not {codec.name}")
+            raise MismatchError(f"{self.name} needs a variable-rate codec (`codec` mbt2018-mean-vbr), not "
+                                f"{codec.name}", params=("codec",))
         if self._loaded is None or self._loaded.info.codec_digest != codec.digest.hex():
             self._loaded = load_pre_edit(ctx.pre_edit, codec, clip_weights=ctx.clip_weights, device=ctx.device)
         editor = self._loaded

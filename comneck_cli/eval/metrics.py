@@ -8,19 +8,16 @@
   11-tap window, so it needs the short side to exceed 160 px and is not measured (None, with the reason) below;
 - feature fidelity against C(x) at the chosen layer and selection: the MSE over all elements, and the cosine
   similarity of every token (along the feature dimension) averaged over the tokens;
-- zero-shot top-1: the projected image embedding, normalised, against the normalised text embeddings of one
-  prompt per class (``"a photo of a {}."``), as open_clip's zero-shot classifier scores them.
+- zero-shot top-1: the projected image embedding against the class weights of one prompt per class
+  (``"a photo of a {}."``), by :class:`comneck_cli.clip.zeroshot.ZeroShot` (open_clip's zero-shot classifier).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
-
 import numpy as np
 
-from comneck_cli.eval import DEFAULT_PROMPT
 
 MS_SSIM_MIN_SIDE = 161  # pytorch-msssim asserts the short side > (win_size - 1) * 2**4 = 160
 
@@ -80,35 +77,9 @@ def feature_fidelity(features, reference) -> tuple[float | None, float | None, s
     if tuple(features.shape) != tuple(reference.shape):
         return None, None, (
             f"features {tuple(features.shape)} and C(x) {tuple(reference.shape)} differ in shape (a latent grid "
-            "other than the CLIP patch grid); evaluate square images of the neck's size with --size"
+            "other than the CLIP patch grid); evaluate square images of the neck's size with `size`"
         )
     a, b = features.double(), reference.double()
     mse = float(((a - b) ** 2).mean())
     cosine = float(F.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1).mean())
     return mse, cosine, None
-
-
-class ZeroShot:
-    """CLIP zero-shot classifier: one normalised text embedding per class from ``prompt``."""
-
-    def __init__(self, clip, model_name: str, classes: Sequence[str], *, prompt: str = DEFAULT_PROMPT,
-                 device="cpu", batch_size: int = 256):
-        import open_clip
-        import torch
-        import torch.nn.functional as F
-
-        self.classes = list(classes)
-        tokenizer = open_clip.get_tokenizer(model_name)
-        rows = []
-        with torch.inference_mode():
-            for start in range(0, len(self.classes), batch_size):
-                names = self.classes[start : start + batch_size]
-                tokens = tokenizer([prompt.format(name) for name in names]).to(device)
-                rows.append(F.normalize(clip.encode_text(tokens).float(), dim=-1).cpu())
-        self.weights = torch.cat(rows)  # (classes, embed_dim)
-
-    def predict(self, embeddings):
-        """Projected image embeddings (B, embed_dim) -> predicted class indices (B,)."""
-        import torch.nn.functional as F
-
-        return (F.normalize(embeddings.float(), dim=-1) @ self.weights.T).argmax(dim=-1)

@@ -28,14 +28,16 @@ from typing import Callable
 import torch
 
 from comneck_cli import coding as api
+from comneck_cli import hub
 from comneck_cli.defaults import DEFAULT_CODEC
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import ComneckError, InputError, MismatchError
 from comneck_cli.features import neck_registry_name
 from comneck_cli.io.outputs import make_folder
-from comneck_cli.eval import DEFAULT_METHODS, report
+from comneck_cli.eval import DEFAULT_METHODS, DEFAULT_PROMPT, report
 from comneck_cli.eval.data import find_images, load_image
-from comneck_cli.eval.methods import Context, Entry, Outcome, Point, Skip, model_file, file_digest, get_method, spec_for
-from comneck_cli.eval.metrics import DEFAULT_PROMPT, ZeroShot, bits_per_pixel, feature_fidelity, ms_ssim, psnr
+from comneck_cli.eval.methods import Context, Entry, Outcome, Point, Skip, file_digest, get_method, spec_for
+from comneck_cli.clip.zeroshot import ZeroShot
+from comneck_cli.eval.metrics import bits_per_pixel, feature_fidelity, ms_ssim, psnr
 
 LOG_NAME = "points.jsonl"
 LOG_FORMAT = "comneck-eval-log"
@@ -95,11 +97,11 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None,
     """Evaluate every method of ``cfg`` on its data and write the report into ``cfg.output``."""
     say = echo or (lambda message: None)
     if "{}" not in cfg.prompt:
-        raise ComneckError(f"the prompt {cfg.prompt!r} has no {{}} for the class name")
+        raise ComneckError(f"the prompt {cfg.prompt!r} has no {{}} for the class name; pass `prompt` with one",
+                           params=("prompt",))
     log_path = Path(cfg.output) / LOG_NAME
     if log_path.exists() and not (cfg.resume or cfg.force):
-        raise ComneckError(f"{cfg.output} already holds an evaluation ({LOG_NAME}); pass --resume to continue it or "
-                           "--force to start over")
+        raise _taken(Path(cfg.output), LOG_NAME)
     dataset = find_images(cfg.data, limit=cfg.limit, classes_file=cfg.classes)
     make_folder(Path(cfg.output))  # before any model loads: an unwritable -o fails in a second, not minutes
     if dataset.ignored:
@@ -200,7 +202,7 @@ def _clip_unavailable(ctx: Context, methods: dict) -> str | None:
 
 def _zero_shot(ctx: Context, classes: list[str], prompt: str) -> ZeroShot:
     try:
-        return ZeroShot(ctx.clip, ctx.clip_model, classes, prompt=prompt, device=ctx.device)
+        return ZeroShot(ctx.clip, ctx.clip_model, classes, (prompt,), device=ctx.device)
     except ComneckError:
         raise
     except Exception as exc:  # open_clip's tokenizers fail in many ways (a Hugging Face tokenizer offline, ...)
@@ -216,7 +218,7 @@ def _choose_clip(cfg: EvalConfig) -> tuple[str, str]:
 
     from comneck_cli.features import resolve_neck
     from comneck_cli.models.neck import NeckInfo
-    from comneck_cli.eval.postprocess import PostprocessInfo, postprocess_registry_name
+    from comneck_cli.models.unet import PostprocessInfo, postprocess_registry_name
 
     candidates = []  # (how to find the file, how to read its info)
     for quality in cfg.qualities:  # whether or not the neck method runs: its CLIP is the one to compare with
@@ -226,7 +228,7 @@ def _choose_clip(cfg: EvalConfig) -> tuple[str, str]:
     for quality in cfg.qualities:
         given = spec_for(cfg.postprocess, quality)
         name = given if given is not None else postprocess_registry_name(cfg.codec, quality)
-        candidates.append((lambda name=name: model_file(name, "U-Net"), PostprocessInfo.from_metadata))
+        candidates.append((lambda name=name: hub.resolve(name, "postprocess"), PostprocessInfo.from_metadata))
     for find, read in candidates:
         try:
             path = find()
@@ -367,6 +369,12 @@ def _row(point: Point, entry: Entry, outcome: Outcome, selected, embedding, targ
     return row
 
 
+def _taken(folder: Path, log_name: str) -> ComneckError:
+    """The refusal to start an evaluation in a folder that holds one (exit 1: the folder is taken, not misused)."""
+    return ComneckError(f"{folder} already holds an evaluation ({log_name}); pass `resume` to continue it or `force` "
+                        "to start over", params=("resume", "force"))
+
+
 class _Log:
     """``points.jsonl``: the settings line, then one row per finished point; appended, synced per chunk."""
 
@@ -378,8 +386,7 @@ class _Log:
         self._file = None
         if path.exists() and not resume:
             if not force:
-                raise ComneckError(f"{path.parent} already holds an evaluation ({path.name}); pass --resume to "
-                                   "continue it or --force to start over")
+                raise _taken(path.parent, path.name)
             path.unlink()
         if path.exists():
             self._read()
@@ -407,17 +414,19 @@ class _Log:
             try:
                 parsed.append(json.loads(line))
             except ValueError as exc:
-                raise ComneckError(f"{self.path} line {number} is damaged ({exc}); delete the line, or pass --force "
-                                   "instead of --resume to start over") from exc
+                raise InputError(f"{self.path} line {number} is damaged ({exc}); delete the line, or pass `force` "
+                                 "instead of `resume` to start over", params=("force", "resume")) from exc
         if not parsed or parsed[0].get("format") != LOG_FORMAT:
-            raise ComneckError(f"{self.path} is not a comneck eval log; pass another -o folder or --force")
+            raise InputError(f"{self.path} is not a comneck eval log; pass another `output` folder or `force`",
+                             params=("output", "force"))
         if parsed[0].get("version") != LOG_VERSION:
-            raise ComneckError(f"{self.path} was written by another comneck version; pass --force to start over")
+            raise InputError(f"{self.path} was written by another comneck version; pass `force` to start over",
+                             params=("force",))
         for key, value in self.settings.items():
             if parsed[0].get(key) != value:
-                raise ComneckError(
+                raise MismatchError(
                     f"{self.path} was made with {key} = {parsed[0].get(key)!r}, not {value!r}; rerun with the same "
-                    "settings to resume, or pass --force to start over"
+                    "settings to resume, or pass `force` to start over", params=("force",)
                 )
         self.rows = [row for row in parsed[1:] if row.get("type") == "point"]
 

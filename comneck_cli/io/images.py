@@ -17,8 +17,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from comneck_cli.formats import CnkError, Limits
 
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import ComneckError, InputError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+"""What a folder of images is searched for: training and evaluation sets, batch inputs, video frames."""
 # Extension -> Pillow format name for writing decoded images.
 WRITE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 READ_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "MPO", "GIF", "BMP")
@@ -40,7 +42,7 @@ def check_size(height: int, width: int, subject: str, limits: Limits | None = No
     try:
         input_limits(limits).check_image(height, width, subject)
     except CnkError as exc:
-        raise ComneckError(str(exc)) from None
+        raise InputError(str(exc)) from None
 
 
 def read_image(
@@ -69,11 +71,11 @@ def read_image(
                 Image.MAX_IMAGE_PIXELS = previous
         with img:
             if img.format not in READ_FORMATS:
-                raise ComneckError(f"{label}: unsupported image format {img.format}; use PNG, JPEG, WebP or TIFF")
+                raise InputError(f"{label}: unsupported image format {img.format}; use PNG, JPEG, WebP or TIFF")
             width, height = img.size
             check_size(height, width, label, limits)
             if width < 1 or height < 1:
-                raise ComneckError(f"{label}: image has no pixels")
+                raise InputError(f"{label}: image has no pixels")
             img = ImageOps.exif_transpose(img)
             img.load()
             rgb = _to_rgb(img, label)
@@ -81,24 +83,24 @@ def read_image(
         raise
     except Image.DecompressionBombError as exc:
         # Pillow's text names its own threshold, twice ours: say the limit the user set.
-        raise ComneckError(
+        raise InputError(
             f"{label}: image is over the limit of {limits.max_pixels} pixels (decompression-bomb protection); "
-            "if the file is trusted, raise --max-pixels"
+            "if the file is trusted, raise `max_pixels`", params=["max_pixels"]
         ) from exc
     except MemoryError:  # within a raised --max-pixels, but more than this machine holds
-        raise ComneckError(f"{label}: not enough memory to decode this image; lower --max-pixels to refuse such "
-                           "images before decoding, or use a machine with more memory") from None
+        raise InputError(f"{label}: not enough memory to decode this image; lower `max_pixels` to refuse such "
+                           "images before decoding, or use a machine with more memory", params=["max_pixels"]) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
-            raise ComneckError(f"{label}: no such file") from exc
+            raise InputError(f"{label}: no such file") from exc
         if isinstance(exc, UnidentifiedImageError):  # Pillow's text shows a path or an object's repr
             empty = source == b"" or (isinstance(source, (str, Path)) and Path(source).stat().st_size == 0)
             what = "empty input" if empty else "not PNG, JPEG, WebP or TIFF data"
-            raise ComneckError(f"{label}: not a readable image ({what})") from exc
-        raise ComneckError(f"{label}: not a readable image ({str(exc).splitlines()[0] or type(exc).__name__})") from exc
+            raise InputError(f"{label}: not a readable image ({what})") from exc
+        raise InputError(f"{label}: not a readable image ({str(exc).splitlines()[0] or type(exc).__name__})") from exc
     array = np.asarray(rgb, dtype=np.uint8)
     if array.ndim != 3 or array.shape[0] < 1 or array.shape[1] < 1:
-        raise ComneckError(f"{label}: image has no pixels")
+        raise InputError(f"{label}: image has no pixels")
     return array
 
 

@@ -13,12 +13,23 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Protocol, Sequence, TypeVar
 
 from comneck_cli.errors import ComneckError
 
 STDIO = "-"
+NO_RECORDS = "no records in file (empty input)"  # decode, features and info say the same of an empty .cnk input
 _UMASK_LOCK = threading.Lock()
+T = TypeVar("T")
+
+
+class Report(Protocol):
+    """Where a function over many inputs reports: a warning, or one input that failed (the others go on; ``fail``
+    may raise to stop the run). The CLI's run state is one."""
+
+    def warn(self, text: str) -> None: ...
+
+    def fail(self, label: str, exc: BaseException) -> None: ...
 
 
 def umask() -> int:
@@ -52,11 +63,30 @@ def refuse_terminal(what: str = "binary data") -> None:
                            "pass -o FILE")
 
 
+def _exists(path: Path) -> ComneckError:
+    return ComneckError(f"{path} already exists; pass `force` to overwrite it", params=["force"])
+
+
+def refuse_existing(target: Path | None, force: bool) -> None:
+    """Refuse an output that exists, unless ``force``: checked before an input is read and coded."""
+    if target is not None and not force and Path(target).exists():
+        raise _exists(Path(target))
+
+
+def check_target(target: Path, force: bool) -> None:
+    """Refuse an output file that exists (without ``force``) or whose folder cannot be written, before any model
+    loads: the same refusal after minutes of loading and coding would waste them."""
+    refuse_existing(target, force)
+    folder = next((p for p in target.absolute().parents if p.exists()), Path("/"))
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ComneckError(f"cannot write {target}: {folder} is not a writable folder")
+
+
 def write_atomic(path: Path, data: bytes, *, force: bool = False) -> None:
     """Write ``data`` to ``path`` all at once, or not at all."""
     path = Path(path)
     if not force and path.exists():
-        raise ComneckError(f"{path} already exists; pass --force to overwrite it")
+        raise _exists(path)
     folder = path.parent if str(path.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -75,13 +105,13 @@ def write_atomic(path: Path, data: bytes, *, force: bool = False) -> None:
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                raise ComneckError(f"{path} already exists; pass --force to overwrite it") from None
+                raise _exists(path) from None
             except OSError as exc:
                 # File systems without hard links: fall back to a rename after one more check.
                 if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOTSUP):
                     raise
                 if path.exists():
-                    raise ComneckError(f"{path} already exists; pass --force to overwrite it") from None
+                    raise _exists(path) from None
                 os.replace(tmp, path)
     except ComneckError:
         raise
@@ -144,6 +174,18 @@ def clashes(claims: Sequence[tuple[str, Sequence[Path]]]) -> dict[int, str]:
             continue
         owners.update((key, label) for key, _ in keys)
     return refused
+
+
+def without_clashes(entries: Sequence[T], claim: Callable[[T], tuple[str, Sequence[Path | None]]],
+                    report: Report) -> list[T]:
+    """``entries`` (inputs, or decode's records) less those that would write an output that an earlier entry of
+    the run writes (:func:`clashes`): each refused one is reported failed, naming the other. ``claim(entry)`` gives
+    its label and output paths (None: stdout or the one shared stream, which cannot clash)."""
+    claims = [(label, [t for t in targets if t is not None]) for label, targets in map(claim, entries)]
+    refused = clashes(claims)
+    for index, reason in refused.items():
+        report.fail(claims[index][0], ComneckError(reason))
+    return [entry for index, entry in enumerate(entries) if index not in refused]
 
 
 def _path_key(path: Path, folds: dict[Path, bool]) -> str:

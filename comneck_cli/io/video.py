@@ -16,10 +16,11 @@ import numpy as np
 
 from comneck_cli.formats import Limits
 
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import InputError
+from comneck_cli.io.images import IMAGE_SUFFIXES
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts"})
-FRAME_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"})
+FRAME_SUFFIXES = frozenset(IMAGE_SUFFIXES)
 
 
 def is_video_source(name: str) -> bool:
@@ -32,7 +33,7 @@ def frame_files(folder: Path) -> list[Path]:
     """The image files of a frame folder in name order (``frame_0001.png`` ...); an empty folder is an error."""
     files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
     if not files:
-        raise ComneckError(f"{folder} is a folder without image frames ({', '.join(sorted(FRAME_SUFFIXES))}); "
+        raise InputError(f"{folder} is a folder without image frames ({', '.join(sorted(FRAME_SUFFIXES))}); "
                            "pass images, a folder of frames or a video file")
     return files
 
@@ -59,15 +60,15 @@ def _video_frames(path: Path, limits: Limits) -> Iterator[np.ndarray]:
     try:
         import av
     except ImportError:
-        raise ComneckError(f"{path}: reading video files needs PyAV; install it with pip install 'comneck[video]', "
+        raise InputError(f"{path}: reading video files needs PyAV; install it with pip install 'comneck[video]', "
                            "or pass a folder of frames") from None
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError) as exc:
-        raise ComneckError(f"{path}: cannot open the video ({exc})") from None
+        raise InputError(f"{path}: cannot open the video ({exc})") from None
     with container:
         if not container.streams.video:
-            raise ComneckError(f"{path} has no video stream")
+            raise InputError(f"{path} has no video stream")
         stream = container.streams.video[0].codec_context
         check_size(stream.height, stream.width, str(path), limits)  # the header's size, before any frame decodes
         count = 0
@@ -77,6 +78,6 @@ def _video_frames(path: Path, limits: Limits) -> Iterator[np.ndarray]:
                 count += 1
                 yield frame.to_ndarray(format="rgb24")
         except av.error.FFmpegError as exc:
-            raise ComneckError(f"{path}: the video is damaged after frame {count} ({exc})") from None
+            raise InputError(f"{path}: the video is damaged after frame {count} ({exc})") from None
     if count == 0:
-        raise ComneckError(f"{path} holds no decodable video frames")
+        raise InputError(f"{path} holds no decodable video frames")

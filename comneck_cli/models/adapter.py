@@ -1,18 +1,25 @@
-"""The decoder adapter (CoTAM): a light network after ``g_s`` that repairs the reconstruction for MLLMs.
+"""The decoder adapter A (CoTAM): y_hat -> tokens ADDED to CLIP's layer-0 tokens of the decoded image.
 
-    .cnk ──► y_hat ──► g_s ──► x_hat ──► A ──► x̃ = clamp(x_hat + A(x_hat), 0, 1) ──► CLIP / the MLLM
+    .cnk ──► y_hat ──► g_s ──► x_hat ──► C's embedding E ──► E(x_hat) ─┐
+                 └──────────────────────► A ──► A(y_hat) ───────────(+)──► blocks 1..L of C ──► features
 
-Compression distortion hurts an MLLM at several levels at once (edges and textures in CLIP's shallow blocks,
-semantics in its deep ones), so A is trained (``comneck train adapter``) with a multi-level loss, pixel MSE plus
-the MSE of a shallow and of a deep CLIP hidden state between C(x̃) and C(x). A is small on purpose: a 3×3 conv
-in, ``blocks`` residual blocks (3×3 conv, ReLU, 3×3 conv, skip), a 3×3 conv out whose weights start at zero, so an
-untrained adapter is the identity; width 64 and 4 blocks give 298,947 parameters (the post-processing U-Net has
-31 M). ``comneck decode --for mllm`` applies it.
+E is C's patch embedding, class token, positional embedding and ``ln_pre`` (``hidden_states[0]``, Hugging Face
+numbering). A has the transform-neck's shape (:class:`TransformNeck`: ``Linear(M -> width)`` per latent position,
+a class token, learned positions, ``ln_pre``, one CLIP residual attention block) at CLIP's token grid (ViT-L/14@336:
+577 × 1024), and its output is added to E(x_hat) before block 1, so the MLLM reads
+``C_{1..L}(E(x_hat) + A(y_hat))`` instead of ``C(x_hat)``: the latents restore what compression took from the
+tokens CLIP builds on, people still see g_s's x_hat. This is the authors' design (jmliu206/CoTAM: ``adapters.py``
+``LinearEncoder``; ``train_adapter.py`` ``run_batch`` adds ``clip_wrapper.token_features_from_image(x_hat)``, CLIP's
+layer-0 tokens, to ``adapter(y_hat)`` and runs CLIP from its first block on the sum). ``comneck train adapter``
+trains A with CoTAM's loss (:mod:`comneck_cli.train.adapter`).
 
-A trained adapter is a safetensors file whose metadata (:class:`AdapterInfo`) names the codec and the digest of
-the codec weights whose reconstructions it repairs, the CLIP and layers it was trained against, and its config.
-It is registered as kind ``adapter`` under ``{codec}-adapter`` (variable-rate codecs: one for every rate) or
-``{codec}-q{quality}-adapter``.
+A latent grid other than CLIP's (any image that is not a training crop) is first brought to the view CLIP's own
+preprocessing takes of the image (:func:`latent_view`: padding removed, centre square, resized to the grid), so
+A(y_hat)'s token i sits on the patch E(x_hat)'s token i comes from.
+
+A trained adapter is a safetensors file whose metadata (:class:`AdapterInfo`) names the design, the codec and the
+digest of the codec weights whose latents it reads, the CLIP it feeds, its loss and its config. It is registered as
+kind ``adapter`` under ``{codec}-adapter`` (variable-rate codecs: one for every rate) or ``{codec}-q{quality}-adapter``.
 """
 
 from __future__ import annotations
@@ -22,50 +29,69 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import ComneckError, MismatchError
 from comneck_cli.modelfiles import ModelInfo, load_module, save_module
+from comneck_cli.models.neck import TransformNeck
 
 ADAPTER_FORMAT = "comneck-adapter"
-ADAPTER_FORMAT_VERSION = "1"
+ADAPTER_FORMAT_VERSION = "2"  # 1 was a pixel filter after g_s; its files cannot be read as token adapters
+DESIGN = "cotam-layer0-tokens"
+Y_STRIDE = 16  # pixels per latent position of the hyperprior family (formats.latent_grids)
 
 
-class _ResBlock(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True),
-                                  nn.Conv2d(width, width, 3, padding=1))
+class DecoderAdapter(TransformNeck):
+    """A: ``y_hat (B, M, gh, gw)`` -> tokens ``(B, 1 + gh·gw, width)``, added to C's layer-0 tokens E(x_hat).
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.body(x)
+    The parts are :class:`TransformNeck`'s, at C's token grid ``grid`` and width, with C's head count."""
+
+    def forward(self, y_hat: Tensor, embedded: Tensor) -> Tensor:
+        """E(x_hat) + A(y_hat): the layer-0 tokens ``(B, 1 + P, width)`` that enter C's first block."""
+        if tuple(y_hat.shape[-2:]) != self.grid:
+            raise ComneckError(f"the adapter reads a {self.grid[0]}x{self.grid[1]} latent grid, not "
+                               f"{y_hat.shape[-2]}x{y_hat.shape[-1]}; bring y_hat to it with latent_view")
+        return embedded + super().forward(y_hat)
+
+    @classmethod
+    def for_clip(cls, clip: nn.Module, latent_channels: int) -> DecoderAdapter:
+        """A sized for ``clip``'s visual tower: its width, heads and token grid."""
+        visual = clip.visual
+        grid = visual.grid_size if hasattr(visual, "grid_size") else None
+        if grid is None:
+            raise ComneckError("the CLIP visual tower has no token grid; use an open_clip ViT such as ViT-L-14")
+        attn = visual.transformer.resblocks[0].attn
+        return cls(latent_channels=latent_channels, width=visual.transformer.width, heads=attn.num_heads,
+                   grid=tuple(grid))
 
 
-class DecoderAdapter(nn.Module):
-    """x_hat (B, 3, H, W) in [0, 1] -> x̃ = clamp(x_hat + A(x_hat), 0, 1); any size (fully convolutional)."""
+def latent_view(y_hat: Tensor, height: int, width: int, grid: tuple[int, int]) -> Tensor:
+    """The part of ``y_hat`` (1, M, h, w) of an image H×W (padded centred to a multiple of 64) that CLIP's
+    preprocessing sees, on the adapter's ``grid``: padding cropped, the centre square (open_clip resizes the short
+    side and centre-crops), resized bilinearly (antialiased when shrinking). A training crop is returned as is."""
+    from comneck_cli.formats import PAD_MULTIPLE
+    from comneck_cli.io.images import pad_amounts
 
-    def __init__(self, width: int = 64, blocks: int = 4):
-        super().__init__()
-        if width < 1 or blocks < 0:
-            raise ValueError(f"adapter width {width} must be positive and blocks {blocks} not negative")
-        self.config = {"width": int(width), "blocks": int(blocks)}
-        self.head = nn.Conv2d(3, width, 3, padding=1)
-        self.body = nn.Sequential(*(_ResBlock(width) for _ in range(blocks)))
-        self.tail = nn.Conv2d(width, 3, 3, padding=1)
-        nn.init.zeros_(self.tail.weight)  # start as the identity: training only ever departs from g_s's output
-        nn.init.zeros_(self.tail.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x + self.tail(self.body(self.head(x)))).clamp(0, 1)
+    left, _, top, _ = pad_amounts(height, width, PAD_MULTIPLE)
+    rows = (round(top / Y_STRIDE), round((top + height) / Y_STRIDE))
+    cols = (round(left / Y_STRIDE), round((left + width) / Y_STRIDE))
+    view = y_hat[..., rows[0] : max(rows[1], rows[0] + 1), cols[0] : max(cols[1], cols[0] + 1)]
+    h, w = view.shape[-2:]
+    side = min(h, w)
+    view = view[..., (h - side) // 2 : (h - side) // 2 + side, (w - side) // 2 : (w - side) // 2 + side]
+    if tuple(view.shape[-2:]) == tuple(grid):
+        return view
+    return F.interpolate(view, size=tuple(grid), mode="bilinear", align_corners=False, antialias=side > grid[0])
 
 
 @dataclass(frozen=True)
 class AdapterInfo(ModelInfo):
-    """What an adapter was trained for: the codec (name, first 8 hex digits of its weights' sha256) whose
-    reconstructions it repairs, the CLIP and the hidden states (HF numbering) of its multi-level loss, the loss
-    weights (pixel, shallow, deep), the semantic strength of the records it saw (0: plain records), its config."""
+    """What an adapter was trained for: its ``design`` (:data:`DESIGN`), the codec (name, first 8 hex digits of its
+    weights' sha256) whose latents it reads, the CLIP it feeds, the loss (HF index of the shallow hidden state, the
+    weights of the shallow and final-embedding terms, warm-up epochs on the shallow term), the semantic strength of
+    the records it saw (0: plain records) and its config."""
 
     format = ADAPTER_FORMAT
     format_version = ADAPTER_FORMAT_VERSION
@@ -77,28 +103,42 @@ class AdapterInfo(ModelInfo):
     codec_digest: str
     clip_model: str
     clip_tag: str
-    layers: tuple[int, int]
-    loss_weights: tuple[float, float, float]
+    shallow_layer: int
+    loss_weights: tuple[float, float]
+    warmup_epochs: float
+    design: str = DESIGN
     semantic_strength: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def _json(cls, name: str) -> bool:
-        return True  # adapter files have stored every field as JSON since format 1
+        return True  # adapter files store every field as JSON
 
     @classmethod
     def _decode(cls, meta: dict[str, str]) -> AdapterInfo:
         values = {f.name: json.loads(meta[f.name]) for f in fields(cls)}
-        values["layers"] = tuple(int(v) for v in values["layers"])
         values["loss_weights"] = tuple(float(v) for v in values["loss_weights"])
+        if values["design"] != DESIGN:
+            raise ValueError(f"design {values['design']!r} is not {DESIGN!r}")
         return cls(**values)
 
     def check_codec(self, codec, path: Path | str) -> None:
-        """Refuse reconstructions of another codec or other codec weights than the adapter was trained on."""
+        """Refuse latents of another codec or other codec weights than the adapter was trained on."""
         if (self.codec, self.codec_digest) != (codec.name, codec.digest.hex()):
-            raise ComneckError(f"adapter {path} was trained on reconstructions of {self.codec} weights "
-                               f"{self.codec_digest}, not {codec.name} weights {codec.digest.hex()}; pass the "
-                               "adapter trained for these weights (--adapter FILE)")
+            raise MismatchError(f"adapter {path} was trained on latents of {self.codec} weights {self.codec_digest}, "
+                               f"not {codec.name} weights {codec.digest.hex()}; pass the adapter trained for these "
+                               "weights (`adapter`)", params=("adapter",))
+
+    def check_clip(self, clip_model: str, clip_tag: str | None, path: Path | str) -> None:
+        """Refuse a CLIP other than the one whose layer-0 tokens the adapter was trained to correct."""
+        if (self.clip_model, _tag(self.clip_tag)) != (clip_model, _tag(clip_tag)):
+            raise MismatchError(f"adapter {path} was trained for CLIP {self.clip_model}/{self.clip_tag}, not "
+                               f"{clip_model}/{clip_tag}; pass the matching adapter or CLIP (`adapter`, `clip`)",
+                               params=("adapter", "clip"))
+
+
+def _tag(tag: str | None) -> str:
+    return "none" if tag is None or str(tag).lower() == "none" else str(tag)  # random weights, however spelled
 
 
 def adapter_registry_name(codec: str, quality: int | None = None) -> str:
@@ -115,31 +155,24 @@ def save_adapter(adapter: DecoderAdapter, path: Path | str, info: AdapterInfo) -
 
 def load_adapter(path: Path | str, device: torch.device | str = "cpu") -> tuple[DecoderAdapter, AdapterInfo]:
     """Read a file written by :func:`save_adapter` -> (adapter in eval mode on ``device``, its info)."""
-    return load_module(path, AdapterInfo, lambda info: DecoderAdapter(**info.config), device)
+    return load_module(path, AdapterInfo,
+                       lambda info: DecoderAdapter(**{**info.config, "grid": tuple(info.config["grid"])}), device)
 
 
 def resolve_adapter(given: str | Path | None, codec) -> Path:
-    """``--adapter FILE|NAME``, else the registry entry :func:`adapter_registry_name` of the record's codec."""
-    from comneck_cli import weights as registry
+    """An adapter file or registry name, else the registry entry :func:`adapter_registry_name` of the codec."""
+    from comneck_cli import hub
 
-    if given is not None and Path(given).is_file():
-        return Path(given)
-    name = str(given) if given is not None else adapter_registry_name(codec.name, codec.quality)
-    if registry.lookup(name) is None:
-        raise ComneckError(f"no decoder adapter {name!r}: pass --adapter FILE or train one with "
-                           "`comneck train adapter`" if given is None else
-                           f"adapter {given} is neither a file nor a registered name (`comneck weights list`)")
-    try:
-        return registry.resolve(name)
-    except registry.WeightsError as exc:
-        raise ComneckError(str(exc)) from exc
+    return hub.resolve(given, "adapter", default=adapter_registry_name(codec.name, codec.quality),
+                       hint="train one with `comneck train adapter`")
 
 
 @torch.inference_mode()
-def adapt(adapter: DecoderAdapter, image: np.ndarray) -> np.ndarray:
-    """uint8 H×W×3 reconstruction -> the adapter's uint8 H×W×3 image for MLLMs."""
-    from comneck_cli.io.images import from_tensor, to_tensor
-
-    device = next(adapter.parameters()).device
-    height, width = image.shape[:2]
-    return from_tensor(adapter(to_tensor(image, 1).to(device)), height, width, 1)
+def adapted_tokens(adapter: DecoderAdapter, embed: nn.Module, y_hat: Tensor, clip_input: Tensor, height: int,
+                   width: int) -> Tensor:
+    """E(x_hat) + A(y_hat) for one decoded image: ``clip_input`` (1, 3, S, S) is x_hat as CLIP's preprocessing
+    gives it, ``embed`` C's embedding E (:meth:`ClipHead.embed`), ``y_hat`` the record's latents of the H×W image.
+    The result enters C's first block (``ClipTail`` at k = 0)."""
+    device = clip_input.device
+    view = latent_view(y_hat.to(device), height, width, adapter.grid)
+    return adapter(view, embed(clip_input))

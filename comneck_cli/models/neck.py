@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import MismatchError
 from comneck_cli.modelfiles import ModelInfo, load_module, save_module
 
 EVERY_RATE = 0  # NeckInfo.quality of a neck trained over a variable-rate codec's whole range: it serves every rate
@@ -105,7 +105,7 @@ class TransformNeck(nn.Module):
         """``y_hat (B, C, h, w)`` -> tokens ``(B, 1 + h*w, width)``."""
         b, c, h, w = y_hat.shape
         if c != self.proj.in_features:
-            raise ComneckError(
+            raise MismatchError(
                 f"the neck reads {self.proj.in_features}-channel latents but got {c} channels; "
                 "use a neck trained for this codec"
             )
@@ -176,33 +176,34 @@ class NeckInfo(ModelInfo):
         *,
         neck: Path | str = "this neck",
     ) -> None:
-        """Raise :class:`ComneckError` naming the first field where the neck differs from what it is used with.
+        """Raise :class:`MismatchError` naming the first field where the neck differs from what it is used with.
 
         ``codec``/``quality``/``digest_hex`` describe the record's codec, ``clip_model``/``clip_tag``/``k`` the
         CLIP tower and split the features are computed with; ``neck`` names the neck in the message.
         """
-        fix = "use a matching neck or --neck"
+        fix = "use a matching neck or `neck`"
         every_rate = self.quality == EVERY_RATE and codec == self.codec
         if not every_rate and (codec, int(quality)) != (self.codec, self.quality):
-            raise ComneckError(
+            raise MismatchError(
                 f"neck {neck} was trained for codec {self.codec} quality {self.quality} but the record was coded "
-                f"with {codec} quality {quality}; {fix}"
+                f"with {codec} quality {quality}; {fix}", params=("neck",)
             )
         digest = _hex_digest(digest_hex)
         if digest != self.codec_digest:
             shown = digest or repr(digest_hex)
-            raise ComneckError(
+            raise MismatchError(
                 f"neck {neck} was trained on latents of {self.codec} quality {self.quality} weights "
-                f"{self.codec_digest} but the record was coded with weights {shown}; {fix}"
+                f"{self.codec_digest} but the record was coded with weights {shown}; {fix}", params=("neck",)
             )
         if (clip_model, str(clip_tag)) != (self.clip_model, self.clip_tag):
-            raise ComneckError(
+            raise MismatchError(
                 f"neck {neck} was trained for CLIP {self.clip_model}/{self.clip_tag} but features are asked of "
-                f"{clip_model}/{clip_tag}; {fix}"
+                f"{clip_model}/{clip_tag}; {fix}", params=("neck",)
             )
         if int(k) != self.k:
-            raise ComneckError(
-                f"neck {neck} feeds CLIP block {self.k + 1} (split k={self.k}) but the split is k={k}; {fix}"
+            raise MismatchError(
+                f"neck {neck} feeds CLIP block {self.k + 1} (split k={self.k}) but the split is k={k}; {fix}",
+                params=("neck",)
             )
 
 

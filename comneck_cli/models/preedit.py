@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import ComneckError, MismatchError
 from comneck_cli.modelfiles import ModelInfo, load_module, save_module
 
 PREEDIT_FORMAT = "comneck-preedit"
@@ -53,16 +53,15 @@ def default_layers(depth: int, fractions: Sequence[float]) -> tuple[int, ...]:
 class ClipTokens(nn.Module):
     """The frozen CLIP tower's patch tokens at several layers, for a batch of images in [0, 1].
 
-    The whole image is resized (bicubic, antialiased) to the tower's input size without cropping, so every token
-    grid covers every pixel, then normalised with the tower's mean and std. Only blocks up to the deepest layer
-    asked for run. Differentiable (the semantic-token loss backpropagates through it into the decoded image);
-    call it under ``no_grad`` for guidance and targets.
+    The whole image is resized to the tower's input size without cropping, so every token grid covers every pixel,
+    and normalised (:class:`~comneck_cli.clip.preprocess.ClipPreprocess`, the tower's own preprocessing config).
+    Only blocks up to the deepest layer asked for run. Differentiable (the semantic-token loss backpropagates
+    through it into the decoded image); call it under ``no_grad`` for guidance and targets.
     """
 
     def __init__(self, clip: nn.Module, layers: Sequence[int]):
         super().__init__()
-        from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
+        from comneck_cli.clip.preprocess import ClipPreprocess
         from comneck_cli.clip.tower import ClipHead
 
         visual = getattr(clip, "visual", clip)
@@ -73,21 +72,15 @@ class ClipTokens(nn.Module):
             raise ComneckError(f"CLIP token layers {named} must lie in 1..{depth} (layer i is the output of block i "
                                f"of the {depth}-block tower)")
         self.head = ClipHead(visual, max(self.layers))
-        size = visual.image_size
-        self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.prep = ClipPreprocess(clip)
         patch = visual.patch_size
-        self.grid = (self.size[0] // patch[0], self.size[1] // patch[1])
+        self.grid = (self.prep.size[0] // patch[0], self.prep.size[1] // patch[1])
         self.width = int(visual.transformer.width)
-        cfg = getattr(visual, "preprocess_cfg", {}) or {}
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", OPENAI_DATASET_MEAN)).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg.get("std", OPENAI_DATASET_STD)).view(1, 3, 1, 1))
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """x (B, 3, H, W) in [0, 1] -> per layer its patch tokens (B, P, width), class token dropped."""
-        if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False, antialias=True)
         kept: list[Tensor] = []
-        self.head.blocks(self.head.embed((x - self.mean) / self.std), keep=kept)
+        self.head.blocks(self.head.embed(self.prep(x)), keep=kept)
         return [kept[layer - 1][:, 1:] for layer in self.layers]
 
     def grids(self, tokens: Sequence[Tensor]) -> list[Tensor]:
@@ -196,23 +189,17 @@ def load_pre_edit(given: str | Path | None, codec: Any, *, clip_weights: Path | 
     P was trained jointly with one set of codec weights: another codec (``codec``, a loaded ``codecs.Codec``) is
     refused, as its latents would not be the ones P learnt to save bits on.
     """
-    from comneck_cli import weights as registry
+    from comneck_cli import hub
+    from comneck_cli.clip.tower import resolve_clip
 
-    from comneck_cli.features import resolve_clip
-
-    path = Path(given) if given is not None else None
-    if path is None or not (path.suffix == ".safetensors" or path.exists()):
-        name = str(given) if given is not None else preedit_registry_name(codec.name)
-        try:
-            path = registry.resolve(name)
-        except registry.WeightsError as exc:
-            raise ComneckError(f"{exc}; train one with `comneck train vbr --pre-edit` or pass --pre-edit FILE") from exc
+    path = hub.resolve(given, PREEDIT_KIND, default=preedit_registry_name(codec.name), param="pre_edit",
+                       hint="train one with `comneck train vbr --pre-edit`")
     editor, info = load_preedit(path, device)
     if (info.codec, info.codec_digest) != (codec.name, codec.digest.hex()):
-        raise ComneckError(
+        raise MismatchError(
             f"pre-editing module {path} was trained with {info.codec} weights {info.codec_digest}, not {codec.name} "
-            f"weights {codec.digest.hex()} ({codec.source}); pass the codec it was trained with (--weights)"
-        )
+            f"weights {codec.digest.hex()} ({codec.source}); pass the codec it was trained with (`weights`)",
+            params=("weights",))
     clip = resolve_clip(info.clip_model, None if info.clip_tag == "None" else info.clip_tag, clip_weights,
                         device=device).requires_grad_(False)
     return PreEdit(editor, ClipTokens(clip, info.config["layers"]).to(device), info, path, torch.device(device))

@@ -1,10 +1,11 @@
 """Training: codecs for people (rate-distortion) and transform-necks for machines (scenarios d1, d2, d3).
 
-One module per concern: ``data`` (ImageFolder crops, reproducible order), ``latents`` (each codec family's
-training-time path to y_hat and its likelihoods), ``losses``, ``checkpoint`` (resumable state),
-``loop`` (devices, torchrun ranks, progress, metrics), ``export`` (files and registry entries),
-``codec``, ``neck`` and ``postprocess`` (the three runs: the post-processing U-Net is the paper's baseline),
-``commands`` (the Click group).
+One module per concern: ``trainer`` (the one skeleton every run plugs into: step loop, resume, metrics,
+checkpoints, export), ``config`` (each run's settings in its config dataclass: defaults and what a resume keeps),
+``data`` (ImageFolder crops, reproducible order), ``latents`` (each codec family's training-time path to y_hat and
+its likelihoods), ``losses``, ``checkpoint`` (resumable state), ``loop`` (devices, torchrun ranks, metrics),
+``export`` (files and registry entries), and the runs: ``codec``, ``vbr``, ``neck``, ``postprocess`` (the paper's
+post-processing baseline) and ``adapter``. The Click commands are ``comneck_cli.cli.train_commands``.
 
 Re-exported lazily, so that importing this package (and the CLI) does not import torch::
 
@@ -20,7 +21,11 @@ from typing import Any
 _EXPORTS = {
     "CodecTrainConfig": "codec",
     "train_codec": "codec",
-    "TrainResult": "codec",
+    "TrainResult": "trainer",
+    "Run": "trainer",
+    "train": "trainer",
+    "setting": "config",
+    "RunConfig": "config",
     "NeckTrainConfig": "neck",
     "train_neck": "neck",
     "Stage": "neck",

@@ -1,18 +1,32 @@
-"""``comneck train adapter``: the CoTAM decoder adapter A, trained with a multi-level loss on a frozen codec.
+"""``comneck train adapter``: CoTAM's decoder adapter A on a frozen codec and a frozen CLIP, with CoTAM's loss.
 
-    x -> frozen codec (at a random rate R in --rates; semantic records with --semantic-strength) -> x_hat
-    L = w_pix · MSE(A(x_hat), x) + w_shallow · MSE(C_s(A(x_hat)), C_s(x)) + w_deep · MSE(C_d(A(x_hat)), C_d(x))
+    x -> frozen codec (at a random rate R in ``rates``; semantic records with ``semantic_strength``) -> y_hat, x_hat
+    student:  S = C_{1..L}(E(x_hat) + A(y_hat))          teacher:  C(x)
+    L = w_s · mean_t,c( m_t · (S_s[t, c] − C_s(x)[t, c])² ) + [after the warm-up] w_f · MSE(S_emb, C_emb(x))
 
-x_hat is exactly what ``decode`` writes (entropy-coded, clamped, 8-bit); C_s and C_d are a shallow and a deep
-hidden state of the frozen CLIP tower C (Hugging Face numbering, ``--layers 2,-2`` by default), both images resized
-to C's input and normalised the same way (``neck.Teacher``). Pixels keep the details, the shallow state the
-low-level structure CLIP builds on, the deep state the semantics the MLLM reads. Adam, one stage; resumable; the
-adapter is exported with ``save_adapter`` and registered as kind ``adapter`` under ``adapter_registry_name``.
+E is C's embedding (layer-0 tokens, after ``ln_pre``), C_s the shallow hidden state ``shallow_layer`` (Hugging Face
+numbering; default 0, the layer-0 tokens themselves), C_emb the projected image embedding (``encode_image``). m is the
+importance weight of token t: the semantic importance map of x (:meth:`Guide.importance`, CLIP block 2's class-token
+attention: the map semantic coding allocates bits with) brought bilinearly to CLIP's token grid and divided by its
+maximum, the class token weighted 1. For ``warmup_epochs`` epochs only the shallow term trains A; then both.
+
+What this follows in the authors' code (jmliu206/CoTAM): ``losses.py`` ``MultiLevelClipLoss``: ``clip_layer1_distill``
+is ``(F.mse_loss(student.all_layer_tokens[0], teacher.all_layer_tokens[0], reduction="none") * weights).mean() *
+layer1`` with ``layer1 = 0.1`` and ``weights = masks.token_mask(mask, ...)`` (the coding mask bilinearly resized to
+the token grid, divided by its maximum, a class-token weight of 1 prepended), ``clip_feature_distill`` is
+``F.mse_loss(student.image_features, teacher.image_features)``; ``select_loss_names(mode="low_then_low_high",
+warmup_epochs=5)`` gives the shallow term alone for ``epoch < warmup_epochs``, then both; the config
+(``configs/cotam_elic_clip_adapter.yaml``) trains at lr 5e-4, batch 8, 384-px images for ViT-L/14@336. Where comneck
+differs, and why: the importance map is the unquantised CLIP map instead of CoTAM's random training masks (their
+``ClipGuidedMaskProvider`` is a placeholder, and comneck's codec is trained with one gain per image); their common
+factor ``total = 11.52`` is left out (with Adam a constant factor on the whole loss changes nothing but ε's weight);
+and their published ``train_loop`` passes ``epoch=0`` to every batch, so it never leaves the warm-up; here the
+schedule is applied. ``all_layer_tokens[0]`` is the layer-0 tokens if their ``CLIP_modify`` (not in the repository)
+keeps ComNeck's ``Transformer.forward`` (``out = [x]``, the block input, first): hence ``shallow_layer = 0``.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,229 +35,244 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from comneck_cli.errors import ComneckError
+from comneck_cli.clip.preprocess import ClipPreprocess
+from comneck_cli.errors import UsageError
 from comneck_cli.train import checkpoint as ckpt
-from comneck_cli.train.codec import TrainResult
+from comneck_cli.train.config import RunConfig, resolve_run, setting
 from comneck_cli.train.export import publish
-from comneck_cli.train.loop import (Clock, Means, Metrics, RunConfig, check_finite, crop_batches, default_run_dir, progress,
-                   resolve_run, run_length, serialise, setup_runtime, teardown)
-from comneck_cli.train.neck import Teacher, clip_tag, load_frozen_codec, load_training_clip
+from comneck_cli.train.latents import rate_for_step
+from comneck_cli.train.loop import Runtime, check_finite, crop_batches, default_run_dir, run_length
+from comneck_cli.train.neck import clip_tag, load_frozen_codec, load_training_clip
+from comneck_cli.train.trainer import Progress, Run, TrainResult, train
 
 
 @dataclass(kw_only=True)
 class AdapterTrainConfig(RunConfig):
-    """What ``train_adapter`` does; None means the default (``ADAPTER_DEFAULTS``).
+    """What ``train_adapter`` does; None means the setting's default.
 
     ``rates``: (low, high) range R is drawn from per step for a variable-rate codec (a fixed-rate codec codes at
-    ``quality``). ``layers``: the shallow and deep hidden states of the loss. ``loss_weights``: (pixel, shallow,
-    deep). ``semantic_strength`` > 0 trains on semantic records guided by the same CLIP. ``clip_tag`` ``"none"``
-    builds a randomly initialised CLIP (tests).
+    ``quality``). ``shallow_layer``: the hidden state of the importance-weighted term (HF numbering). ``loss_weights``:
+    (shallow, final embedding). ``warmup_epochs``: epochs (fractions allowed) trained on the shallow term alone.
+    ``semantic_strength`` > 0 trains on semantic records guided by the same CLIP. ``crop`` defaults to 16 × CLIP's
+    token grid, so y_hat's grid is CLIP's (ViT-L/14: 256). ``clip_tag`` ``"none"`` builds a random CLIP (tests).
     """
 
-    codec: str | None = None
-    quality: int | None = None
-    weights: Path | None = None
-    clip_model: str | None = None
-    clip_tag: str | None = None
-    clip_weights: Path | None = None
-    rates: tuple[float, float] | None = None
-    layers: tuple[int, int] | None = None
-    loss_weights: tuple[float, float, float] | None = None
-    semantic_strength: float | None = None
-    width: int | None = None
-    blocks: int | None = None
-    steps: int | None = None
-    epochs: int | None = None
-    lr: float | None = None
+    codec: str | None = setting()
+    quality: int | None = setting()
+    weights: Path | None = setting()
+    clip_model: str | None = setting("ViT-L-14")
+    clip_tag: str | None = setting("openai")
+    clip_weights: Path | None = setting()
+    rates: tuple[float, float] | None = setting((1.0, 8.0))
+    shallow_layer: int | None = setting(0)
+    loss_weights: tuple[float, float] | None = setting((0.1, 1.0))
+    warmup_epochs: float | None = setting(5.0)
+    semantic_strength: float | None = setting(0.0)
+    crop: int | None = setting()  # default_crop(clip_model), filled before the run resolves
+    steps: int | None = setting(trajectory=False)
+    epochs: int | None = setting(trajectory=False)
+    lr: float | None = setting(5e-4)
     register: str | None = "{name}"
 
     lmbda: ClassVar[float] = 0.0  # no rate term; ``resolve_run`` fills λ only where it is None
 
 
-ADAPTER_DEFAULTS = {"clip_model": "ViT-L-14", "clip_tag": "openai", "rates": (1.0, 8.0), "layers": (2, -2),
-                    "loss_weights": (1.0, 1.0, 1.0), "semantic_strength": 0.0, "width": 64, "blocks": 4,
-                    "lr": 1e-4, "batch_size": 8, "crop": 256, "seed": 0}
-TRAJECTORY = ("codec", "quality", "weights", "clip_model", "clip_tag", "clip_weights", "rates", "layers",
-              "loss_weights", "semantic_strength", "width", "blocks", "lr", "batch_size", "crop", "seed")
+def default_crop(clip_model: str) -> int:
+    """16 pixels per CLIP token: the crop whose latent grid is CLIP's token grid (ViT-L-14: 256, -336: 384)."""
+    import open_clip
+
+    config = open_clip.get_model_config(clip_model.replace("/", "-"))
+    if config is None:
+        raise UsageError(f"unknown CLIP model {clip_model!r}; use an open_clip model name such as ViT-L-14",
+                         params=("clip_model",))
+    vision = config["vision_cfg"]
+    return 16 * (int(vision["image_size"]) // int(vision["patch_size"]))
 
 
-def train_adapter(cfg: AdapterTrainConfig) -> TrainResult:
-    """Train (or resume) the decoder adapter of a codec; export and register it."""
-    from comneck_cli.codecs import check_quality, get_spec
+def _resolve(cfg: AdapterTrainConfig) -> tuple[dict[str, Any] | None, bool]:
+    from comneck_cli.codecs import check_quality, check_rate, get_spec
 
     variable = cfg.codec is not None and get_spec(cfg.codec).variable_rate
     if variable and cfg.quality is None:
         cfg.quality = min(get_spec(cfg.codec).qualities)  # the rate is drawn per step; quality only names the load
-    state = resolve_run(cfg, "adapter", TRAJECTORY, ADAPTER_DEFAULTS, "train adapter")
+    if cfg.resume is None and cfg.crop is None:
+        cfg.crop = default_crop(cfg.clip_model or "ViT-L-14")
+    state = resolve_run(cfg, "adapter", "train adapter")
     check_quality(get_spec(cfg.codec), cfg.quality)
-    for name, count in (("rates", 2), ("layers", 2), ("loss_weights", 3)):
+    for name, count in (("rates", 2), ("loss_weights", 2)):
         value = tuple(getattr(cfg, name))
         if len(value) != count:
-            raise ComneckError(f"--{name.replace('_', '-')} takes {count} comma-separated numbers, got {len(value)}")
+            raise UsageError(f"`{name}` takes {count} comma-separated numbers, got {len(value)}", params=(name,))
         setattr(cfg, name, value)
-    if min(cfg.loss_weights) < 0 or not sum(cfg.loss_weights) > 0:
-        raise ComneckError(f"--loss-weights {cfg.loss_weights} must be non-negative and not all zero")
+    if min(cfg.loss_weights) < 0 or not cfg.loss_weights[0] > 0:
+        raise UsageError(f"`loss_weights` {cfg.loss_weights} must be non-negative with a positive shallow weight "
+                         "(the warm-up trains on the shallow term alone)", params=("loss_weights",))
+    if not cfg.warmup_epochs >= 0:
+        raise UsageError(f"`warmup_epochs` {cfg.warmup_epochs} must be 0 or more", params=("warmup_epochs",))
     if variable:
-        from comneck_cli.codecs import check_rate
-
         cfg.rates = tuple(check_rate(get_spec(cfg.codec), r) for r in sorted(cfg.rates))
     if cfg.semantic_strength and not variable:
-        raise ComneckError(f"--semantic-strength needs a variable-rate codec, not {cfg.codec}")
-    runtime = setup_runtime(cfg.device, cfg.precision)
-    try:
-        return _train(cfg, runtime, state, variable)
-    finally:
-        teardown(runtime)
+        raise UsageError(f"`semantic_strength` needs a variable-rate codec, not {cfg.codec}",
+                         params=("semantic_strength",))
+    return state, variable
+
+
+def train_adapter(cfg: AdapterTrainConfig, on_progress: Progress | None = None) -> TrainResult:
+    """Train (or resume) the decoder adapter of a codec; export and register it. ``on_progress(done, total)``."""
+    state, variable = _resolve(cfg)
+    return train(cfg, lambda runtime: AdapterRun(cfg, runtime, state, variable), on_progress)
 
 
 @torch.no_grad()
-def reconstruct(codec, x: Tensor, rate: float | None, guide=None, strength: float = 0.0) -> Tensor:
-    """x_hat as ``decode`` writes it for x coded at ``rate`` (semantic records with a guide): 8-bit, on x's device.
-
-    Each image is entropy-coded on its own, exactly as ``encode`` codes it, so A learns the decoder's real output.
-    """
-    from comneck_cli.coding.semantic import gain_map, semantic_map
+def reconstruct(codec, x: Tensor, rate: float | None, guide, strength: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_hat, y_hat, importance) of x coded at ``rate``, on x's device: x_hat as ``decode`` writes it (8-bit),
+    y_hat as the decoder recovers it, and the guide's importance map of each image on the y grid (B, h, w), which
+    also steers the bits when ``strength`` > 0 (semantic records). Each image is entropy-coded on its own, as
+    ``encode`` codes it, so A learns from the decoder's real latents and reconstructions."""
+    from comneck_cli.coding.semantic import gain_map, quantise
 
     at = codec if rate is None else codec.at_rate(rate)
     y = at.analyze(x)
-    y_hats = []
+    y_hats, maps = [], []
     for i in range(y.shape[0]):
+        image = x[i].mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+        importance = guide.importance(image)
         gain = None
-        if guide is not None:
-            image = x[i].mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
-            gain = gain_map(at.model, at.rate, semantic_map(image, guide, strength), tuple(y.shape[-2:]))
+        if strength:
+            imap = quantise(importance, *image.shape[:2], strength)
+            gain = gain_map(at.model, at.rate, imap, tuple(y.shape[-2:]))
         y_hats.append(at.code(y[i : i + 1], gain=gain)[1])
-    x_hat = at.synthesize(torch.cat(y_hats)).float()
-    return x_hat.mul(255).round().div(255).clone().to(x.device)  # clone: a normal tensor, outside inference mode
+        maps.append(torch.from_numpy(importance).float())
+    y_hat = torch.cat(y_hats)
+    x_hat = at.synthesize(y_hat).float().mul(255).round().div(255)
+    # clone: normal tensors, outside inference mode
+    return x_hat.clone().to(x.device), y_hat.clone().to(x.device), torch.stack(maps).to(x.device)
 
 
-class MultiLevel(torch.nn.Module):
-    """The loss's CLIP side: C_s and C_d of an image (resized and normalised as the teacher does), one pass."""
+def token_weights(importance: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Importance (B, h, w) on the latent grid -> weights m (B, 1 + gh·gw) of CLIP's tokens, as CoTAM's
+    ``masks.token_mask``: bilinear to the token grid, each image's divided by its maximum, the class token 1. A map
+    with no maximum (flat attention) weighs every token 1."""
+    m = F.interpolate(importance[:, None].float(), size=tuple(grid), mode="bilinear", align_corners=False).flatten(1)
+    top = m.amax(dim=1, keepdim=True)
+    m = torch.where(top > 0, m / top.clamp_min(torch.finfo(m.dtype).tiny), torch.ones_like(m))
+    return torch.cat([torch.ones_like(m[:, :1]), m], dim=1)
 
-    def __init__(self, clip: torch.nn.Module, layers: tuple[int, int]):
+
+class CotamLoss(torch.nn.Module):
+    """CoTAM's loss around a frozen CLIP C split at k = 0: E (the embedding) and C_{1..L} with its pooling."""
+
+    def __init__(self, clip: torch.nn.Module, shallow_layer: int, weights: tuple[float, float]):
         super().__init__()
         from comneck_cli.clip.tower import resolve_layer, split_clip
 
         self.head, self.tail = split_clip(clip, 0)
-        self.prep = Teacher(clip, self.head, self.tail, ())
-        states = len(self.tail.blocks.resblocks) + 1
-        self.indices = tuple(resolve_layer(layer, states, None) for layer in layers)
+        self.prep = ClipPreprocess(clip)  # C's resize + normalisation, as the neck's teacher
+        self.shallow = resolve_layer(shallow_layer, len(self.tail.blocks.resblocks) + 1, None)
+        self.weights = tuple(weights)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        states = self.tail(self.head(self.prep.preprocess(x)), layer=None, embedding=False).hidden_states
-        return states[self.indices[0]], states[self.indices[1]]
+    def embed(self, images: Tensor) -> Tensor:
+        """E(images in [0, 1]): the layer-0 tokens."""
+        return self.head.embed(self.prep(images))
 
+    def levels(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """(C_s, C_emb) of layer-0 tokens."""
+        out = self.tail(tokens, layer=self.shallow, embedding=True)
+        return out.hidden_states[self.shallow], out.embedding
 
-def multilevel_loss(levels: MultiLevel, weights: tuple[float, float, float], out: Tensor, x: Tensor,
-                    teacher: tuple[Tensor, Tensor]) -> dict[str, Tensor]:
-    """{"pixel", "shallow", "deep", "loss"}: the three MSEs and their weighted sum."""
-    shallow, deep = levels(out)
-    terms = {"pixel": F.mse_loss(out, x), "shallow": F.mse_loss(shallow, teacher[0]),
-             "deep": F.mse_loss(deep, teacher[1])}
-    terms["loss"] = sum(w * terms[k] for w, k in zip(weights, ("pixel", "shallow", "deep")))
-    return terms
+    @torch.no_grad()
+    def teacher(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.levels(self.embed(x))
 
-
-def _train(cfg: AdapterTrainConfig, runtime, state: dict | None, variable: bool) -> TrainResult:
-    from comneck_cli.models.adapter import DecoderAdapter, adapter_registry_name
-    from comneck_cli.coding.semantic import Guide
-
-    device = runtime.device
-    name = adapter_registry_name(cfg.codec, cfg.quality)
-    register = None if cfg.register is None else cfg.register.format(name=name, codec=cfg.codec, quality=cfg.quality)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, register or name)
-    batches = crop_batches(cfg, runtime)
-    total = run_length(cfg, state, batches.per_epoch)
-
-    # Entropy coding stays on the CPU (codecs.py's device policy); only g_a and g_s move.
-    codec, model = load_frozen_codec(cfg.codec, cfg.quality, cfg.weights, state, torch.device("cpu"), "--weights")
-    model.g_a.to(device)
-    model.g_s.to(device)
-    codec = replace(codec, device=device)
-    digest = codec.digest.hex()
-
-    ckpt.seed_everything(cfg.seed)
-    clip = load_training_clip(cfg, device).requires_grad_(False)
-    levels = MultiLevel(clip, cfg.layers).to(device)
-    guide = Guide(clip) if cfg.semantic_strength else None
-    adapter = DecoderAdapter(width=cfg.width, blocks=cfg.blocks).to(device).train()
-    runtime.broadcast(adapter)
-    optimizer = torch.optim.Adam(adapter.parameters(), lr=cfg.lr)
-    draw = random.Random(cfg.seed * 1000 + runtime.rank)  # the rate of each step; saved with the checkpoint
-
-    start, clock, final = 0, Clock(), {}
-    if state is not None:
-        adapter.load_state_dict(state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, clock, final = int(state["step"]), Clock(float(state["seconds"])), dict(state.get("final", {}))
-        ckpt.restore_rng(runtime.own(state["rng"]))
-        draw.setstate(_tuple_state(runtime.own(state["draw"])))
-
-    metrics = Metrics(run_dir / "metrics.jsonl", runtime.main, None if state is None else start)
-    means = Means()
-
-    def save_checkpoint(step: int) -> None:
-        rngs = runtime.gather(ckpt.capture_rng())
-        draws = runtime.gather(draw.getstate())
-        if runtime.main:
-            ckpt.save(run_dir / "checkpoint.pt", {
-                "kind": "adapter", "config": serialise(cfg), "adapter": adapter.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step, "total": total, "rng": rngs, "draw": draws,
-                "seconds": clock.seconds(), "world": runtime.world, "final": final, "start_digest": digest,
-            })
-
-    with progress(total, start, f"train adapter {cfg.codec}", runtime.main and not cfg.quiet) as advance:
-        for step, x, _ in batches.iterate(start, total):
-            x = x.to(device, non_blocking=True)
-            rate = draw.uniform(*cfg.rates) if variable else None
-            x_hat = reconstruct(codec, x, rate, guide, cfg.semantic_strength)
-            with torch.no_grad(), runtime.autocast():
-                teacher = levels(x)
-            optimizer.zero_grad(set_to_none=True)
-            with runtime.autocast():
-                terms = multilevel_loss(levels, cfg.loss_weights, adapter(x_hat), x, teacher)
-            check_finite(terms["loss"], step + 1, "adapter")
-            terms["loss"].backward()
-            runtime.average_gradients(adapter.parameters())
-            optimizer.step()
-            means.add({key: value.item() for key, value in terms.items()})
-            done = step + 1
-            advance(loss=terms["loss"].item())
-            if done % cfg.log_every == 0 or done == total:
-                final = means.take()
-                metrics.log({"step": done, **final, "lr": cfg.lr, "seconds": round(clock.seconds(), 3)})
-            if done % cfg.checkpoint_every == 0 and done < total:
-                save_checkpoint(done)
-    save_checkpoint(total)
-
-    output = registered = None
-    if runtime.main:
-        output, registered = _export(cfg, adapter, codec, final, total, register)
-    runtime.barrier()
-    return TrainResult(output=output, registered=registered, run_dir=run_dir, steps=total, final=final,
-                       extra={"codec_digest": digest})
+    def forward(self, adapter, y_hat: Tensor, x_hat: Tensor, m: Tensor, teacher: tuple[Tensor, Tensor],
+                final: bool) -> dict[str, Tensor]:
+        """{"shallow", "final", "loss"}: the importance-weighted shallow MSE, the final-embedding MSE and
+        w_s·shallow (+ w_f·final when ``final``, i.e. after the warm-up)."""
+        shallow, embedding = self.levels(adapter(y_hat, self.embed(x_hat)))
+        terms = {"shallow": (F.mse_loss(shallow, teacher[0], reduction="none") * m[..., None]).mean(),
+                 "final": F.mse_loss(embedding, teacher[1])}
+        terms["loss"] = self.weights[0] * terms["shallow"] + (self.weights[1] * terms["final"] if final else 0.0)
+        return terms
 
 
-def _tuple_state(saved: Any) -> tuple:
-    """random.Random's state after a round trip through torch.save (lists where it had tuples)."""
-    version, internal, gauss = saved
-    return int(version), tuple(int(v) for v in internal), gauss
+class AdapterRun(Run):
+    """A on a frozen codec and a frozen CLIP, CoTAM's loss, one Adam stage; the warm-up is the first
+    ``round(warmup_epochs · steps per epoch)`` steps."""
 
+    kind = "adapter"
 
-def _export(cfg: AdapterTrainConfig, adapter, codec, final: dict[str, float], total: int,
-            register: str | None) -> tuple[Path | None, str | None]:
-    from comneck_cli.models.adapter import AdapterInfo, save_adapter
+    def __init__(self, cfg: AdapterTrainConfig, runtime: Runtime, state: dict[str, Any] | None, variable: bool):
+        from comneck_cli.coding.semantic import Guide
+        from comneck_cli.models.adapter import DecoderAdapter, adapter_registry_name
 
-    tag = str(clip_tag(cfg))
-    info = AdapterInfo(codec=cfg.codec, codec_digest=codec.digest.hex(), clip_model=cfg.clip_model, clip_tag=tag,
-                       layers=tuple(cfg.layers), loss_weights=tuple(cfg.loss_weights),
-                       semantic_strength=float(cfg.semantic_strength), config=dict(adapter.config))
-    registry_info = {"codec": cfg.codec, "codec_digest": info.codec_digest, "codec_weights": str(codec.source),
-                     "clip_model": cfg.clip_model, "clip_tag": tag, "layers": list(cfg.layers),
-                     "loss_weights": list(cfg.loss_weights), "rates": list(cfg.rates),
-                     "semantic_strength": cfg.semantic_strength, "config": dict(adapter.config),
-                     "trained_for": "decoder adapter: x_hat -> A -> MLLM, multi-level loss (CoTAM)",
-                     "data": str(Path(cfg.data).resolve()), "steps": total, "final_losses": final}
-    output, entry = publish(lambda path: save_adapter(adapter.eval(), path, info), ".safetensors", cfg.output,
-                            register, "adapter", registry_info)
-    return output, entry.name if entry else None
+        self.cfg, self.runtime, self.state, self.variable = cfg, runtime, state, variable
+        device = runtime.device
+        name = adapter_registry_name(cfg.codec, cfg.quality)
+        self.register = None if cfg.register is None else cfg.register.format(name=name, codec=cfg.codec,
+                                                                                 quality=cfg.quality)
+        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, self.register or name)
+        self.batches = crop_batches(cfg, runtime)
+        self.total = run_length(cfg, state, self.batches.per_epoch)
+        self.warmup = round(cfg.warmup_epochs * self.batches.per_epoch)
+
+        # Entropy coding stays on the CPU (codecs' device policy); only g_a and g_s move.
+        codec, model = load_frozen_codec(cfg.codec, cfg.quality, cfg.weights, state, torch.device("cpu"), "weights")
+        model.g_a.to(device)
+        model.g_s.to(device)
+        self.codec = replace(codec, device=device)
+
+        ckpt.seed_everything(cfg.seed)
+        clip = load_training_clip(cfg, device).requires_grad_(False)
+        self.loss = CotamLoss(clip, cfg.shallow_layer, cfg.loss_weights).to(device)
+        self.guide = Guide(clip)
+        self.adapter = DecoderAdapter.for_clip(clip, codec.latent_channels).to(device).train()
+        runtime.broadcast(self.adapter)
+        self.optimizer = torch.optim.Adam(self.adapter.parameters(), lr=cfg.lr)
+
+    def saved(self) -> dict[str, Any]:
+        return {"adapter": self.adapter, "optimizer": self.optimizer}
+
+    def plain(self) -> dict[str, Any]:
+        return {"start_digest": self.codec.digest.hex()}
+
+    def describe(self, step: int) -> dict[str, Any]:
+        return {"warmup": step < self.warmup, "lr": self.cfg.lr}
+
+    def step(self, step: int, x: Tensor, labels: Tensor) -> dict[str, float]:
+        from comneck_cli.models.adapter import latent_view
+
+        cfg, adapter = self.cfg, self.adapter
+        rate = rate_for_step(cfg.seed, step, *cfg.rates) if self.variable else None
+        x_hat, y_hat, importance = reconstruct(self.codec, x, rate, self.guide, cfg.semantic_strength)
+        y_hat = latent_view(y_hat, x.shape[-2], x.shape[-1], adapter.grid)
+        with torch.no_grad(), self.runtime.autocast():
+            teacher = self.loss.teacher(x)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.runtime.autocast():
+            terms = self.loss(adapter, y_hat, x_hat, token_weights(importance, adapter.grid), teacher,
+                              step >= self.warmup)
+        check_finite(terms["loss"], step + 1, "adapter")
+        terms["loss"].backward()
+        self.runtime.average_gradients(adapter.parameters())
+        self.optimizer.step()
+        return {key: terms[key].item() for key in ("loss", "shallow", "final")}
+
+    def export(self, final: dict[str, float]) -> tuple[Path | None, str | None, dict[str, Any]]:
+        from comneck_cli.models.adapter import DESIGN, AdapterInfo, save_adapter
+
+        cfg, adapter, codec = self.cfg, self.adapter, self.codec
+        tag = str(clip_tag(cfg))
+        info = AdapterInfo(codec=cfg.codec, codec_digest=codec.digest.hex(), clip_model=cfg.clip_model, clip_tag=tag,
+                           shallow_layer=int(cfg.shallow_layer), loss_weights=tuple(cfg.loss_weights),
+                           warmup_epochs=float(cfg.warmup_epochs), semantic_strength=float(cfg.semantic_strength),
+                           config=dict(adapter.config))
+        registry_info = {"codec": cfg.codec, "codec_digest": info.codec_digest, "codec_weights": str(codec.source),
+                         "clip_model": cfg.clip_model, "clip_tag": tag, "design": DESIGN,
+                         "shallow_layer": info.shallow_layer, "loss_weights": list(cfg.loss_weights),
+                         "warmup_epochs": info.warmup_epochs, "rates": list(cfg.rates),
+                         "semantic_strength": cfg.semantic_strength, "config": dict(adapter.config),
+                         "trained_for": "decoder adapter: E(x_hat) + A(y_hat) -> CLIP blocks 1..L (CoTAM)",
+                         "data": str(Path(cfg.data).resolve()), "steps": self.total, "final_losses": final}
+        output, entry = publish(lambda path: save_adapter(adapter.eval(), path, info), ".safetensors", cfg.output,
+                                self.register, "adapter", registry_info)
+        return output, entry.name if entry else None, {"codec_digest": info.codec_digest, "warmup_steps": self.warmup}

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from comneck_cli.errors import ComneckError
+from comneck_cli.errors import ComneckError, MismatchError, ModelFileError
 from comneck_cli.io.outputs import umask
 
 FORMAT = "comneck-train-checkpoint"
@@ -79,17 +79,18 @@ def load(path: Path, kind: str) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save` for a run of ``kind`` (``codec`` or ``neck``)."""
     path = Path(path)
     if not path.is_file():
-        raise ComneckError(f"checkpoint {path} does not exist; pass the checkpoint.pt of an earlier run to --resume")
+        raise ModelFileError(f"checkpoint {path} does not exist; pass the checkpoint.pt of an earlier run as `resume`",
+                             params=("resume",))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        raise ComneckError(
+        raise ModelFileError(
             f"cannot read checkpoint {path} ({type(exc).__name__}); it is damaged or not a comneck checkpoint"
         ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ComneckError(f"{path} is not a comneck training checkpoint; pass the checkpoint.pt of an earlier run")
+        raise ModelFileError(f"{path} is not a comneck training checkpoint; pass the checkpoint.pt of an earlier run")
     if state.get("kind") != kind:
-        raise ComneckError(
+        raise MismatchError(
             f"checkpoint {path} is from `comneck train {state.get('kind')}`, not `comneck train {kind}`; "
             "resume it with that command"
         )

@@ -1,7 +1,7 @@
 """Training data: an ImageFolder-style directory -> random square crops in [0, 1], with labels.
 
 Layout: one sub-folder per class (``DATA/tench/*.jpg``, ``DATA/goldfish/*.jpg``), class names from
-``--classes FILE``, else open_clip's ImageNet class names when every folder is an ImageNet-1k WordNet id
+a ``classes`` file, else open_clip's ImageNet class names when every folder is an ImageNet-1k WordNet id
 (``imagenet/train/n01440764``: "tench", not "n01440764"), else the folder names; a flat folder of images (no labels)
 serves the stages without cross-entropy (``comneck train codec``, distillation-only stages).
 
@@ -28,57 +28,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from comneck_cli.errors import ComneckError
-from comneck_cli.io.images import ImageConversionWarning, read_image, to_tensor
+from comneck_cli.clip.zeroshot import imagenet_class_names, read_class_names
+from comneck_cli.errors import ComneckError, InputError
+from comneck_cli.io.images import IMAGE_SUFFIXES, ImageConversionWarning, read_image, to_tensor
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 UNLABELLED = -1
 
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def imagenet_class_names(folders: list[str]) -> list[str] | None:
-    """open_clip's ImageNet class names (``IMAGENET_CLASSNAMES``) for folders that are all ImageNet-1k WordNet ids,
-    else None. Those names are in the order of the sorted 1000 ids (class i of the 1k set); the id list is timm's
-    (``ImageNetInfo``; timm comes with open_clip), so a subset of the classes gets its own names too."""
-    if not folders or not all(len(f) == 9 and f[0] == "n" and f[1:].isdigit() for f in folders):
-        return None
-    from open_clip import IMAGENET_CLASSNAMES
-    from timm.data import ImageNetInfo
-
-    index = {wnid: i for i, wnid in enumerate(ImageNetInfo("imagenet-1k").label_names())}
-    if not all(f in index for f in folders):
-        return None
-    return [IMAGENET_CLASSNAMES[index[f]] for f in folders]
-
-
-def read_class_names(path: Path, folders: list[str]) -> list[str]:
-    """Class names for ``folders`` (sorted) from a text file.
-
-    Either one name per line in the folders' sorted order, or ``FOLDER NAME...`` lines (ImageNet's
-    ``LOC_synset_mapping.txt``: ``n01440764 tench, Tinca tinca``), recognised when every line starts
-    with a folder name; for such lines the name is the text up to the first comma.
-    """
-    try:
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ComneckError(f"cannot read class names from {path} ({exc}); pass a UTF-8 text file") from exc
-    known = set(folders)
-    pairs = [line.split(None, 1) for line in lines]
-    if pairs and all(len(p) == 2 and p[0] in known for p in pairs):
-        mapping = {p[0]: p[1].split(",")[0].strip() for p in pairs}
-        missing = [f for f in folders if f not in mapping]
-        if missing:
-            raise ComneckError(f"class file {path} names no class for folder {missing[0]!r}; add a line for it")
-        return [mapping[f] for f in folders]
-    if len(lines) != len(folders):
-        raise ComneckError(
-            f"class file {path} has {len(lines)} names but the data folder has {len(folders)} class folders; "
-            "write one name per folder in sorted folder order, or 'FOLDER NAME' lines"
-        )
-    return lines
 
 
 class ImageFolderCrops(Dataset):
@@ -94,9 +52,9 @@ class ImageFolderCrops(Dataset):
                  resize: bool = False):
         root = Path(root)
         if not root.is_dir():
-            raise ComneckError(f"training data folder {root} does not exist; pass an ImageFolder-style directory")
+            raise InputError(f"training data folder {root} does not exist; pass an ImageFolder-style directory")
         if crop < 1:
-            raise ComneckError(f"crop size {crop} is not positive; use a multiple of 64 such as 256")
+            raise ComneckError(f"`crop` {crop} is not positive; use a multiple of 64 such as 256", params=("crop",))
         self.root, self.crop, self.resize = root, crop, resize
         folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self.samples: list[tuple[Path, int]] = []
@@ -114,14 +72,14 @@ class ImageFolderCrops(Dataset):
                 self.classes, self.class_source = [f.replace("_", " ") for f in folders], "the folder names"
         else:
             if labelled:
-                raise ComneckError(
+                raise InputError(
                     f"training data folder {root} has no class sub-folders with images; cross-entropy needs "
                     "one sub-folder of images per class (ImageFolder layout)"
                 )
             self.samples = [(p, UNLABELLED) for p in _images_in(root)]
             self.folders, self.classes = [], []
         if not self.samples:
-            raise ComneckError(f"training data folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise InputError(f"training data folder {root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -240,9 +198,10 @@ class StepBatches(Sampler):
 
 
 def steps_for(epochs: int | None, steps: int | None, per_epoch: int, what: str = "training") -> int:
-    """Optimizer steps from ``--epochs`` or ``--steps`` (exactly one of them)."""
+    """Optimizer steps from ``epochs`` or ``steps`` (exactly one of them)."""
     if (epochs is None) == (steps is None):
-        raise ComneckError(f"give the length of {what} as either --epochs or --steps (exactly one)")
+        raise ComneckError(f"give the length of {what} as either `epochs` or `steps` (exactly one)",
+                           params=("epochs", "steps"))
     total = steps if steps is not None else epochs * per_epoch
     if total < 0:
         raise ComneckError(f"the length of {what} must not be negative, got {total}")

@@ -1,4 +1,4 @@
-"""Trained models leave a run as files (``-o``) and registry entries (``--register``), written atomically.
+"""Trained models leave a run as files (``output``) and registry entries (``register``), written atomically.
 
 A codec is exported with ``codecs.save_codec`` (safetensors, entropy tables rebuilt) and registered as
 kind ``codec`` under ``{codec}-q{quality}`` by default, where ``encode``/``decode`` find it. A codec
@@ -61,22 +61,19 @@ def publish(write: Callable[[Path], None], suffix: str, output: Path | None, reg
     ``write(path)`` writes the file; without ``output`` it is written to a temp folder and moved in.
     """
     if output is None and register is None:
-        raise ComneckError("nothing would keep the trained model: pass -o FILE or --register NAME")
+        raise ComneckError("nothing would keep the trained model: pass `output` or `register`",
+                           params=("output", "register"))
     entry = None
     if output is not None:
         _atomic(Path(output), write)
-    if register is not None:
+    if register is not None and output is not None:
+        entry = registry.import_file(register, Path(output), kind, info)
+    elif register is not None:
+        folder = Path(tempfile.mkdtemp(prefix="comneck-train-"))
         try:
-            if output is not None:
-                entry = registry.import_file(register, Path(output), kind, info)
-            else:
-                folder = Path(tempfile.mkdtemp(prefix="comneck-train-"))
-                try:
-                    tmp = folder / f"{register}{suffix}"
-                    write(tmp)
-                    entry = registry.import_file(register, tmp, kind, info, move=True)
-                finally:
-                    shutil.rmtree(folder, ignore_errors=True)
-        except registry.WeightsError as exc:
-            raise ComneckError(str(exc)) from exc
+            tmp = folder / f"{register}{suffix}"
+            write(tmp)
+            entry = registry.import_file(register, tmp, kind, info, move=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     return output, entry

@@ -1,4 +1,4 @@
-"""What every training run shares: device and torchrun ranks, autocast, gradient averaging, progress, metrics.
+"""What every training run shares: device and torchrun ranks, autocast, gradient averaging, metrics, lengths.
 
 Data parallel: launched with ``torchrun --nproc_per_node N comneck train ...``, each rank reads its
 shard of every epoch (``data.EpochSampler``), computes its gradients, and the gradients are averaged
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ class Runtime:
         return self.world > 1
 
     def autocast(self) -> AbstractContextManager:
-        """bfloat16 autocast where the run asked for it (``--precision``), else full float32."""
+        """bfloat16 autocast where the run asked for it (``precision``), else full float32."""
         if self.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
@@ -127,7 +126,7 @@ class Runtime:
 def setup_runtime(device: str, precision: str = "auto") -> Runtime:
     """Pick the device once, and join the torchrun process group when ``WORLD_SIZE`` > 1.
 
-    Under torchrun each rank takes ``cuda:LOCAL_RANK`` (NCCL), or the CPU (gloo) with ``--device cpu``.
+    Under torchrun each rank takes ``cuda:LOCAL_RANK`` (NCCL), or the CPU (gloo) with ``device`` "cpu".
     ``precision``: ``bf16``, ``fp32`` or ``auto`` (bf16 on CUDA only, so CPU runs stay exact).
     """
     from comneck_cli.coding import resolve_device
@@ -144,7 +143,7 @@ def setup_runtime(device: str, precision: str = "auto") -> Runtime:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
     if precision not in PRECISIONS:
-        raise ComneckError(f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
+        raise ComneckError(f"unknown `precision` {precision!r} (one of {', '.join(PRECISIONS)})", params=("precision",))
     bf16 = precision == "bf16" or (precision == "auto" and chosen.type == "cuda")
     return Runtime(device=chosen, rank=rank, world=world, bf16=bf16)
 
@@ -206,26 +205,6 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-@contextmanager
-def progress(total: int, done: int, label: str, enabled: bool) -> Iterator[Callable[..., None]]:
-    """A rich progress bar on stderr (terminal only); yields ``advance(**fields)`` showing the latest losses."""
-    if not enabled or total < 1 or not sys.stderr.isatty():
-        yield lambda **fields: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.fields[status]}"), console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(label, total=total, completed=done, status="")
-
-        def advance(**fields: Any) -> None:
-            status = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
-            bar.update(task, advance=1, status=status)
-
-        yield advance
-
-
 class Clock:
     """Training seconds, carried across resumes."""
 
@@ -238,9 +217,8 @@ class Clock:
 
 def check_finite(value: torch.Tensor, step: int, what: str) -> None:
     if not torch.isfinite(value):
-        raise ComneckError(
-            f"the {what} loss became {value.item()} at step {step}; lower --lr or resume from an earlier checkpoint"
-        )
+        raise ComneckError(f"the {what} loss became {value.item()} at step {step}; lower `lr` or resume from an "
+                           "earlier checkpoint", params=("lr",))
 
 
 def codec_step(runtime: Runtime, model: nn.Module, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
@@ -257,7 +235,7 @@ def codec_step(runtime: Runtime, model: nn.Module, params: list[nn.Parameter], o
     return aux_loss.item()
 
 
-def crop_batches(cfg: RunConfig, runtime: Runtime, labelled: bool = False, resize: bool = False) -> Batches:
+def crop_batches(cfg: Any, runtime: Runtime, labelled: bool = False, resize: bool = False) -> Batches:
     """This rank's batches of crops of ``cfg.data`` (labelled: with class indices): random ones, or with ``resize``
     the resized centre square of each image (``data.resize_centre_crop``)."""
     dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=labelled, resize=resize)
@@ -266,7 +244,7 @@ def crop_batches(cfg: RunConfig, runtime: Runtime, labelled: bool = False, resiz
 
 
 def run_length(cfg: Any, state: dict[str, Any] | None, per_epoch: int) -> int:
-    """Steps of a one-stage run: the resumed run's unless --steps/--epochs are given, never short of its step."""
+    """Steps of a one-stage run: the resumed run's unless ``steps``/``epochs`` are given, never short of its step."""
     if state is not None and cfg.steps is None and cfg.epochs is None:
         total = int(state["total"])
     else:
@@ -278,109 +256,14 @@ def run_length(cfg: Any, state: dict[str, Any] | None, per_epoch: int) -> int:
 def check_length(state: dict[str, Any] | None, total: int) -> None:
     """A resumed run cannot end before the step its checkpoint reached."""
     if state is not None and total < int(state["step"]):
-        raise ComneckError(
-            f"the checkpoint is already at step {state['step']}, past the {total} steps asked for; "
-            "pass --steps/--epochs that reach at least that far"
-        )
+        raise ComneckError(f"the checkpoint is already at step {state['step']}, past the {total} steps asked for; "
+                           "pass `steps` or `epochs` that reach at least that far", params=("steps", "epochs"))
 
 
 def default_run_dir(output: Path | None, name: str) -> Path:
-    """Where checkpoint.pt and metrics.jsonl go when --run-dir is not given."""
+    """Where checkpoint.pt and metrics.jsonl go without a ``run_dir``."""
     if output is not None:
         return Path(output).parent / f"{Path(output).stem}.run"
     from comneck_cli.weights import user_dir
 
     return user_dir().parent / "runs" / name
-
-
-@dataclass(kw_only=True)
-class RunConfig:
-    """Settings every training run takes.
-
-    ``steps``/``epochs``: the run's length (exactly one; the neck takes one value per stage). On
-    ``resume`` the checkpoint's own settings decide the trajectory (model, λ, learning rates, batch size,
-    crop, seed); a field given here that differs from them is an error, and only the length, the
-    outputs and where the run executes may change. ``register``: registry name (``{codec}``,
-    ``{quality}`` and ``{scenario}`` are filled in), None to skip. ``run_dir`` holds ``checkpoint.pt``
-    and ``metrics.jsonl`` (default: beside ``output``, else in the user registry's ``runs`` folder).
-    """
-
-    data: Path | None = None
-    classes: Path | None = None
-    output: Path | None = None
-    register: str | None = None
-    batch_size: int | None = None
-    crop: int | None = None
-    seed: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    resume: Path | None = None
-    run_dir: Path | None = None
-    checkpoint_every: int = 500
-    log_every: int = 10
-    workers: int = 0
-    quiet: bool = False
-
-
-def serialise(cfg: Any) -> dict[str, Any]:
-    """A config dataclass as plain JSON-able values (paths as strings)."""
-    from dataclasses import fields
-
-    return {f.name: _plain(getattr(cfg, f.name)) for f in fields(cfg)}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def merge_resumed(cfg: Any, saved: dict[str, Any], trajectory: tuple[str, ...]) -> None:
-    """Take the trajectory fields from a checkpoint's config; a differing value given now is an error."""
-    from dataclasses import fields
-
-    paths = {f.name for f in fields(cfg) if "Path" in str(f.type)}
-    for name in trajectory:
-        given, stored = _plain(getattr(cfg, name)), _plain(saved.get(name))
-        if given is not None and given != stored:
-            flag = "--" + name.replace("_", "-")
-            raise ComneckError(
-                f"the checkpoint was trained with {flag} {stored}, not {given}; drop {flag} to resume it, "
-                "or start a new run without --resume"
-            )
-        if name in paths and stored is not None:
-            stored = Path(stored)
-        elif isinstance(stored, list):
-            stored = tuple(stored)
-        setattr(cfg, name, stored)
-
-
-def resolve_run(cfg: Any, kind: str, trajectory: tuple[str, ...], defaults: dict[str, Any], command: str):
-    """What ``train codec`` and ``train neck`` share before training: resume state, required options, defaults, λ.
-
-    On resume the trajectory (model, λ, rates, batch, crop, seed) comes from the checkpoint. Returns its state.
-    """
-    from comneck_cli.train import checkpoint as ckpt
-    from comneck_cli.train.losses import default_lambda
-
-    state = None
-    if cfg.resume is not None:
-        state = ckpt.load(cfg.resume, kind)
-        merge_resumed(cfg, state["config"], trajectory)
-        cfg.data = cfg.data or Path(state["config"]["data"])
-        cfg.run_dir = cfg.run_dir or Path(cfg.resume).parent
-    from comneck_cli.codecs import get_spec
-
-    variable_rate = cfg.codec is not None and get_spec(cfg.codec).variable_rate
-    if cfg.codec is None or (cfg.quality is None and not variable_rate) or cfg.data is None:
-        raise ComneckError(f"{command} needs --codec, -q/--quality and --data (or --resume CHECKPOINT)")
-    for name, value in defaults.items():
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, value)
-    if cfg.lmbda is None and not variable_rate:  # a variable-rate codec trains each level at its own λ
-        cfg.lmbda = default_lambda(cfg.codec, cfg.quality)
-    if cfg.crop % 64:
-        raise ComneckError(f"--crop {cfg.crop} is not a multiple of 64, which the codec's transforms need")
-    return state

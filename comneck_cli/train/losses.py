@@ -35,7 +35,7 @@ def default_lambda(codec: str, quality: int) -> float:
     """λ for a codec's quality level (ELIC: the paper's four; others: CompressAI's zoo table)."""
     table = LAMBDAS.get(codec, ZOO_LAMBDAS)
     if not 1 <= quality <= len(table):
-        raise ComneckError(f"no default λ for {codec} quality {quality}; pass --lmbda")
+        raise ComneckError(f"no default λ for {codec} quality {quality}; pass `lmbda`", params=("lmbda",))
     return float(table[quality - 1])
 
 

@@ -17,8 +17,8 @@ will write) and R comes from CompressAI's noisy proxy; the codec's net parameter
 lr and gradient-norm clipping at 1.0, the bottlenecks' quantiles their own Adam on ``aux_loss``.
 
 Losses: L_dist = Σ_i w_i · MSE(C'(T(y_hat))_i, C(x)_i) over the CLIP outputs i the neck targets (default one:
-the projected image embedding, as the authors' code does). ``--target layer-2/patch`` picks another single
-output; ``--targets "pooled:1,layer-2/patch:1,llama-adapter:0.5"`` a weighted list, so one neck serves several
+the projected image embedding, as the authors' code does). ``target`` ``layer-2/patch`` picks another single
+output; ``targets`` ``"pooled:1,layer-2/patch:1,llama-adapter:0.5"`` a weighted list, so one neck serves several
 MLLM families (a family name stands for what ``presets.PRESETS`` says it reads). The teacher C(x) runs once per
 batch, keeping every state the targets need; it sees the crop resized to the CLIP's image size (bicubic) and
 normalised with its mean and std. The cross-entropy is CLIP zero-shot classification: logit_scale ×
@@ -37,7 +37,6 @@ learning rate steps at stage boundaries).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,19 +45,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from comneck_cli.codecs import check_quality, get_spec, rate_gain, registry_name
-from comneck_cli.errors import ComneckError
 from comneck_cli.clip.presets import PRESETS
+from comneck_cli.clip.teacher import (HIDDEN_SELECTS, SELECTION_FORMS, TOKEN_SELECTS, Target, Teacher, select_target,
+                                      tail_request)
+from comneck_cli.clip.zeroshot import DEFAULT_TEMPLATES, class_weights, imagenet_templates
+from comneck_cli.codecs import check_quality, get_spec, rate_gain, registry_name
+from comneck_cli.errors import ComneckError, MismatchError, ModelFileError
 from comneck_cli.train import checkpoint as ckpt
-from comneck_cli.train.codec import TrainResult, constructor_config, split_parameters
+from comneck_cli.train.codec import constructor_config, split_parameters
+from comneck_cli.train.config import ClipRunConfig, defaults, resolve_run, setting
 from comneck_cli.train.data import steps_for
 from comneck_cli.train.export import publish, write_codec
 from comneck_cli.train.latents import frozen_latents, latent_path, rate_bpp, rate_for_step
 from comneck_cli.train.losses import BETA, GAMMA, joint_loss, weighted_distillation, zero_shot_cross_entropy
-from comneck_cli.train.loop import (Clock, Means, Metrics, RunConfig, Runtime, check_finite, check_length, codec_step, crop_batches,
-                   default_run_dir, progress, resolve_run, serialise, setup_runtime, teardown)
+from comneck_cli.train.loop import Runtime, check_finite, check_length, codec_step, crop_batches, default_run_dir
+from comneck_cli.train.trainer import Progress, StagedRun, TrainResult, train
 
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
 CROPS = ("resize", "random")
 ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
 
@@ -80,59 +82,6 @@ def default_stages(scenario: str, ce_dist: tuple[float, float] = (1.0, 100.0)) -
         return (Stage("ce", 1e-4, ce=1.0, dist=0.0), Stage("ce+dist", 1e-5, ce=ce_dist[0], dist=ce_dist[1]),
                 Stage("dist", 1e-5))
     return (Stage("dist", 1e-4), Stage("joint", 1e-4, joint=True), Stage("dist", 1e-5))
-
-
-HIDDEN_SELECTS = ("patch", "cls", "all")  # of one hidden state (before ln_post)
-TOKEN_SELECTS = ("patch", "all", "projected")  # compared token by token: the neck's grid must be the teacher's
-_LAYER_FORM = re.compile(r"layer(-?\d+)/(\w+)")
-SELECTION_FORMS = "pooled, projected, layerN/patch|cls|all (e.g. layer-2/patch)"
-
-
-@dataclass(frozen=True)
-class Target:
-    """One CLIP output L_dist compares: ``pooled`` (projected image embedding), ``projected`` (every last-layer
-    token through ``ln_post`` and ``proj``), or ``patch``/``cls``/``all`` of hidden state ``layer`` (HF numbering)."""
-
-    select: str = "pooled"
-    layer: int = -1
-
-    @classmethod
-    def parse(cls, text: str) -> "Target":
-        """``pooled``, ``projected``, ``layerN/patch|cls|all``, or the older ``SELECT[:LAYER]`` (``patch:-2``)."""
-        target = cls.parse_or_none(text)
-        if target is None:
-            raise ComneckError(f"unknown distillation target {text.strip()!r}; use {SELECTION_FORMS}")
-        return target
-
-    @classmethod
-    def parse_or_none(cls, text: str) -> "Target | None":
-        """As :meth:`parse`, but None for a name that is no selection (a malformed one still raises)."""
-        text = text.strip()
-        match = _LAYER_FORM.fullmatch(text)
-        if match:
-            select, layer = match[2], match[1]
-            if select not in HIDDEN_SELECTS:
-                raise ComneckError(f"distillation target {text!r} selects {select!r}; after layerN/ use patch, cls "
-                                   "or all, e.g. layer-2/patch")
-        else:
-            select, _, layer = text.partition(":")
-            if select not in HIDDEN_SELECTS + ("pooled", "projected"):
-                return None
-        if select in ("pooled", "projected"):
-            return cls(select, -1)  # both come from the last block: no layer to choose
-        try:
-            return cls(select, int(layer) if layer else -1)
-        except ValueError:
-            raise ComneckError(
-                f"distillation target {text!r} has a layer that is not a number; write e.g. layer-2/patch"
-            ) from None
-
-    @property
-    def hidden(self) -> bool:
-        return self.select in HIDDEN_SELECTS
-
-    def __str__(self) -> str:
-        return self.select if self.select in ("pooled", "projected") else f"layer{self.layer}/{self.select}"
 
 
 @dataclass(frozen=True)
@@ -157,131 +106,123 @@ def _named_target(name: str, clip_model: str | None, clip_tag: str | None) -> We
                                f"({', '.join(PRESETS)})")
         return WeightedTarget(target)
     if clip_model is not None and (preset.clip_model, preset.clip_tag) != (clip_model.replace("/", "-"), clip_tag):
-        raise ComneckError(
+        raise MismatchError(
             f"distillation target {name!r} reads CLIP {preset.clip_model}/{preset.clip_tag}, but this neck trains "
-            f"against {clip_model}/{clip_tag}; train it with --clip-model {preset.clip_model} --clip-tag "
-            f"{preset.clip_tag}, or name the features it reads (layer{preset.layer}/{preset.select})"
-        )
+            f"against {clip_model}/{clip_tag}; train it with `clip_model` {preset.clip_model} `clip_tag` "
+            f"{preset.clip_tag}, or name the features it reads (layer{preset.layer}/{preset.select})",
+            params=("clip_model", "clip_tag"))
     target = Target(preset.select, preset.layer if preset.select in HIDDEN_SELECTS else -1)
     return WeightedTarget(target, 1.0, name)
 
 
 def parse_targets(text: str, clip_model: str | None = None,
                   clip_tag: str | None = None) -> tuple[WeightedTarget, ...]:
-    """``--targets``: comma-separated ``NAME[:WEIGHT]`` (weight 1 when left out), NAME a selection
+    """``targets``: comma-separated ``NAME[:WEIGHT]`` (weight 1 when left out), NAME a selection
     (:data:`SELECTION_FORMS`) or a ``presets.PRESETS`` family, whose tower must be ``clip_model``/``clip_tag``
     when they are given."""
     items = [item.strip() for item in text.split(",")]
     if not any(items):
-        raise ComneckError(
-            f"--targets {text!r} names no target; write NAME:WEIGHT pairs separated by commas, such as "
-            "pooled:1,layer-2/patch:1")
+        raise ComneckError(f"`targets` {text!r} names no target; write NAME:WEIGHT pairs separated by commas, such "
+                           "as pooled:1,layer-2/patch:1", params=("targets",))
     terms: list[WeightedTarget] = []
     for item in items:
         if not item:
-            raise ComneckError(f"--targets {text!r} has an empty item; separate NAME:WEIGHT pairs with single commas")
+            raise ComneckError(f"`targets` {text!r} has an empty item; separate NAME:WEIGHT pairs with single commas",
+                               params=("targets",))
         name, colon, weight_text = item.rpartition(":") if ":" in item else (item, "", "")
         name = name.strip()
         if name in HIDDEN_SELECTS:
-            raise ComneckError(f"--targets item {item!r} is ambiguous (SELECT:LAYER or NAME:WEIGHT?); write "
-                               f"layer{weight_text.strip() or '-1'}/{name}:WEIGHT instead")
+            raise ComneckError(f"`targets` item {item!r} is ambiguous (SELECT:LAYER or NAME:WEIGHT?); write "
+                               f"layer{weight_text.strip() or '-1'}/{name}:WEIGHT instead", params=("targets",))
         try:
             weight = float(weight_text) if colon else 1.0
         except ValueError:
-            raise ComneckError(f"the weight {weight_text.strip()!r} of --targets item {item!r} is not a number; "
-                               f"write NAME:WEIGHT such as {name}:1") from None
+            raise ComneckError(f"the weight {weight_text.strip()!r} of `targets` item {item!r} is not a number; "
+                               f"write NAME:WEIGHT such as {name}:1", params=("targets",)) from None
         if not (math.isfinite(weight) and weight > 0):
-            raise ComneckError(f"the weight of --targets item {item!r} must be a positive number, not {weight_text!r}")
+            raise ComneckError(f"the weight of `targets` item {item!r} must be a positive number, not {weight_text!r}",
+                               params=("targets",))
         term = _named_target(name, clip_model, clip_tag)
         twin = next((t for t in terms if t.target == term.target), None)
         if twin is not None:
-            raise ComneckError(f"--targets names {term.target} twice ({twin.family or twin.target} and {name}); "
-                               "give it once, with the summed weight")
+            raise ComneckError(f"`targets` names {term.target} twice ({twin.family or twin.target} and {name}); "
+                               "give it once, with the summed weight", params=("targets",))
         terms.append(WeightedTarget(term.target, weight, term.family))
     return tuple(terms)
 
 
 @dataclass(kw_only=True)
-class NeckTrainConfig(RunConfig):
-    """What ``train_neck`` does; None means the default.
+class NeckTrainConfig(ClipRunConfig):
+    """What ``train_neck`` does; None means the setting's default.
 
     ``steps``/``epochs`` and ``lr``: one value per stage (a single value applies to all three).
     ``codec_weights``: the (human-perception) codec to start from (default: the registry/zoo entry
-    ``{codec}-q{quality}``). ``clip_tag`` ``"none"`` builds a randomly initialised CLIP (tests).
+    ``{codec}-q{quality}``).
     ``register``: the neck's registry name; ``{suffix}`` is empty for d1 (``features`` finds
     ``{codec}-q{quality}-neck`` by default) and ``-d2``/``-d3`` otherwise, as those necks go with their own codec.
     ``codec_output``/``codec_register``: where the retrained codec of d2/d3 goes (default: beside ``output``
     as ``STEM.codec.safetensors``, and the registry as ``{codec}-q{quality}-{scenario}``).
     """
 
-    codec: str | None = None
-    quality: int | None = None
-    scenario: str | None = None
-    codec_weights: Path | None = None
-    clip_model: str | None = None
-    clip_tag: str | None = None
-    clip_weights: Path | None = None
-    k: int | None = None
-    target: str | None = None
-    targets: str | None = None
-    templates: tuple[str, ...] | None = None
-    crops: str | None = None
-    steps: tuple[int, ...] | None = None
-    epochs: tuple[int, ...] | None = None
-    lr: tuple[float, ...] | None = None
-    ce_dist: tuple[float, float] | None = None
-    lmbda: float | None = None
-    gamma: float | None = None
-    beta: float | None = None
-    aux_lr: float | None = None
-    clip_max_norm: float | None = None
-    neck_width: int | None = None
-    neck_heads: int | None = None
-    neck_init: Path | None = None
+    classes: Path | None = setting()  # the cross-entropy's class names are part of what is learnt
+    codec: str | None = setting()
+    quality: int | None = setting()
+    scenario: str | None = setting("d1")
+    codec_weights: Path | None = setting()
+    k: int | None = setting(2)
+    target: str | None = setting()
+    targets: str | None = setting()
+    templates: tuple[str, ...] | None = setting()
+    crops: str | None = setting("resize")
+    steps: tuple[int, ...] | None = setting(trajectory=False)
+    epochs: tuple[int, ...] | None = setting(trajectory=False)
+    lr: tuple[float, ...] | None = setting()
+    ce_dist: tuple[float, float] | None = setting((1.0, 100.0))
+    lmbda: float | None = setting()
+    gamma: float | None = setting(GAMMA)
+    beta: float | None = setting(BETA)
+    aux_lr: float | None = setting(1e-3)
+    clip_max_norm: float | None = setting(1.0)
+    neck_width: int | None = setting()
+    neck_heads: int | None = setting()
+    neck_init: Path | None = setting()
     register: str | None = "{codec}-q{quality}-neck{suffix}"
     codec_output: Path | None = None
     codec_register: str | None = "{codec}-q{quality}-{scenario}"
 
 
-NECK_DEFAULTS = {"scenario": "d1", "clip_model": "ViT-L-14", "clip_tag": "openai", "k": 2, "crops": "resize",
-                 "ce_dist": (1.0, 100.0), "gamma": GAMMA, "beta": BETA, "aux_lr": 1e-3, "clip_max_norm": 1.0,
-                 "batch_size": 8, "crop": 256, "seed": 0}
-TRAJECTORY = ("codec", "quality", "scenario", "codec_weights", "clip_model", "clip_tag", "clip_weights", "k",
-              "target", "targets", "templates", "crops", "lr", "ce_dist", "lmbda", "gamma", "beta", "aux_lr",
-              "clip_max_norm", "neck_width", "neck_heads", "neck_init", "batch_size", "crop", "seed", "classes")
-
-
 def per_stage(values: Sequence | None, what: str) -> tuple | None:
+    """A per-stage setting ``what``: one value (for all three stages) or three."""
     if values is None:
         return None
     values = tuple(values)
     if len(values) == 1:
         return values * 3
     if len(values) != 3:
-        raise ComneckError(f"{what} takes one value or three (one per stage), got {len(values)}")
+        raise ComneckError(f"`{what}` takes one value or three (one per stage), got {len(values)}", params=(what,))
     return values
 
 
 def load_frozen_codec(name: str, quality: int, weights: Any, state: dict[str, Any] | None, device: torch.device,
-                      option: str) -> tuple[Any, nn.Module]:
-    """The run's codec and its model frozen on ``device``; a resumed run must get the weights it trained on."""
+                      param: str) -> tuple[Any, nn.Module]:
+    """The run's codec and its model frozen on ``device``; a resumed run must get the weights it trained on
+    (passed as the setting ``param``)."""
     from comneck_cli.codecs import load_codec
 
     codec = load_codec(name, quality, weights=weights)
     digest = codec.digest.hex()
     if state is not None and state["start_digest"] != digest:
-        raise ComneckError(
+        raise MismatchError(
             f"the codec weights {codec.source} (digest {digest}) are not the ones this run trained on "
-            f"({state['start_digest']}); pass the run's codec with {option}"
-        )
+            f"({state['start_digest']}); pass the run's codec as `{param}`", params=(param,))
     return codec, codec.model.to(device).eval().requires_grad_(False)
 
 
 def stage_lengths(cfg: Any, state: dict[str, Any] | None, per_epoch: int) -> tuple[int, ...]:
-    """Steps of the three stages: the resumed run's, or from --steps/--epochs (one value, or one per stage)."""
+    """Steps of the three stages: the resumed run's, or from ``steps``/``epochs`` (one value, or one per stage)."""
     if state is not None and cfg.steps is None and cfg.epochs is None:
         return tuple(int(n) for n in state["stage_steps"])
-    epochs, steps = per_stage(cfg.epochs, "--epochs"), per_stage(cfg.steps, "--steps")
+    epochs, steps = per_stage(cfg.epochs, "epochs"), per_stage(cfg.steps, "steps")
     return tuple(steps_for(None if epochs is None else epochs[i], None if steps is None else steps[i],
                            per_epoch, f"stage {i + 1}") for i in range(3))
 
@@ -297,42 +238,46 @@ WHY_UNUSED = {"ce_dist": "it weights stage 2's cross-entropy, which only d1 has"
 
 
 def refuse_unused(cfg: NeckTrainConfig, scenario: str) -> None:
-    """A setting the scenario does not use (``ONLY_FOR``), or -q for a variable-rate codec, is an error."""
+    """A setting the scenario does not use (``ONLY_FOR``), or a quality for a variable-rate codec, is an error."""
     for name, scenarios in ONLY_FOR.items():
         if getattr(cfg, name) is not None and scenario not in scenarios:
-            flag = "--template" if name == "templates" else "--" + name.replace("_", "-")
-            raise ComneckError(f"scenario {scenario} does not use {flag}: {WHY_UNUSED[name]}; drop {flag}")
+            raise ComneckError(f"scenario {scenario} does not use `{name}`: {WHY_UNUSED[name]}; drop `{name}`",
+                               params=(name,))
     if cfg.quality is not None and cfg.codec is not None and get_spec(cfg.codec).variable_rate:
         raise ComneckError(f"a neck for the variable-rate {cfg.codec} trains on every rate at once and serves "
-                           f"records of any rate; drop -q/--quality {cfg.quality}")
+                           f"records of any rate; drop `quality` {cfg.quality}", params=("quality",))
 
 
 def _resolve(cfg: NeckTrainConfig) -> dict[str, Any] | None:
     if cfg.resume is None:  # a resumed run's stored settings are its own, defaults included
-        refuse_unused(cfg, cfg.scenario or NECK_DEFAULTS["scenario"])
-    state = resolve_run(cfg, "neck", TRAJECTORY, NECK_DEFAULTS, "train neck")
+        refuse_unused(cfg, cfg.scenario or defaults(cfg)["scenario"])
+    state = resolve_run(cfg, "neck", "train neck")
     if cfg.scenario not in ("d1", "d2", "d3"):
-        raise ComneckError(f"unknown scenario {cfg.scenario!r}; use d1, d2 or d3")
+        raise ComneckError(f"unknown `scenario` {cfg.scenario!r}; use d1, d2 or d3", params=("scenario",))
     if state is not None and "crops" not in state["config"]:
-        cfg.crops = "random"  # a run from before --crops took random crops
+        cfg.crops = "random"  # a run from before `crops` took random crops
     if cfg.crops not in CROPS:
-        raise ComneckError(f"unknown crops {cfg.crops!r}; use resize (the authors' protocol) or random")
-    cfg.lr = per_stage(cfg.lr, "--lr")
+        raise ComneckError(f"unknown `crops` {cfg.crops!r}; use resize (the authors' protocol) or random",
+                           params=("crops",))
+    cfg.lr = per_stage(cfg.lr, "lr")
     cfg.templates = None if cfg.templates is None else tuple(cfg.templates)
     cfg.ce_dist = tuple(cfg.ce_dist)
     targets_of(cfg)
-    if get_spec(cfg.codec).variable_rate and cfg.scenario != "d1":
+    spec = get_spec(cfg.codec)
+    if spec.variable_rate and cfg.scenario != "d1":
         raise ComneckError(f"a neck for the variable-rate {cfg.codec} trains in scenario d1 only (the codec frozen, "
-                           f"one neck for every rate), not {cfg.scenario}")
+                           f"one neck for every rate), not {cfg.scenario}", params=("scenario",))
+    if not spec.variable_rate:  # a variable-rate codec's neck serves every rate: no level to check
+        check_quality(spec, cfg.quality)
     return state
 
 
 def targets_of(cfg: NeckTrainConfig) -> tuple[WeightedTarget, ...]:
-    """L_dist's weighted targets: ``--targets``, else ``--target`` (a checkpoint from before ``--targets`` has only
+    """L_dist's weighted targets: ``targets``, else ``target`` (a checkpoint from before ``targets`` has only
     that) as the one-element list, else the projected embedding."""
     if cfg.targets is not None and cfg.target is not None:
-        raise ComneckError(f"--target {cfg.target} and --targets {cfg.targets} both given; put every target in "
-                           "--targets")
+        raise ComneckError(f"`target` {cfg.target} and `targets` {cfg.targets} both given; put every target in "
+                           "`targets`", params=("target", "targets"))
     tag = clip_tag(cfg)
     if cfg.targets is not None:
         return parse_targets(cfg.targets, cfg.clip_model, tag)
@@ -340,385 +285,274 @@ def targets_of(cfg: NeckTrainConfig) -> tuple[WeightedTarget, ...]:
     return (WeightedTarget(term.target, 1.0, term.family),)
 
 
-def stages_of(cfg: NeckTrainConfig) -> tuple[Stage, ...]:
-    stages = default_stages(cfg.scenario, cfg.ce_dist)
+def stages_of(cfg: Any, scenario: str) -> tuple[Stage, ...]:
+    """The scenario's three stages (:func:`default_stages`), with ``cfg.lr`` where given."""
+    stages = default_stages(scenario, cfg.ce_dist)
     if cfg.lr is not None:
         stages = tuple(Stage(s.name, lr, s.ce, s.dist, s.joint) for s, lr in zip(stages, cfg.lr))
     return stages
 
 
-def train_neck(cfg: NeckTrainConfig) -> TrainResult:
-    """Train (or resume) a transform-neck for a scenario; export the neck (and d2/d3's codec) and register them."""
+def train_neck(cfg: NeckTrainConfig, on_progress: Progress | None = None) -> TrainResult:
+    """Train (or resume) a transform-neck for a scenario; export the neck (and d2/d3's codec) and register them.
+
+    ``on_progress(done, total)`` follows the steps of all three stages.
+    """
     state = _resolve(cfg)
-    spec = get_spec(cfg.codec)
-    if not spec.variable_rate:  # a variable-rate codec's neck serves every rate: no level to check
-        check_quality(spec, cfg.quality)
     if state is None and cfg.neck_init is None and cfg.scenario != "d1":
         cfg.neck_init = d1_neck(cfg)
-    runtime = setup_runtime(cfg.device, cfg.precision)
-    try:
-        return _train(cfg, runtime, state)
-    finally:
-        teardown(runtime)
+    return train(cfg, lambda runtime: NeckRun(cfg, runtime, state), on_progress)
 
 
 def d1_neck(cfg: NeckTrainConfig) -> Path:
     """Where d2/d3 start their neck without ``neck_init``: the registry's d1 neck of the codec and quality (the
     paper: distillation alone does not move a neck trained from scratch, so d2/d3 fine-tune a d1 neck)."""
-    from comneck_cli import weights as registry
-
+    from comneck_cli import hub
     from comneck_cli.features import neck_registry_name
 
     name = neck_registry_name(cfg.codec, cfg.quality)
-    if not registry.lookup(name):
-        raise ComneckError(
+    path = hub.find(name, "neck")
+    if path is None:
+        raise ModelFileError(
             f"scenario {cfg.scenario} starts its neck from a d1 neck (distillation alone does not train one from "
             f"scratch), and the registry has no {name}; train it first with `comneck train neck --scenario d1 "
-            f"--codec {cfg.codec} -q {cfg.quality}`, or pass --neck-init FILE")
-    try:
-        return registry.resolve(name)
-    except registry.WeightsError as exc:
-        raise ComneckError(str(exc)) from exc
+            f"--codec {cfg.codec} -q {cfg.quality}`, or pass `neck_init` FILE", params=("neck_init",))
+    return path
 
 
-def load_training_clip(cfg: NeckTrainConfig, device: torch.device) -> nn.Module:
-    """The frozen CLIP teacher: weights from ``clip_weights``, else the registry entry of the model and tag,
-    else open_clip's cache or download."""
-    from comneck_cli import weights as registry
+def load_training_clip(cfg: Any, device: torch.device) -> nn.Module:
+    """The frozen CLIP teacher of ``cfg.clip_model``/``clip_tag``: weights from ``clip_weights``, else the registry
+    entry of the model and tag, else open_clip's cache or download."""
+    from comneck_cli.clip.tower import resolve_clip
 
-    from comneck_cli.clip.tower import load_clip, weights_entry_name
-
-    tag = clip_tag(cfg)
-    weights_file = cfg.clip_weights
-    if weights_file is None and tag is not None and registry.lookup(weights_entry_name(cfg.clip_model, tag)):
-        try:
-            weights_file = registry.resolve(weights_entry_name(cfg.clip_model, tag))
-        except registry.WeightsError as exc:
-            raise ComneckError(str(exc)) from exc
-    clip = load_clip(cfg.clip_model, tag, weights_file=weights_file, device=device)
+    clip = resolve_clip(cfg.clip_model, clip_tag(cfg), cfg.clip_weights, device=device)
     return clip.eval().requires_grad_(False)
 
 
-def clip_tag(cfg: NeckTrainConfig) -> str | None:
-    """The open_clip weights tag, None for random weights (``--clip-tag none``)."""
+def clip_tag(cfg: Any) -> str | None:
+    """The open_clip weights tag, None for random weights (``clip_tag`` ``none``)."""
     return None if cfg.clip_tag is None or cfg.clip_tag.lower() == "none" else cfg.clip_tag
-
-
-class Teacher(nn.Module):
-    """C(x) on the uncompressed crop: resize to the CLIP's image size (bicubic), normalise, run the tower once
-    and return each target's tensor."""
-
-    def __init__(self, clip: nn.Module, head: nn.Module, tail: nn.Module, targets: Target | Sequence[Target]):
-        super().__init__()
-        visual = clip.visual
-        cfg = getattr(visual, "preprocess_cfg", {}) or {}
-        from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-        size = visual.image_size
-        self.size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", OPENAI_DATASET_MEAN)).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg.get("std", OPENAI_DATASET_STD)).view(1, 3, 1, 1))
-        self.head, self.tail = head, tail
-        self.targets = (targets,) if isinstance(targets, Target) else tuple(targets)
-
-    def preprocess(self, x: Tensor) -> Tensor:
-        if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
-        return (x - self.mean) / self.std
-
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> list[Tensor]:
-        features = self.tail(self.head(self.preprocess(x)), **tail_request(self.targets))
-        return [select_target(features, t) for t in self.targets]
-
-
-def tail_request(targets: Sequence[Target], embedding: bool = False) -> dict[str, Any]:
-    """``ClipTail.forward`` arguments computing every target in one pass: the one hidden state needed (all of
-    them when several layers are), the pooled embedding and the projected tokens only where asked for."""
-    layers = {t.layer for t in targets if t.hidden}
-    return {"layer": layers.pop() if len(layers) == 1 else (None if layers else -1),
-            "embedding": embedding or any(t.select == "pooled" for t in targets),
-            "projected": any(t.select == "projected" for t in targets)}
-
-
-def select_target(features, target: Target) -> Tensor:
-    return features.embedding if target.select == "pooled" else features.select(target.layer, target.select)
 
 
 def default_templates(dataset: Any) -> tuple[str, ...]:
     """Prompts when none are given: open_clip's 80 OpenAI ImageNet templates for ImageNet classes (the authors'
     zero-shot weights), else ``DEFAULT_TEMPLATES``."""
-    if not dataset.class_source.startswith("open_clip"):
-        return DEFAULT_TEMPLATES
-    from open_clip import OPENAI_IMAGENET_TEMPLATES
-
-    return tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)  # open_clip's are functions
+    return imagenet_templates() if dataset.class_source.startswith("open_clip") else DEFAULT_TEMPLATES
 
 
-def text_embeddings(clip: nn.Module, model_name: str, classes: Sequence[str], templates: Sequence[str],
-                    device: torch.device) -> Tensor:
-    """Zero-shot class weights: per class, the mean of the normalised text embeddings over the templates."""
-    import open_clip
+class NeckRun(StagedRun):
+    """The neck T (and in the joint stage of d2/d3 the codec) on C'(T(y_hat)) against C(x), stage by stage."""
 
-    tokenizer = open_clip.get_tokenizer(model_name)
-    rows = []
-    with torch.no_grad():
-        for name in classes:
-            tokens = tokenizer([t.format(name) for t in templates]).to(device)
-            emb = F.normalize(clip.encode_text(tokens).float(), dim=-1).mean(0)
-            rows.append(F.normalize(emb, dim=-1))
-    return torch.stack(rows)
+    kind = "neck"
 
+    def __init__(self, cfg: NeckTrainConfig, runtime: Runtime, state: dict[str, Any] | None):
+        from comneck_cli.clip.tower import resolve_layer, split_clip
+        from comneck_cli.features import neck_registry_name
+        from comneck_cli.models.neck import EVERY_RATE, TransformNeck, load_neck
 
-def _train(cfg: NeckTrainConfig, runtime: Runtime, state: dict | None) -> TrainResult:
-    from comneck_cli.clip.tower import split_clip
-    from comneck_cli.features import neck_registry_name
-    from comneck_cli.models.neck import EVERY_RATE, TransformNeck, load_neck
+        self.cfg, self.runtime, self.state = cfg, runtime, state
+        device = runtime.device
+        name = f"{registry_name(cfg.codec, cfg.quality)}-neck-{cfg.scenario}"
+        variable_rate = get_spec(cfg.codec).variable_rate
+        if variable_rate and cfg.register == NeckTrainConfig.register:
+            cfg.register = neck_registry_name(cfg.codec, EVERY_RATE)  # where `features` looks for any rate's records
+        self.register = None if cfg.register is None else cfg.register.format(**_names(cfg))
+        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, self.register or name)
+        self.stages = stages_of(cfg, cfg.scenario)
+        self.terms = targets_of(cfg)
+        self.targets = [t.target for t in self.terms]
+        needs_labels = any(s.ce > 0 for s in self.stages)
+        self.batches = crop_batches(cfg, runtime, labelled=needs_labels, resize=cfg.crops == "resize")
+        if cfg.templates is None:
+            cfg.templates = default_templates(self.batches.dataset)
+        self.prompts = (f"class names from {self.batches.dataset.class_source}, {len(cfg.templates)} prompt "
+                        "template(s)" if needs_labels else None)
+        self.lengths = stage_lengths(cfg, state, self.batches.per_epoch)
+        self.bounds = tuple(sum(self.lengths[: i + 1]) for i in range(3))
+        self.total = self.bounds[-1]
+        check_length(state, self.total)
 
-    device = runtime.device
-    name = f"{registry_name(cfg.codec, cfg.quality)}-neck-{cfg.scenario}"
-    variable_rate = get_spec(cfg.codec).variable_rate
-    if variable_rate and cfg.register == NeckTrainConfig.register:
-        cfg.register = neck_registry_name(cfg.codec, EVERY_RATE)  # where `features` looks for records of any rate
-    register = None if cfg.register is None else cfg.register.format(**_names(cfg))
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, register or name)
-    stages_cfg = stages_of(cfg)
-    terms = targets_of(cfg)
-    targets = [t.target for t in terms]
-    weights = [t.weight for t in terms]
-    needs_labels = any(s.ce > 0 for s in stages_cfg)
-    batches = crop_batches(cfg, runtime, labelled=needs_labels, resize=cfg.crops == "resize")
-    if cfg.templates is None:
-        cfg.templates = default_templates(batches.dataset)
-    prompts = (f"class names from {batches.dataset.class_source}, {len(cfg.templates)} prompt template(s)"
-               if needs_labels else None)
-    lengths = stage_lengths(cfg, state, batches.per_epoch)
-    bounds = [sum(lengths[: i + 1]) for i in range(3)]
-    total = bounds[-1]
-    check_length(state, total)
+        # The codec: the human-perception codec to start from (frozen throughout d1).
+        self.codec, self.model = load_frozen_codec(cfg.codec, cfg.quality or 1, cfg.codec_weights, state, device,
+                                                   "codec_weights")
+        self.rates = ((float(min(self.codec.spec.qualities)), float(max(self.codec.spec.qualities)))
+                      if variable_rate else None)
+        self.model_config = constructor_config(self.codec)
 
-    # The codec: the human-perception codec to start from (frozen throughout d1).
-    codec, model = load_frozen_codec(cfg.codec, cfg.quality or 1, cfg.codec_weights, state, device,
-                                     "--codec-weights")
-    rates = (float(min(codec.spec.qualities)), float(max(codec.spec.qualities))) if variable_rate else None
-    start_digest = codec.digest.hex()
-    model_config = constructor_config(codec)
-    family = codec.spec.family
+        ckpt.seed_everything(cfg.seed)
+        clip = load_training_clip(cfg, device)
+        head, self.tail = split_clip(clip, cfg.k)
+        self.teacher = Teacher(clip, head, self.tail, self.targets).to(device)
+        grid = (cfg.crop // 16, cfg.crop // 16)
+        for term in self.terms:
+            if term.target.hidden:  # a state inside C, or past the tower's end: say so before training starts
+                resolve_layer(term.target.layer, self.tail.num_layers + 1, cfg.k)
+            if term.target.select in TOKEN_SELECTS:
+                size = self.teacher.size
+                want = (size[0] // clip.visual.patch_size[0], size[1] // clip.visual.patch_size[1])
+                if want != grid:
+                    raise ComneckError(
+                          f"distillation target {term.family or term.target} compares tokens, but the teacher has a "
+                          f"{want[0]}×{want[1]} patch grid and the neck a {grid[0]}×{grid[1]} latent grid; use "
+                          f"`crop` {want[0] * 16} or a pooled or cls target", params=("crop",))
+        self.student_request = tail_request(self.targets, embedding=True)  # the embedding feeds the cross-entropy
+        if cfg.neck_init is not None:
+            self.neck, _ = load_neck(cfg.neck_init, device)
+        else:
+            width = cfg.neck_width or clip.visual.transformer.width
+            heads = cfg.neck_heads or clip.visual.transformer.resblocks[0].attn.num_heads
+            self.neck = TransformNeck(self.codec.latent_channels, width, heads, grid)
+        self.neck.to(device).train()
+        runtime.broadcast(self.neck)
+        self.classes = (class_weights(clip, cfg.clip_model, self.batches.dataset.classes, cfg.templates,
+                                      device=device) if needs_labels else None)
+        self.logit_scale = clip.logit_scale.exp().float().item()
 
-    ckpt.seed_everything(cfg.seed)
-    clip = load_training_clip(cfg, device)
-    head, tail = split_clip(clip, cfg.k)
-    teacher = Teacher(clip, head, tail, targets).to(device)
-    grid = (cfg.crop // 16, cfg.crop // 16)
-    from comneck_cli.clip.tower import resolve_layer
+        # d3 leaves g_s out of training: it is not in the loss and stays as it was.
+        self.trainable = [m for n, m in self.model.named_children() if not (cfg.scenario == "d3" and n == "g_s")]
+        self.codec_net, self.codec_aux = [], []
+        self.optimizer = torch.optim.Adam(self.neck.parameters(), lr=self.stages[0].lr, **ADAM)
+        self.codec_opt = self.aux_opt = None
+        if cfg.scenario != "d1":
+            for module in self.trainable:
+                module.requires_grad_(True)
+            self.codec_net, self.codec_aux = split_parameters(self.model)
+            self.model.requires_grad_(False)
+            self.codec_opt = torch.optim.Adam(self.codec_net, lr=self.stages[1].lr, **ADAM)
+            self.aux_opt = torch.optim.Adam(self.codec_aux, lr=cfg.aux_lr)
+        self.current: int | None = None
+        start = 0 if state is None else int(state["step"])
+        self.codec_trained = start > self.bounds[0] and cfg.scenario != "d1"
 
-    for term in terms:
-        if term.target.hidden:  # a state inside C, or past the tower's end: say so before training starts
-            resolve_layer(term.target.layer, tail.num_layers + 1, cfg.k)
-        if term.target.select in TOKEN_SELECTS:
-            want = (teacher.size[0] // clip.visual.patch_size[0], teacher.size[1] // clip.visual.patch_size[1])
-            if want != grid:
-                raise ComneckError(
-                    f"distillation target {term.family or term.target} compares tokens, but the teacher has a "
-                    f"{want[0]}×{want[1]} patch grid and the neck a {grid[0]}×{grid[1]} latent grid; use --crop "
-                    f"{want[0] * 16} or a pooled or cls target"
-                )
-    student_request = tail_request(targets, embedding=True)  # the embedding also feeds the cross-entropy
-    if cfg.neck_init is not None:
-        neck, _ = load_neck(cfg.neck_init, device)
-    else:
-        width = cfg.neck_width or clip.visual.transformer.width
-        heads = cfg.neck_heads or clip.visual.transformer.resblocks[0].attn.num_heads
-        neck = TransformNeck(codec.latent_channels, width, heads, grid)
-    neck.to(device).train()
-    runtime.broadcast(neck)
-    classes = (text_embeddings(clip, cfg.clip_model, batches.dataset.classes, cfg.templates, device)
-               if needs_labels else None)
-    logit_scale = clip.logit_scale.exp().float().item()
+    def saved(self) -> dict[str, Any]:
+        saved = {"neck": self.neck, "optimizer": self.optimizer}
+        if self.codec_opt is not None:
+            saved.update(codec=self.model, codec_optimizer=self.codec_opt, aux_optimizer=self.aux_opt)
+        return saved
 
-    # d3 leaves g_s out of training: it is not in the loss and stays as it was.
-    trainable = [m for n, m in model.named_children() if not (cfg.scenario == "d3" and n == "g_s")]
-    codec_net, codec_aux = [], []
-    optimizer = torch.optim.Adam(neck.parameters(), lr=stages_cfg[0].lr, **ADAM)
-    codec_opt = aux_opt = None
-    if cfg.scenario != "d1":
-        for module in trainable:
-            module.requires_grad_(True)
-        codec_net, codec_aux = split_parameters(model)
-        model.requires_grad_(False)
-        codec_opt = torch.optim.Adam(codec_net, lr=stages_cfg[1].lr, **ADAM)
-        aux_opt = torch.optim.Adam(codec_aux, lr=cfg.aux_lr)
+    def plain(self) -> dict[str, Any]:
+        return {"neck_config": self.neck.config, "stage_steps": list(self.lengths),
+                "start_digest": self.codec.digest.hex()}
 
-    start, clock = 0, Clock()
-    final: dict[str, float] = {}
-    if state is not None:
-        neck.load_state_dict(state["neck"])
-        optimizer.load_state_dict(state["optimizer"])
-        if codec_opt is not None:
-            model.load_state_dict(state["codec"])
-            codec_opt.load_state_dict(state["codec_optimizer"])
-            aux_opt.load_state_dict(state["aux_optimizer"])
-        start, clock, final = int(state["step"]), Clock(float(state["seconds"])), dict(state.get("final", {}))
-        ckpt.restore_rng(runtime.own(state["rng"]))
-    elif runtime.rank:
-        torch.manual_seed(cfg.seed + runtime.rank)
-
-    metrics = Metrics(run_dir / "metrics.jsonl", runtime.main, None if state is None else start)
-    means = Means()
-    current: int | None = None
-    codec_trained = state is not None and start > bounds[0] and cfg.scenario != "d1"
-
-    def enter(index: int) -> None:
+    def enter(self, index: int) -> None:
         """Set the stage's learning rate and whether the codec trains (and rebuild its tables after it has)."""
-        stage = stages_cfg[index]
-        for group in optimizer.param_groups:
+        stage = self.stages[index]
+        for group in self.optimizer.param_groups:
             group["lr"] = stage.lr
         if stage.joint:
-            model.train()
-            for module in trainable:
+            self.model.train()
+            for module in self.trainable:
                 module.requires_grad_(True)
-            for p in codec_aux:
+            for p in self.codec_aux:
                 p.requires_grad_(True)
-            for group in codec_opt.param_groups:
+            for group in self.codec_opt.param_groups:
                 group["lr"] = stage.lr
         else:
-            model.eval().requires_grad_(False)
-            if codec_trained:
-                model.update(force=True)  # frozen again after joint training: fresh entropy tables
+            self.model.eval().requires_grad_(False)
+            if self.codec_trained:
+                self.model.update(force=True)  # frozen again after joint training: fresh entropy tables
 
-    def save_checkpoint(step: int) -> None:
-        rngs = runtime.gather(ckpt.capture_rng())
-        if runtime.main:
-            payload = {
-                "kind": "neck", "config": serialise(cfg), "neck": neck.state_dict(), "neck_config": neck.config,
-                "optimizer": optimizer.state_dict(), "step": step, "stage_steps": list(lengths), "rng": rngs,
-                "seconds": clock.seconds(), "world": runtime.world, "final": final, "start_digest": start_digest,
-            }
-            if codec_opt is not None:
-                payload.update(codec=model.state_dict(), codec_optimizer=codec_opt.state_dict(),
-                               aux_optimizer=aux_opt.state_dict())
-            ckpt.save(run_dir / "checkpoint.pt", payload)
-
-    with progress(total, start, f"train neck {cfg.scenario}", runtime.main and not cfg.quiet) as advance:
-        for step, x, labels in batches.iterate(start, total):
-            index = next(i for i, b in enumerate(bounds) if step < b)
-            if index != current:
-                enter(index)
-                current = index
-            stage = stages_cfg[index]
-            x, labels = x.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            values: dict[str, float] = {}
-            optimizer.zero_grad(set_to_none=True)
+    def step(self, step: int, x: Tensor, labels: Tensor) -> dict[str, float]:
+        cfg, runtime, model = self.cfg, self.runtime, self.model
+        index = self.stage_index(step)
+        if index != self.current:
+            self.enter(index)
+            self.current = index
+        stage = self.stages[index]
+        values: dict[str, float] = {}
+        self.optimizer.zero_grad(set_to_none=True)
+        if stage.joint:
+            self.codec_opt.zero_grad(set_to_none=True)
+            self.aux_opt.zero_grad(set_to_none=True)
+        else:  # float32, outside autocast: exactly the y_hat the entropy coder writes
+            # A variable-rate codec: each step the y_hat of a rate drawn over its whole range, so one neck
+            # learns every rate (the gain is what Codec.code derives from the rate a record stores).
+            gain = None if self.rates is None else rate_gain(model, rate_for_step(cfg.seed, step, *self.rates))
+            y_hat = frozen_latents(model, self.codec.spec.family, x, gain)
+        with runtime.autocast():
+            teacher_out = self.teacher(x) if stage.dist > 0 or stage.joint else None
             if stage.joint:
-                codec_opt.zero_grad(set_to_none=True)
-                aux_opt.zero_grad(set_to_none=True)
-            if not stage.joint:  # float32, outside autocast: exactly the y_hat the entropy coder writes
-                # A variable-rate codec: each step the y_hat of a rate drawn over its whole range, so one neck
-                # learns every rate (the gain is what Codec.code derives from the rate a record stores).
-                gain = None if rates is None else rate_gain(model, rate_for_step(cfg.seed, step, *rates))
-                y_hat = frozen_latents(model, family, x, gain)
-            with runtime.autocast():
-                teacher_out = teacher(x) if stage.dist > 0 or stage.joint else None
-                if stage.joint:
-                    latents = latent_path(model, family, x, "ste")
-                    y_hat = latents.y_hat
-                    x_hat = model.g_s(y_hat) if cfg.scenario == "d2" else None
-                features = tail(neck(y_hat), **student_request)
-            loss = torch.zeros((), device=device)
-            if stage.ce > 0:
-                ce = zero_shot_cross_entropy(features.embedding, classes, logit_scale, labels)
-                loss = loss + stage.ce * ce
-                values["ce"] = ce.item()
-            if teacher_out is not None:
-                dist, parts = weighted_distillation([select_target(features, t) for t in targets], teacher_out,
-                                                    weights)
-                values["dist"] = dist.item()
-                if len(parts) > 1:
-                    values.update({f"dist[{t}]": part.item() for t, part in zip(targets, parts)})
-            if stage.joint:
-                bpp = rate_bpp(latents.likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
-                mse = None if x_hat is None else F.mse_loss(x_hat.float(), x)
-                loss = joint_loss(bpp, mse, dist, cfg.lmbda, cfg.gamma, cfg.beta)
-                values["bpp"] = bpp.item()
-                if mse is not None:
-                    values["mse"] = mse.item()
-            elif stage.dist > 0:
-                loss = loss + stage.dist * dist
-            check_finite(loss, step + 1, stage.name)
-            loss.backward()
-            runtime.average_gradients(neck.parameters())
-            optimizer.step()
-            if stage.joint:
-                values["aux"] = codec_step(runtime, model, codec_net, codec_opt, aux_opt, cfg.clip_max_norm)
-                codec_trained = True
-            values["loss"] = loss.item()
+                latents = latent_path(model, self.codec.spec.family, x, "ste")
+                y_hat = latents.y_hat
+                x_hat = model.g_s(y_hat) if cfg.scenario == "d2" else None
+            features = self.tail(self.neck(y_hat), **self.student_request)
+        loss = torch.zeros((), device=runtime.device)
+        if stage.ce > 0:
+            ce = zero_shot_cross_entropy(features.embedding, self.classes, self.logit_scale, labels)
+            loss = loss + stage.ce * ce
+            values["ce"] = ce.item()
+        if teacher_out is not None:
+            dist, parts = weighted_distillation([select_target(features, t) for t in self.targets], teacher_out,
+                                                [t.weight for t in self.terms])
+            values["dist"] = dist.item()
+            if len(parts) > 1:
+                values.update({f"dist[{t}]": part.item() for t, part in zip(self.targets, parts)})
+        if stage.joint:
+            bpp = rate_bpp(latents.likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
+            mse = None if x_hat is None else F.mse_loss(x_hat.float(), x)
+            loss = joint_loss(bpp, mse, dist, cfg.lmbda, cfg.gamma, cfg.beta)
+            values["bpp"] = bpp.item()
+            if mse is not None:
+                values["mse"] = mse.item()
+        elif stage.dist > 0:
+            loss = loss + stage.dist * dist
+        check_finite(loss, step + 1, stage.name)
+        loss.backward()
+        runtime.average_gradients(self.neck.parameters())
+        self.optimizer.step()
+        if stage.joint:
+            values["aux"] = codec_step(runtime, model, self.codec_net, self.codec_opt, self.aux_opt,
+                                       cfg.clip_max_norm)
+            self.codec_trained = True
+        values["loss"] = loss.item()
+        return values
 
-            means.add(values)
-            done = step + 1
-            advance(stage=stage.name, loss=values["loss"])
-            if done % cfg.log_every == 0 or done in bounds:
-                final = means.take()
-                metrics.log({"step": done, "stage": stage.name, **final, "lr": stage.lr,
-                             "seconds": round(clock.seconds(), 3)})
-            if done % cfg.checkpoint_every == 0 and done < total:
-                save_checkpoint(done)
-    save_checkpoint(total)
+    def export(self, final: dict[str, float]) -> tuple[Path | None, str | None, dict[str, Any]]:
+        """Write d2/d3's retrained codec first (the neck records its file's digest), then the neck."""
+        from comneck_cli import weights as registry
 
-    exported: dict[str, Any] = {"codec_output": None, "codec_registered": None, "codec_digest": start_digest}
-    output = registered = None
-    if runtime.main:
-        output, registered, exported = _export(cfg, neck, codec, model_config, terms, lengths, final, prompts)
-    runtime.barrier()
-    return TrainResult(output=output, registered=registered, run_dir=run_dir, steps=total, final=final,
-                       extra={**exported, "stage_steps": lengths, "prompts": prompts})
+        from comneck_cli.models.neck import EVERY_RATE, NeckInfo, save_neck
+
+        cfg, codec, neck = self.cfg, self.codec, self.neck
+        fmt = _names(cfg)
+        machine_only = cfg.scenario == "d3"
+        common = {"codec": cfg.codec, "quality": cfg.quality, "scenario": cfg.scenario, "lmbda": cfg.lmbda,
+                  "data": str(Path(cfg.data).resolve()), "stage_steps": list(self.lengths), "final_losses": final,
+                  "machine_only": machine_only, "crops": cfg.crops, "prompts": self.prompts}
+        codec_file, codec_entry, digest = None, None, codec.digest.hex()
+        if cfg.scenario != "d1":
+            model = codec.model.eval()
+            codec_file = cfg.codec_output
+            if codec_file is None and cfg.output is not None:
+                codec_file = Path(cfg.output).with_name(f"{Path(cfg.output).stem}.codec.safetensors")
+            what = ("machines only: R + λ·β·L_dist" if machine_only
+                    else "people and machines: R + λ(γ·MSE + β·L_dist)")
+            info = {**common, "trained_for": what, "gamma": 0.0 if machine_only else cfg.gamma, "beta": cfg.beta,
+                    "config": self.model_config, "started_from": str(codec.source)}
+            codec_file, codec_entry = publish(
+                lambda path: write_codec(model, path, cfg.codec, cfg.quality, self.model_config,
+                                         machine_only=machine_only),
+                ".safetensors", codec_file, None if cfg.codec_register is None else cfg.codec_register.format(**fmt),
+                "codec", info)
+            digest = (codec_entry.sha256 if codec_entry else registry.file_sha256(codec_file))[:8]
+
+        tag = str(clip_tag(cfg))
+        neck_info = NeckInfo(codec=cfg.codec, quality=cfg.quality or EVERY_RATE, codec_digest=digest,
+                             clip_model=cfg.clip_model, clip_tag=tag, k=cfg.k, scenario=cfg.scenario,
+                             config=dict(neck.config),
+                             targets=",".join(f"{t.target}:{t.weight:g}" for t in self.terms))
+        info = {**common, "codec_digest": digest, "clip_model": cfg.clip_model, "clip_tag": tag, "k": cfg.k,
+                "targets": [{"target": str(t.target), "weight": t.weight, "family": t.family} for t in self.terms],
+                "trained_for": f"scenario {cfg.scenario}",
+                "codec_weights": codec_entry.name if codec_entry else str(codec_file or codec.source)}
+        output, entry = publish(lambda path: save_neck(neck.eval(), path, neck_info), ".safetensors", cfg.output,
+                                self.register, "neck", info)
+        return output, entry.name if entry else None, {
+            "codec_output": codec_file, "codec_registered": codec_entry.name if codec_entry else None,
+            "codec_digest": digest, "stage_steps": self.lengths, "prompts": self.prompts}
 
 
 def _names(cfg: NeckTrainConfig) -> dict[str, Any]:
     """What registry-name templates may use."""
     suffix = "" if cfg.scenario == "d1" else f"-{cfg.scenario}"
     return {"codec": cfg.codec, "quality": cfg.quality, "scenario": cfg.scenario, "suffix": suffix}
-
-
-def _export(cfg: NeckTrainConfig, neck: nn.Module, codec, model_config: dict[str, Any],
-            terms: Sequence[WeightedTarget], lengths: tuple[int, ...],
-            final: dict[str, float], prompts: str | None) -> tuple[Path | None, str | None, dict[str, Any]]:
-    """Write d2/d3's retrained codec first (the neck records its file's digest), then the neck."""
-    from comneck_cli import weights as registry
-
-    from comneck_cli.models.neck import EVERY_RATE, NeckInfo, save_neck
-
-    fmt = _names(cfg)
-    machine_only = cfg.scenario == "d3"
-    common = {"codec": cfg.codec, "quality": cfg.quality, "scenario": cfg.scenario, "lmbda": cfg.lmbda,
-              "data": str(Path(cfg.data).resolve()), "stage_steps": list(lengths), "final_losses": final,
-              "machine_only": machine_only, "crops": cfg.crops, "prompts": prompts}
-    codec_file, codec_entry, digest = None, None, codec.digest.hex()
-    if cfg.scenario != "d1":
-        model = codec.model.eval()
-        codec_file = cfg.codec_output
-        if codec_file is None and cfg.output is not None:
-            codec_file = Path(cfg.output).with_name(f"{Path(cfg.output).stem}.codec.safetensors")
-        what = ("machines only: R + λ·β·L_dist" if machine_only
-                else "people and machines: R + λ(γ·MSE + β·L_dist)")
-        info = {**common, "trained_for": what, "gamma": 0.0 if machine_only else cfg.gamma, "beta": cfg.beta,
-                "config": model_config, "started_from": str(codec.source)}
-        codec_file, codec_entry = publish(
-            lambda path: write_codec(model, path, cfg.codec, cfg.quality, model_config, machine_only=machine_only),
-            ".safetensors", codec_file, None if cfg.codec_register is None else cfg.codec_register.format(**fmt),
-            "codec", info)
-        digest = (codec_entry.sha256 if codec_entry else registry.file_sha256(codec_file))[:8]
-
-    tag = str(clip_tag(cfg))
-    neck_info = NeckInfo(codec=cfg.codec, quality=cfg.quality or EVERY_RATE, codec_digest=digest,
-                         clip_model=cfg.clip_model, clip_tag=tag, k=cfg.k, scenario=cfg.scenario,
-                         config=dict(neck.config),
-                         targets=",".join(f"{t.target}:{t.weight:g}" for t in terms))
-    info = {**common, "codec_digest": digest, "clip_model": cfg.clip_model, "clip_tag": tag, "k": cfg.k,
-            "targets": [{"target": str(t.target), "weight": t.weight, "family": t.family} for t in terms],
-            "trained_for": f"scenario {cfg.scenario}",
-            "codec_weights": codec_entry.name if codec_entry else str(codec_file or codec.source)}
-    output, entry = publish(lambda path: save_neck(neck.eval(), path, neck_info), ".safetensors", cfg.output,
-                            None if cfg.register is None else cfg.register.format(**fmt), "neck", info)
-    return output, entry.name if entry else None, {
-        "codec_output": codec_file, "codec_registered": codec_entry.name if codec_entry else None,
-        "codec_digest": digest}

@@ -20,12 +20,12 @@ Loss, the paper's rate + distortion + token distortion: R + λ_R·(γ·MSE(x̂, 
   weights of our choosing, in the paper's structure (its summary publishes no values). γ = 0 trains for the LVLM
   alone; β = 0 is plain rate-distortion; ρ = 0 drops the rank term.
 
-With ``--pre-edit`` P trains with the codec (its own learning rate); P's guidance tokens and the targets come from
+With ``pre_edit`` P trains with the codec (its own learning rate); P's guidance tokens and the targets come from
 one no-grad pass of the CLIP over x. Without it only the codec trains. The codec is Adam on every parameter but the
 bottleneck quantiles (gradient norm clipped), the quantiles their own Adam on the aux loss, as ``train codec``.
 
-Outputs: the codec (``-o`` and/or the registry under ``--register``, by default the codec's bare name, where
-``encode`` finds it) and P (``--pre-edit-output``, by default ``STEM.preedit.safetensors`` beside ``-o``, and the
+Outputs: the codec (``output`` and/or the registry under ``register``, by default the codec's bare name, where
+``encode`` finds it) and P (``pre_edit_output``, by default ``STEM.preedit.safetensors`` beside ``output``, and the
 registry as ``{codec}-preedit``, kind ``preedit``), P's file naming the exported codec's digest.
 """
 
@@ -43,21 +43,22 @@ from torch import Tensor, nn
 from comneck_cli.codecs import get_spec, rate_gain
 from comneck_cli.errors import ComneckError
 from comneck_cli.train import checkpoint as ckpt
-from comneck_cli.train.codec import TrainResult, build_codec, split_parameters
+from comneck_cli.train.codec import build_codec, split_parameters
+from comneck_cli.train.config import ClipRunConfig, defaults, resolve_run, setting
 from comneck_cli.train.export import publish, write_codec
 from comneck_cli.train.latents import rate_bpp, rate_for_step, variable_rate_path
+from comneck_cli.train.loop import Runtime, check_finite, codec_step, crop_batches, default_run_dir, run_length
 from comneck_cli.train.losses import BETA, GAMMA, joint_loss, rank_loss, token_entropy
-from comneck_cli.train.loop import (Clock, Means, Metrics, RunConfig, check_finite, codec_step, crop_batches, default_run_dir,
-                   progress, resolve_run, run_length, serialise, setup_runtime, teardown)
 from comneck_cli.train.neck import clip_tag, load_training_clip
+from comneck_cli.train.trainer import Progress, Run, TrainResult, train
 
 GUIDE_FRACTIONS = (0.25, 0.5)  # P's guidance: blocks at 1/4 and 1/2 of the tower (ViT-L/14: 6, 12)
 TOKEN_FRACTIONS = (0.25, 0.5, 0.75, 23 / 24)  # L_sem: ViT-L/14's blocks 6, 12, 18 and 23 (what LLaVA reads)
 
 
 @dataclass(kw_only=True)
-class VbrTrainConfig(RunConfig):
-    """What ``train_vbr`` does; None means the default (``VBR_DEFAULTS``).
+class VbrTrainConfig(ClipRunConfig):
+    """What ``train_vbr`` does; None means the setting's default.
 
     ``init``: a codec file to start from (else fresh weights from ``config``); ``pre_edit``: train P too.
     ``guide_layers``/``token_layers``: CLIP layers (Hugging Face numbering, 1..depth) guiding P and compared by
@@ -67,41 +68,28 @@ class VbrTrainConfig(RunConfig):
     ``pre_edit_output``/``pre_edit_register``: where P goes.
     """
 
-    codec: str | None = None
-    config: dict[str, Any] | None = None
-    init: Path | None = None
-    pre_edit: bool | None = None
-    steps: int | None = None
-    epochs: int | None = None
-    lr: float | None = None
-    pre_edit_lr: float | None = None
-    aux_lr: float | None = None
-    clip_max_norm: float | None = None
-    beta: float | None = None
-    gamma: float | None = None
-    rank_weight: float | None = None
-    clip_model: str | None = None
-    clip_tag: str | None = None
-    clip_weights: Path | None = None
-    guide_layers: tuple[int, ...] | None = None
-    token_layers: tuple[int, ...] | None = None
-    pre_edit_channels: int | None = None
+    codec: str | None = setting("mbt2018-mean-vbr")
+    config: dict[str, Any] | None = setting()
+    init: Path | None = setting()
+    pre_edit: bool | None = setting(False)
+    steps: int | None = setting(trajectory=False)
+    epochs: int | None = setting(trajectory=False)
+    lr: float | None = setting(1e-4)
+    pre_edit_lr: float | None = setting(1e-4)
+    aux_lr: float | None = setting(1e-3)
+    clip_max_norm: float | None = setting(1.0)
+    beta: float | None = setting(BETA)
+    gamma: float | None = setting(GAMMA)
+    rank_weight: float | None = setting(1.0)
+    guide_layers: tuple[int, ...] | None = setting()
+    token_layers: tuple[int, ...] | None = setting()
+    pre_edit_channels: int | None = setting(32)
     register: str | None = "{codec}"
     pre_edit_output: Path | None = None
     pre_edit_register: str | None = "{codec}-preedit"
 
     quality: ClassVar[None] = None  # one model for every rate: no level to choose
     lmbda: ClassVar[None] = None  # λ follows the rate drawn at each step
-
-
-VBR_DEFAULTS = {"codec": "mbt2018-mean-vbr", "pre_edit": False,
-                "lr": 1e-4, "pre_edit_lr": 1e-4, "aux_lr": 1e-3, "clip_max_norm": 1.0,
-                "beta": BETA, "gamma": GAMMA, "rank_weight": 1.0, "clip_model": "ViT-L-14", "clip_tag": "openai",
-                "pre_edit_channels": 32,
-                "batch_size": 8, "crop": 256, "seed": 0}
-TRAJECTORY = ("codec", "config", "init", "pre_edit", "lr", "pre_edit_lr", "aux_lr", "clip_max_norm", "beta", "gamma",
-              "rank_weight", "clip_model", "clip_tag", "clip_weights", "guide_layers", "token_layers",
-              "pre_edit_channels", "batch_size", "crop", "seed")
 
 
 def rate_lambda(model: nn.Module, rate: float) -> float:
@@ -120,149 +108,128 @@ def semantic_token_loss(decoded: Sequence[Tensor], original: Sequence[Tensor]) -
 
 def _resolve(cfg: VbrTrainConfig) -> dict[str, Any] | None:
     if cfg.codec is None and cfg.resume is None:
-        cfg.codec = VBR_DEFAULTS["codec"]
-    if cfg.codec is not None and not get_spec(cfg.codec).variable_rate:  # before resolve_run asks for -q
+        cfg.codec = defaults(cfg)["codec"]
+    if cfg.codec is not None and not get_spec(cfg.codec).variable_rate:  # before resolve_run asks for a quality
         raise ComneckError(f"train vbr trains a variable-rate codec, and {cfg.codec} has fixed quality levels; use "
-                           "--codec mbt2018-mean-vbr (or `comneck train codec` for this one)")
-    state = resolve_run(cfg, "vbr", TRAJECTORY, VBR_DEFAULTS, "train vbr")
+                           "`codec` mbt2018-mean-vbr (or `comneck train codec` for this one)", params=("codec",))
+    state = resolve_run(cfg, "vbr", "train vbr")
     if state is not None and "rank_weight" not in state["config"]:
         cfg.rank_weight = 0.0  # a run from before the rank term resumes without it
     if cfg.beta < 0 or cfg.gamma < 0 or cfg.rank_weight < 0 or cfg.beta + cfg.gamma == 0:
-        raise ComneckError(f"--beta {cfg.beta:g}, --gamma {cfg.gamma:g} and --rank-weight {cfg.rank_weight:g} must "
-                           "not be negative, and --beta or --gamma must be positive, or the codec would learn to "
-                           "send nothing")
+        raise ComneckError(f"`beta` {cfg.beta:g}, `gamma` {cfg.gamma:g} and `rank_weight` {cfg.rank_weight:g} must "
+                           "not be negative, and `beta` or `gamma` must be positive, or the codec would learn to "
+                           "send nothing", params=("beta", "gamma", "rank_weight"))
     for name in ("guide_layers", "token_layers"):
         if getattr(cfg, name) is not None:
             setattr(cfg, name, tuple(int(v) for v in getattr(cfg, name)))
     return state
 
 
-def train_vbr(cfg: VbrTrainConfig) -> TrainResult:
-    """Train (or resume) the variable-rate codec, and P with ``pre_edit``, on semantic tokens; export and register."""
+def train_vbr(cfg: VbrTrainConfig, on_progress: Progress | None = None) -> TrainResult:
+    """Train (or resume) the variable-rate codec, and P with ``pre_edit``, on semantic tokens; export and register.
+
+    ``on_progress(done, total)`` follows the steps.
+    """
     state = _resolve(cfg)
-    runtime = setup_runtime(cfg.device, cfg.precision)
-    try:
-        return _train(cfg, runtime, state)
-    finally:
-        teardown(runtime)
+    return train(cfg, lambda runtime: VbrRun(cfg, runtime, state), on_progress)
 
 
-def _train(cfg: VbrTrainConfig, runtime, state: dict | None) -> TrainResult:
-    from comneck_cli.models.preedit import ClipTokens, PreEditor, default_layers
+class VbrRun(Run):
+    """R + λ_R(γ·MSE + β(L_sem + ρ·L_rank)) on the variable-rate codec (and P), one rate R per step."""
 
-    device = runtime.device
-    spec = get_spec(cfg.codec)
-    register = None if cfg.register is None else cfg.register.format(codec=cfg.codec)
-    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, f"{register or cfg.codec}-vbr")
-    batches = crop_batches(cfg, runtime)
-    total = run_length(cfg, state, batches.per_epoch)
+    kind = "vbr"
 
-    ckpt.seed_everything(cfg.seed)
-    model, model_config = build_codec(spec, None, cfg.config, cfg.init)
-    model.to(device).train()
-    clip = load_training_clip(cfg, device)
-    depth = len(clip.visual.transformer.resblocks)
-    cfg.guide_layers = cfg.guide_layers or default_layers(depth, GUIDE_FRACTIONS)
-    cfg.token_layers = cfg.token_layers or default_layers(depth, TOKEN_FRACTIONS)
-    # One no-grad pass over x serves both P's guidance and L_sem's targets.
-    layers = tuple(sorted(set(cfg.token_layers) | (set(cfg.guide_layers) if cfg.pre_edit else set())))
-    tokens = ClipTokens(clip, layers).to(device)
-    guide_at = [layers.index(layer) for layer in cfg.guide_layers]
-    target_at = [layers.index(layer) for layer in cfg.token_layers]
-    decoded_tokens = ClipTokens(clip, cfg.token_layers).to(device)
-    editor = None
-    if cfg.pre_edit:
-        editor = PreEditor(tokens.width, cfg.guide_layers, cfg.pre_edit_channels).to(device).train()
-    runtime.broadcast(model)
-    if editor is not None:
-        runtime.broadcast(editor)
+    def __init__(self, cfg: VbrTrainConfig, runtime: Runtime, state: dict[str, Any] | None):
+        from comneck_cli.models.preedit import ClipTokens, PreEditor, default_layers
 
-    net_params, aux_params = split_parameters(model)
-    groups = [{"params": net_params, "lr": cfg.lr}]
-    if editor is not None:
-        groups.append({"params": list(editor.parameters()), "lr": cfg.pre_edit_lr})
-    optimizer = torch.optim.Adam(groups)
-    aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
-    low, high = float(min(spec.qualities)), float(max(spec.qualities))
-    start, clock = 0, Clock()
-    final: dict[str, float] = {}
-    if state is not None:
-        model.load_state_dict(state["model"])
+        self.cfg, self.runtime, self.state = cfg, runtime, state
+        device = runtime.device
+        self.spec = spec = get_spec(cfg.codec)
+        self.register = None if cfg.register is None else cfg.register.format(codec=cfg.codec)
+        self.run_dir = (Path(cfg.run_dir) if cfg.run_dir
+                        else default_run_dir(cfg.output, f"{self.register or cfg.codec}-vbr"))
+        self.batches = crop_batches(cfg, runtime)
+        self.total = run_length(cfg, state, self.batches.per_epoch)
+
+        ckpt.seed_everything(cfg.seed)
+        self.model, self.model_config = build_codec(spec, None, cfg.config, cfg.init)
+        self.model.to(device).train()
+        clip = load_training_clip(cfg, device)
+        depth = len(clip.visual.transformer.resblocks)
+        cfg.guide_layers = cfg.guide_layers or default_layers(depth, GUIDE_FRACTIONS)
+        cfg.token_layers = cfg.token_layers or default_layers(depth, TOKEN_FRACTIONS)
+        # One no-grad pass over x serves both P's guidance and L_sem's targets.
+        layers = tuple(sorted(set(cfg.token_layers) | (set(cfg.guide_layers) if cfg.pre_edit else set())))
+        self.tokens = ClipTokens(clip, layers).to(device)
+        self.guide_at = [layers.index(layer) for layer in cfg.guide_layers]
+        self.target_at = [layers.index(layer) for layer in cfg.token_layers]
+        self.decoded_tokens = ClipTokens(clip, cfg.token_layers).to(device)
+        self.editor = None
+        if cfg.pre_edit:
+            self.editor = PreEditor(self.tokens.width, cfg.guide_layers, cfg.pre_edit_channels).to(device).train()
+        runtime.broadcast(self.model)
+        if self.editor is not None:
+            runtime.broadcast(self.editor)
+
+        self.net_params, aux_params = split_parameters(self.model)
+        groups = [{"params": self.net_params, "lr": cfg.lr}]
+        if self.editor is not None:
+            groups.append({"params": list(self.editor.parameters()), "lr": cfg.pre_edit_lr})
+        self.optimizer = torch.optim.Adam(groups)
+        self.aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
+        self.rates = float(min(spec.qualities)), float(max(spec.qualities))
+
+    def saved(self) -> dict[str, Any]:
+        saved = {"model": self.model, "optimizer": self.optimizer, "aux_optimizer": self.aux_optimizer}
+        if self.editor is not None:
+            saved["editor"] = self.editor
+        return saved
+
+    def plain(self) -> dict[str, Any]:
+        return {"model_config": self.model_config}
+
+    def describe(self, step: int) -> dict[str, Any]:
+        return {"stage": "vbr"}
+
+    def step(self, step: int, x: Tensor, labels: Tensor) -> dict[str, float]:
+        cfg, model, runtime, editor = self.cfg, self.model, self.runtime, self.editor
+        rate = rate_for_step(cfg.seed, step, *self.rates)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.aux_optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad(), runtime.autocast():
+            seen = self.tokens(x)
+        targets = [seen[i] for i in self.target_at]
+        with runtime.autocast():
+            coded = x if editor is None else editor(x, self.tokens.grids([seen[i] for i in self.guide_at]))
+            latents = variable_rate_path(model, coded, rate_gain(model, rate))
+            x_hat = model.g_s(latents.y_hat)
+            decoded = self.decoded_tokens(x_hat)
+            sem = semantic_token_loss(decoded, targets)
+        rank = rank_loss(decoded, targets)  # float32 outside autocast: eigvalsh has no bf16 kernel
+        bpp = rate_bpp(latents.likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
+        mse = F.mse_loss(x_hat.float(), x)
+        loss = joint_loss(bpp, mse, sem + cfg.rank_weight * rank, rate_lambda(model, rate), cfg.gamma, cfg.beta)
+        check_finite(loss, step + 1, "semantic rate")
+        loss.backward()
+        if editor is not None:  # P's parameters are in the codec's optimizer, unclipped
+            runtime.average_gradients(editor.parameters())
+        aux = codec_step(runtime, model, self.net_params, self.optimizer, self.aux_optimizer, cfg.clip_max_norm)
+
+        # Every term is logged whatever its weight, so a run with a term off shows what it would have been;
+        # erank / erank_x: effective rank exp(H) of the deepest compared layer's tokens of x̂ and of x.
+        values = {"loss": loss.item(), "bpp": bpp.item(), "mse": mse.item(), "sem": sem.item(),
+                  "rank": rank.item(), "rate": rate, "aux": aux,
+                  "erank": token_entropy(decoded[-1].detach()).exp().mean().item(),
+                  "erank_x": token_entropy(targets[-1]).exp().mean().item()}
         if editor is not None:
-            editor.load_state_dict(state["editor"])
-        optimizer.load_state_dict(state["optimizer"])
-        aux_optimizer.load_state_dict(state["aux_optimizer"])
-        start, clock, final = int(state["step"]), Clock(float(state["seconds"])), dict(state.get("final", {}))
-        ckpt.restore_rng(runtime.own(state["rng"]))
-    elif runtime.rank:
-        torch.manual_seed(cfg.seed + runtime.rank)  # different quantisation noise per rank
+            values["edit"] = (coded.detach() - x).abs().mean().item()  # how much P changed the image
+        return values
 
-    metrics = Metrics(run_dir / "metrics.jsonl", runtime.main, None if state is None else start)
-    means = Means()
-
-    def save_checkpoint(step: int) -> None:
-        rngs = runtime.gather(ckpt.capture_rng())
-        if runtime.main:
-            payload = {"kind": "vbr", "config": serialise(cfg), "model_config": model_config,
-                       "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                       "aux_optimizer": aux_optimizer.state_dict(), "step": step, "total": total, "rng": rngs,
-                       "seconds": clock.seconds(), "world": runtime.world, "final": final}
-            if editor is not None:
-                payload["editor"] = editor.state_dict()
-            ckpt.save(run_dir / "checkpoint.pt", payload)
-
-    label = f"train {cfg.codec}{' + pre-edit' if editor is not None else ''}"
-    with progress(total, start, label, runtime.main and not cfg.quiet) as advance:
-        for step, x, _ in batches.iterate(start, total):
-            x = x.to(device, non_blocking=True)
-            rate = rate_for_step(cfg.seed, step, low, high)
-            optimizer.zero_grad(set_to_none=True)
-            aux_optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad(), runtime.autocast():
-                seen = tokens(x)
-            targets = [seen[i] for i in target_at]
-            with runtime.autocast():
-                coded = x if editor is None else editor(x, tokens.grids([seen[i] for i in guide_at]))
-                latents = variable_rate_path(model, coded, rate_gain(model, rate))
-                x_hat = model.g_s(latents.y_hat)
-                decoded = decoded_tokens(x_hat)
-                sem = semantic_token_loss(decoded, targets)
-            rank = rank_loss(decoded, targets)  # float32 outside autocast: eigvalsh has no bf16 kernel
-            bpp = rate_bpp(latents.likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
-            mse = F.mse_loss(x_hat.float(), x)
-            loss = joint_loss(bpp, mse, sem + cfg.rank_weight * rank, rate_lambda(model, rate), cfg.gamma, cfg.beta)
-            check_finite(loss, step + 1, "semantic rate")
-            loss.backward()
-            if editor is not None:  # P's parameters are in the codec's optimizer, unclipped
-                runtime.average_gradients(editor.parameters())
-            aux = codec_step(runtime, model, net_params, optimizer, aux_optimizer, cfg.clip_max_norm)
-
-            # Every term is logged whatever its weight, so a run with a term off shows what it would have been;
-            # erank / erank_x: effective rank exp(H) of the deepest compared layer's tokens of x̂ and of x.
-            values = {"loss": loss.item(), "bpp": bpp.item(), "mse": mse.item(), "sem": sem.item(),
-                      "rank": rank.item(), "rate": rate, "aux": aux,
-                      "erank": token_entropy(decoded[-1].detach()).exp().mean().item(),
-                      "erank_x": token_entropy(targets[-1]).exp().mean().item()}
-            if editor is not None:
-                values["edit"] = (coded.detach() - x).abs().mean().item()  # how much P changed the image
-            means.add(values)
-            done = step + 1
-            advance(loss=values["loss"], bpp=values["bpp"])
-            if done % cfg.log_every == 0 or done == total:
-                final = means.take()
-                metrics.log({"step": done, "stage": "vbr", **final, "seconds": round(clock.seconds(), 3)})
-            if done % cfg.checkpoint_every == 0 and done < total:
-                save_checkpoint(done)
-    save_checkpoint(total)
-
-    output = entry = pre_edit_file = pre_edit_entry = None
-    if runtime.main:
-        output, entry, pre_edit_file, pre_edit_entry = _export(cfg, model, model_config, editor, register, total,
-                                                               final)
-    runtime.barrier()
-    return TrainResult(output=output, registered=entry.name if entry else None, run_dir=run_dir, steps=total,
-                       final=final, extra={"pre_edit_output": pre_edit_file,
-                                           "pre_edit_registered": pre_edit_entry.name if pre_edit_entry else None})
+    def export(self, final: dict[str, float]) -> tuple[Path | None, str | None, dict[str, Any]]:
+        output, entry, pre_edit_file, pre_edit_entry = _export(self.cfg, self.model, self.model_config, self.editor,
+                                                               self.register, self.total, final)
+        return output, entry.name if entry else None, {
+            "pre_edit_output": pre_edit_file, "pre_edit_registered": pre_edit_entry.name if pre_edit_entry else None}
 
 
 def _export(cfg: VbrTrainConfig, model: nn.Module, model_config: dict[str, Any], editor: nn.Module | None,

@@ -6,8 +6,9 @@ with the neck's surrogate loss (``comneck train postprocess``). :class:`UNet` is
 times (2×2 transposed conv, concatenate the skip, double conv) and a 1×1 output conv; channels start at
 ``base`` and double at every level. With ``base=64, depth=4`` (the original sizes) and 3 channels in and out it
 has 31,037,763 parameters: the paper's Table 3 lists 31.04 M for its post-processing network.
-``comneck_cli.eval.complexity.count`` measures 735.10 kMAC/px (at 256 × 256, the same at any size: the U-Net is
-fully convolutional), which a hand count of the convolutions reproduces exactly; the paper lists 835.72.
+``eval.methods.unet_cost`` (``eval.complexity.count``) measures 735.10 kMAC/px (at 256 × 256, the same at any
+size: the U-Net is fully convolutional), which a hand count of the convolutions reproduces exactly; the paper lists
+835.72.
 
 The output is residual by default: ``clamp(x + UNet(x), 0, 1)``, so an untrained U-Net starts near the
 identity. Inputs are padded (replicate) to a multiple of ``2**depth`` and cropped back.
@@ -110,11 +111,3 @@ def save_postprocess(unet: UNet, path: Path | str, info: PostprocessInfo) -> Non
 def load_postprocess(path: Path | str, device: torch.device | str = "cpu") -> tuple[UNet, PostprocessInfo]:
     """Read a file written by :func:`save_postprocess` -> (U-Net in eval mode on ``device``, its info)."""
     return load_module(path, PostprocessInfo, lambda info: UNet(**info.config), device)
-
-
-def unet_cost(unet: UNet, height: int = 256, width: int = 256):
-    """Parameters and MACs of one ``height × width`` image (a :class:`comneck_cli.eval.complexity.Cost`)."""
-    from comneck_cli.eval.complexity import count
-
-    device = next(unet.parameters()).device
-    return count(unet, torch.zeros(1, unet.config["channels"], height, width, device=device))

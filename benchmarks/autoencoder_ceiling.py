@@ -1,0 +1,106 @@
+"""How high can a variable-rate codec's transforms go? PSNR of g_s(g_a(x)) without quantisation, beside each level.
+
+The vbr gains cancel without quantisation (y_hat = round((y - mu)·g)/g + mu -> y), so g_s(g_a(x)) is the ceiling
+every rate of the codec stays under: if it is low, no rate can be high, whatever the entropy model does. Run it on
+a codec file or on a training checkpoint while a run goes on (issue #19)::
+
+    python benchmarks/autoencoder_ceiling.py weights/mbt2018-mean-vbr.safetensors --photos DIR [--json out.json]
+
+Each level's PSNR and bpp are the model's own forward pass in eval mode (rounding, likelihoods), not a coded
+record: close to `comneck encode` but quicker. Prints a table; writes JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def load_net(path: Path) -> torch.nn.Module:
+    """The codec network of a comneck codec file (.safetensors) or of a `comneck train codec` checkpoint.pt."""
+    from compressai.models.vbr import MeanScaleHyperpriorVbr
+
+    if path.suffix == ".pt":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        config, weights = state["model_config"], state["model"]
+    else:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            config = json.loads(f.metadata().get("config", "{}"))
+        weights = load_file(str(path))
+    net = MeanScaleHyperpriorVbr(**config)
+    net.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+    return net.eval()
+
+
+def photos(folder: Path, max_side: int) -> list[tuple[str, torch.Tensor]]:
+    found = []
+    for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES):
+        image = Image.open(file).convert("RGB")
+        if max(image.size) > max_side:
+            scale = max_side / max(image.size)
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+        found.append((file.name, torch.from_numpy(np.array(image)).permute(2, 0, 1).float().div(255)[None]))
+    return found
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = F.mse_loss(a.clamp(0, 1).mul(255).round(), b.mul(255).round()).item()
+    return 10 * math.log10(255**2 / mse) if mse > 0 else float("inf")
+
+
+@torch.no_grad()
+def measure(net: torch.nn.Module, images: list[tuple[str, torch.Tensor]]) -> dict:
+    rows = []
+    for name, x in images:
+        h, w = x.shape[-2:]
+        ph, pw = -h % 64, -w % 64
+        xp = F.pad(x, (0, pw, 0, ph), mode="replicate")
+        row = {"photo": name, "pixels": h * w, "ceiling": psnr(net.g_s(net.g_a(xp))[..., :h, :w], x), "levels": []}
+        for level in range(net.levels):
+            out = net(xp, stage=2, s=level)
+            bits = sum(-torch.log2(v).sum().item() for v in out["likelihoods"].values())
+            row["levels"].append({"bpp": bits / (h * w), "psnr": psnr(out["x_hat"][..., :h, :w], x)})
+        rows.append(row)
+    levels = [{"bpp": float(np.mean([r["levels"][i]["bpp"] for r in rows])),
+               "psnr": float(np.mean([r["levels"][i]["psnr"] for r in rows]))} for i in range(net.levels)]
+    return {"photos": rows, "ceiling": float(np.mean([r["ceiling"] for r in rows])), "levels": levels}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path, help="codec .safetensors or training checkpoint.pt")
+    parser.add_argument("--photos", type=Path, required=True, help="folder of photos (searched recursively)")
+    parser.add_argument("--max-side", type=int, default=768, help="downscale larger photos to this long side")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    result = measure(load_net(args.model), photos(args.photos, args.max_side))
+    result.update(model=str(args.model), seconds=round(time.perf_counter() - start, 1))
+    print(f"{args.model}: {len(result['photos'])} photos, ceiling g_s(g_a(x)) {result['ceiling']:.2f} dB")
+    print("level  bpp    PSNR")
+    for i, level in enumerate(result["levels"], 1):
+        print(f"{i:>5}  {level['bpp']:.3f}  {level['psnr']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
