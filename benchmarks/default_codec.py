@@ -121,6 +121,12 @@ def ms_ssim(reference: np.ndarray, test: np.ndarray) -> float | None:
     return float(np.prod(np.stack(factors) ** MS_SSIM_WEIGHTS[:, None], axis=0).mean())
 
 
+def _repo_relative(path: Path) -> str:
+    """The weights file as the report names it: relative to the repository when inside it (no machine's paths)."""
+    repo = Path(__file__).resolve().parents[1]
+    return str(path.resolve().relative_to(repo)) if path.resolve().is_relative_to(repo) else str(path)
+
+
 def quality(image: np.ndarray, decoded: np.ndarray) -> dict[str, float | None]:
     """PSNR (dB, RGB 8-bit) and MS-SSIM (None below the 161-px short side) of ``decoded`` against ``image``."""
     from comneck_cli.eval.metrics import psnr
@@ -434,7 +440,7 @@ def main() -> None:
     codecs = pillow_codecs()
     libraries = {"jpeg": "libjpeg_turbo", "webp": "webp", "avif": "avif"}
     report = {
-        "codec": CODEC, "weights": str(source), "sha256": file_sha256(Path(source)),
+        "codec": CODEC, "weights": _repo_relative(Path(source)), "sha256": file_sha256(Path(source)),
         "photo_set": photo_set, "held_out": list(images),
         "sizes": {name: list(image.shape[:2]) for name, image in images.items()},
         "fed": "each photo whole at its own size, 8-bit RGB as comneck encode reads it; nothing scaled or cropped"

@@ -44,6 +44,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
+
+
+def _home_relative(path: str | Path | None) -> str | None:
+    """A path as the report keeps it: under the home folder as ``~/...``, so a result file names no user's machine."""
+    if path is None:
+        return None
+    home = Path.home()
+    return f"~/{Path(path).relative_to(home)}" if Path(path).is_relative_to(home) else str(path)
 FEATURES_PATHS = HERE / "features_paths.py"
 
 # Full-size configurations: the (N, M) the CompressAI zoo uses at these qualities (CODECS[...].qualities).
@@ -467,8 +475,8 @@ def startup(cnk: Path, repeat: int, workdir: Path) -> dict:
         baseline.append(time.perf_counter() - start)
     return {
         "commands": commands,
-        "comneck_on_path": on_path,
-        "comneck_entry_script": str(entry) if entry.is_file() else None,
+        "comneck_on_path": _home_relative(on_path),
+        "comneck_entry_script": _home_relative(entry) if entry.is_file() else None,
         "path_comneck_is_pyenv_shim": shim,
         "python_c_pass_median_s": statistics.median(baseline),
         "heavy_modules_loaded": loaded,
