@@ -4,6 +4,8 @@
   The image is never decoded: ``g_s`` does not run.
 - ``reconstruction`` (the paper's *Reconstruction* baseline): ``.cnk`` -> ``g_s`` -> x_hat -> full C -> features.
 - ``uncompressed`` (the upper bound): image -> full C -> features, i.e. C(x).
+- ``adapter`` (CoTAM, :mod:`comneck_cli.models.adapter`): ``.cnk`` -> ``g_s`` -> x_hat -> C's embedding E, plus the
+  decoder adapter's A(y_hat) -> C's blocks 1..L, i.e. C_{1..L}(E(x_hat) + A(y_hat)).
 
 Feature selection follows Hugging Face's hidden-state numbering (see :func:`comneck_cli.clip.tower.select_features`);
 the default, layer -2 patch tokens, is what LLaVA and Shikra feed their projector.
@@ -29,11 +31,12 @@ from comneck_cli import weights as registry
 from comneck_cli.clip.preprocess import ClipPreprocess
 from comneck_cli.clip.tower import ClipHead, ClipTail, resolve_clip
 from comneck_cli.codecs import Codec
-from comneck_cli.errors import ComneckError, MismatchError, RegistryError
+from comneck_cli.errors import ComneckError, MismatchError, RegistryError, UsageError
 from comneck_cli.formats import Limits, Record, latent_grids
+from comneck_cli.models.adapter import AdapterInfo, DecoderAdapter, adapted_tokens, load_adapter, resolve_adapter
 from comneck_cli.models.neck import NeckInfo, TransformNeck, load_neck
 
-VIAS = ("neck", "reconstruction", "uncompressed")
+VIAS = ("neck", "reconstruction", "uncompressed", "adapter")
 
 
 def neck_registry_name(codec: str, quality: int) -> str:
@@ -78,7 +81,8 @@ class FeatureExtractor:
     """The loaded pieces for one (neck, CLIP) pair, reused over many inputs.
 
     ``tail`` is C' (blocks k+1..L); ``head`` is C (patch embedding + first k blocks), used only by the
-    reference paths that start from pixels.
+    reference paths that start from pixels. With a decoder ``adapter`` (:meth:`attach_adapter`; k = 0) the tail
+    reads E(x_hat) + A(y_hat) (:meth:`adapted`) instead of E(x_hat).
     """
 
     clip: nn.Module
@@ -91,6 +95,10 @@ class FeatureExtractor:
     clip_model: str | None = None  # the tower's open_clip name and weights tag, for the features' metadata;
     clip_tag: str | None = None  # a neck's info says them where there is one
     limits: Limits | None = None  # max_tokens bounds the latent grids the neck and C' take (default: environment's)
+    adapter: DecoderAdapter | None = None
+    adapter_info: AdapterInfo | None = None
+    adapter_path: Path | None = None
+    adapter_digest: str | None = None  # first 16 hex digits of the adapter file's sha256, for metadata and eval rows
     _prep: ClipPreprocess | None = field(default=None, repr=False)
 
     @property
@@ -117,6 +125,27 @@ class FeatureExtractor:
         clip = resolve_clip(model_name, tag, clip_weights, device=device)
         return cls(clip=clip, k=k, device=torch.device(device), clip_model=model_name, clip_tag=tag)
 
+    def attach_adapter(self, path: Path, codec: Codec) -> None:
+        """Load the decoder adapter A at ``path`` for this extractor's tower C (k = 0: C runs from its first block
+        on E(x_hat) + A(y_hat)), refusing one trained on latents of another codec than ``codec`` (or of other codec
+        weights) or to correct another CLIP's tokens."""
+        adapter, info = load_adapter(path, device=self.device)
+        info.check_codec(codec, path)
+        info.check_clip(self.clip_model, self.clip_tag, path)
+        self.adapter, self.adapter_info = adapter, info
+        self.adapter_path, self.adapter_digest = Path(path), registry.file_sha256(Path(path))[:16]
+
+    def check_adapter(self, codec: Codec) -> None:
+        """Refuse latents of a codec (or codec weights) other than the one the attached adapter was trained on."""
+        self.adapter_info.check_codec(codec, self.adapter_path)
+
+    def adapted(self, y_hat: Tensor, x_hat: np.ndarray) -> Tensor:
+        """E(x_hat) + A(y_hat) (1, 1 + P, width) for one record: its decoded image ``x_hat`` (uint8 H×W×3) through
+        CLIP's preprocessing and C's embedding E, plus the adapter's tokens of its latents ``y_hat`` (1, M, h, w).
+        They enter C's first block (:meth:`from_tokens`)."""
+        clip_input = self.preprocess(x_hat)[None].to(self.device)
+        return adapted_tokens(self.adapter, self.head.embed, y_hat, clip_input, *x_hat.shape[:2])
+
     def preprocess(self, image: np.ndarray) -> Tensor:
         """open_clip's own eval transform (resize shortest side, centre crop, normalise) for one uint8 image."""
         if self._prep is None:
@@ -131,6 +160,11 @@ class FeatureExtractor:
         for y_hat in y_hats:
             self.check_tokens(*y_hat.shape[-2:], "latents")
         return self._tail_features(self.neck(torch.cat(list(y_hats)).to(self.device)), layer, select)
+
+    @torch.inference_mode()
+    def from_tokens(self, tokens: Sequence[Tensor], layer: int, select: str) -> Tensor:
+        """C_{1..L} on layer-0 tokens (:meth:`adapted`), batched."""
+        return self._tail_features(torch.cat(list(tokens)).to(self.device), layer, select)
 
     @torch.inference_mode()
     def from_images(self, images: Sequence[np.ndarray], layer: int, select: str) -> Tensor:
@@ -166,25 +200,35 @@ class FeatureRunner:
     """The one feature extractor of ``comneck features`` and ``comneck batch features``: the models of one run,
     loaded once, and the per-input steps.
 
-    ``via`` is one of :data:`VIAS`; ``neck`` a file or registry name (None: each record's registry neck); ``family``
-    the MLLM preset whose tower the necks must feed (``clip.presets``; it only checks, the caller applies the preset's
-    layer, selection and tower). A run is :meth:`prepare` per input (entropy-decode ``y_hat``, or decode through
-    ``g_s``; raises :class:`ComneckError` for that input alone), then :meth:`compute`: one batched forward per
-    (extractor, latent grid) group.
+    ``via`` is one of :data:`VIAS`; ``neck`` a file or registry name (None: each record's registry neck); ``adapter``
+    the decoder adapter's, for ``via`` adapter (None: the registry's ``{codec}-adapter`` of each record's codec), run
+    with the tower ``clip_model``/``clip_tag`` it must have been trained for; ``family`` the MLLM preset whose tower
+    the necks must feed (``clip.presets``; it only checks, the caller applies the preset's layer, selection and
+    tower). A run is :meth:`prepare` per input (entropy-decode ``y_hat``, or decode through ``g_s``; raises
+    :class:`ComneckError` for that input alone), then :meth:`compute`: one batched forward per (extractor, latent
+    grid) group.
     """
 
     def __init__(self, *, via: str = "neck", neck: str | Path | None = None, layer: int = -2, select: str = "patch",
                  clip_model: str = "ViT-L-14", clip_tag: str | None = "openai", clip_weights: Path | None = None,
                  weights: Path | str | None = None, device: torch.device | str = "cpu", family: str | None = None,
-                 pad_to_square: bool = False) -> None:
-        self.via, self.neck, self.layer, self.select = via, neck, layer, select
+                 pad_to_square: bool = False, adapter: str | Path | None = None) -> None:
+        if adapter is not None and via != "adapter":
+            raise UsageError(f"`adapter` applies to `via` adapter only, not {via}; drop it or pass `via` adapter",
+                             params=("adapter", "via"))
+        if neck is not None and via == "adapter":
+            raise UsageError("`via` adapter runs the whole CLIP tower, not a neck; drop `neck`", params=("via", "neck"))
+        self.via, self.neck, self.adapter, self.layer, self.select = via, neck, adapter, layer, select
         self.clip_model, self.clip_tag, self.clip_weights, self.device = clip_model, clip_tag, clip_weights, device
         self.family, self.pad_to_square = family, pad_to_square
         self.cache = api.CodecCache(device, weights)
         self._extractors: dict[object, FeatureExtractor] = {}
 
     def extractor_for(self, record: Record | None = None) -> FeatureExtractor:
-        """The extractor of a record (its neck's) or, for the reference paths without a neck, the full tower's."""
+        """The extractor of a record (its neck's, or its codec's adapter's) or, for the reference paths without a
+        neck, the full tower's."""
+        if self.via == "adapter":
+            return self._adapter_extractor(record)
         if self.via == "neck" or self.neck is not None:
             path = resolve_neck(self.neck, record)
             if path not in self._extractors:
@@ -196,6 +240,10 @@ class FeatureRunner:
                 extractor.pad_to_square = self.pad_to_square
                 self._extractors[path] = extractor
             return self._extractors[path]
+        return self._tower()
+
+    def _tower(self) -> FeatureExtractor:
+        """The full tower C of ``clip_model``/``clip_tag`` (``clip_weights``), loaded once per run."""
         if None not in self._extractors:
             extractor = FeatureExtractor.for_clip(self.clip_model, self.clip_tag, clip_weights=self.clip_weights,
                                                   device=self.device)
@@ -203,8 +251,24 @@ class FeatureRunner:
             self._extractors[None] = extractor
         return self._extractors[None]
 
+    def _adapter_extractor(self, record: Record) -> FeatureExtractor:
+        """The full tower with the record's adapter (``adapter``, else its codec's registry adapter) attached,
+        checked against the record's codec weights; the tower is loaded once for every adapter of the run."""
+        codec = self.cache.for_record(record)
+        path = resolve_adapter(self.adapter, codec)
+        if path not in self._extractors:
+            tower = FeatureExtractor(clip=self._tower().clip, k=0, device=torch.device(self.device),
+                                     clip_model=self.clip_model, clip_tag=self.clip_tag,
+                                     pad_to_square=self.pad_to_square)
+            tower.attach_adapter(path, codec)
+            self._extractors[path] = tower
+            return tower
+        self._extractors[path].check_adapter(codec)  # another record of the run may be of another codec
+        return self._extractors[path]
+
     def prepare(self, payload: Record | np.ndarray) -> tuple[FeatureExtractor, Tensor | np.ndarray]:
-        """A record (an image for ``uncompressed``) -> (its extractor, ``y_hat`` or the image to run C on)."""
+        """A record (an image for ``uncompressed``) -> (its extractor, ``y_hat``, the image to run C on, or for
+        ``adapter`` the layer-0 tokens E(x_hat) + A(y_hat))."""
         if self.via == "uncompressed":
             return self.extractor_for(None), payload
         codec = self.cache.for_record(payload)
@@ -212,6 +276,10 @@ class FeatureRunner:
         if self.via == "neck":
             extractor.check(payload, codec)
             return extractor, api.decode_latents(payload, codec)
+        if self.via == "adapter":
+            # y_hat is entropy-decoded twice: api.decode alone keeps g_s's rules (one record at a time, no image of a
+            # machine-only record).
+            return extractor, extractor.adapted(api.decode_latents(payload, codec), api.decode(payload, codec))
         return extractor, api.decode(payload, codec)
 
     def compute(self, prepared: Sequence[tuple[FeatureExtractor, Any]],
@@ -230,11 +298,15 @@ class FeatureRunner:
             warnings.simplefilter("always")
             for indices in groups.values():
                 extractor = prepared[indices[0]][0]
-                forward = extractor.from_latents if self.via == "neck" else extractor.from_images
+                forward = {"neck": extractor.from_latents, "adapter": extractor.from_tokens}.get(
+                    self.via, extractor.from_images)
+                # The adapter's tokens are on C's grid whatever the image's size: the name says which input.
+                describe = (lambda i: names[i]) if self.via == "adapter" else (
+                    lambda i: f"{names[i]} ({size_label(prepared[i][1])})")
                 try:
                     feats = api.split_on_oom(
                         lambda part: list(forward([prepared[i][1] for i in part], self.layer, self.select)),
-                        indices, lambda i: f"{names[i]} ({size_label(prepared[i][1])})")
+                        indices, describe)
                 except ComneckError as exc:
                     feats = [exc] * len(indices)
                 for i, f in zip(indices, feats):
@@ -266,6 +338,9 @@ def metadata(extractor: FeatureExtractor, via: str, layer: int, select: str, sou
             neck_codec=extractor.info.codec, neck_quality=str(extractor.info.quality),
             neck_scenario=extractor.info.scenario,
         )
+    if extractor.adapter_info is not None:
+        meta.update(adapter=extractor.adapter_path.name, adapter_digest=extractor.adapter_digest,
+                    adapter_codec=extractor.adapter_info.codec)
     return meta
 
 

@@ -118,7 +118,8 @@ class Limits:
         self.check_side("width", width, subject)
         if height * width > self.max_pixels:
             raise CnkError(f"{subject}: {width}×{height} image ({height * width} pixels), over the limit of "
-                           f"{self.max_pixels} pixels; if the file is trusted, raise --max-pixels or {ENV_MAX_PIXELS}")
+                           f"{self.max_pixels} pixels; if the file is trusted, raise `max_pixels` or {ENV_MAX_PIXELS}",
+                           params=["max_pixels"])
 
     def check_tokens(self, rows: int, cols: int, subject: str) -> None:
         """Refuse a latent grid (one token per position; ``latent_grids``) larger than the neck and CLIP take."""
@@ -126,6 +127,12 @@ class Limits:
             raise CnkError(f"{subject}: latent grid {cols}×{rows} ({rows * cols} tokens), over the limit of "
                            f"{self.max_tokens} tokens for the neck and CLIP (their attention memory grows with its "
                            f"square); encode a smaller image, or if the memory is there, raise {ENV_MAX_TOKENS}")
+
+
+def _within(where: str, exc: CnkError) -> CnkError:
+    """``exc``'s sentence opened by ``where`` (which record, which file), with the parameters it names kept, so the
+    command line still spells them as its flags."""
+    return CnkError(f"{where}: {exc}", params=exc.params)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -508,7 +515,7 @@ def _read(stream: BinaryIO, limits: Limits) -> tuple[Record, int] | None:
                         importance_map=importance_map, metadata=metadata, rate=rate,
                         unknown_sections=tuple(unknown), version=(major, minor))
     except CnkError as exc:
-        raise CnkError(f"invalid .cnk record: {exc}") from None
+        raise _within("invalid .cnk record", exc) from None
     return record, reader.pos
 
 
@@ -531,7 +538,7 @@ def iter_records(stream: BinaryIO, limits: Limits | None = None) -> Iterator[Rec
         try:
             found = _read(stream, limits)
         except CnkError as exc:
-            raise CnkError(f"record {number} (at byte {offset}): {exc}") from None
+            raise _within(f"record {number} (at byte {offset})", exc) from None
         if found is None:
             return
         record, size = found
@@ -560,7 +567,7 @@ def read_file(path: str | os.PathLike[str], limits: Limits | None = None) -> lis
         with open(path, "rb") as f:
             records = list(iter_records(f, limits))
     except CnkError as exc:
-        raise CnkError(f"{os.fspath(path)}: {exc}") from None
+        raise _within(os.fspath(path), exc) from None
     except OSError as exc:
         raise CnkError(f"cannot read {os.fspath(path)}: {exc.strerror or exc}") from exc
     if not records:

@@ -124,7 +124,7 @@ def test_a_png_header_over_the_limit_is_refused_before_its_pixels_decode(tmp_pat
     out = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == (f"ComneckError {bomb}: 9500×9500 image (90250000 pixels), over the limit of "
-                                  "89478485 pixels; if the file is trusted, raise --max-pixels or COMNECK_MAX_PIXELS")
+                                  "89478485 pixels; if the file is trusted, raise `max_pixels` or COMNECK_MAX_PIXELS")
 
 
 # --------------------------------------------------------------------------- bounded memory

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from comneck_cli.errors import RegistryError
+from comneck_cli.io.outputs import umask
 
 __all__ = [
     "Entry",
@@ -145,7 +146,8 @@ def import_file(name: str, source: Path, kind: str, info: dict[str, Any] | None 
     """Copy (or move) ``source`` into the user registry as ``name`` and record its sha256.
 
     The copy and the manifest are written to temp files and renamed, so an interrupted import
-    leaves the previous state intact.
+    leaves the previous state intact; both get the mode ``open()`` would give (``0666 & ~umask``), so the other
+    users of a shared registry can read them.
     """
     if not _NAME.fullmatch(name):
         raise WeightsError(f"invalid weights name {name[:40]!r}{'…' if len(name) > 40 else ''}: use up to 128 "
@@ -167,6 +169,7 @@ def import_file(name: str, source: Path, kind: str, info: dict[str, Any] | None 
             shutil.move(str(source), tmp)
         else:
             shutil.copyfile(source, tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600, and a moved file keeps its own mode
         digest = file_sha256(Path(tmp))
         os.replace(tmp, target)
     except BaseException as exc:
@@ -195,6 +198,7 @@ def _write_manifest(folder: Path, manifest: dict[str, Entry]) -> None:
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o666 & ~umask())  # mkstemp makes 0600; the manifest is as readable as the files
             json.dump(raw, f, indent=2, sort_keys=True)
             f.write("\n")
         os.replace(tmp, folder / _MANIFEST)

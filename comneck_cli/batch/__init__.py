@@ -341,7 +341,7 @@ def _read_records(item: Item, limits) -> list:
     try:
         return read_file(item.source, limits)
     except CnkError as exc:
-        raise ComneckError(str(exc)) from None
+        raise ComneckError(str(exc), params=exc.params) from None  # `max_pixels` stays a flag in the reason
 
 
 @dataclass
@@ -389,6 +389,7 @@ class DecodeJob(Job):
 class FeaturesJob(Job):
     via: str = "neck"
     neck: str | None = None
+    adapter: str | None = None
     layer: int = -2
     select: str = "patch"
     fmt: str = "pt"
@@ -414,7 +415,8 @@ class FeaturesJob(Job):
         from comneck_cli.features import FeatureRunner
 
         self._runner = FeatureRunner(
-            via=self.via, neck=self.neck, layer=self.layer, select=self.select, clip_model=self.clip_model,
+            via=self.via, neck=self.neck, adapter=self.adapter, layer=self.layer, select=self.select,
+            clip_model=self.clip_model,
             clip_tag=self.clip_tag, clip_weights=Path(self.clip_weights) if self.clip_weights else None,
             weights=self.weights, device=api.resolve_device(self.device), family=self.family,
             pad_to_square=self.pad_to_square,

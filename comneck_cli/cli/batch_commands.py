@@ -12,7 +12,7 @@ import click
 
 from comneck_cli import hub
 from comneck_cli.batch import DECODE_FORMATS, DecodeJob, EncodeJob, FeaturesJob, Job, RayOptions, Report, execute
-from comneck_cli.cli.options import (CODEC_CHOICE, check_codec_usage, clip_options, family_options,
+from comneck_cli.cli.options import (CODEC_CHOICE, check_codec_usage, clip_options, family_options, source_options,
                                      guidance_options, max_pixels_option)
 from comneck_cli.cli.plumbing import Run, apply_preset, flag, guard, progress, quiet_imports
 from comneck_cli.defaults import DEFAULT_CODEC
@@ -156,11 +156,7 @@ def batch_decode(run, weights: str | None, fmt: str) -> Job:
 
 
 @batch.command("features")
-@click.option("--via", type=click.Choice(["neck", "reconstruction", "uncompressed"]), default="neck",
-              show_default=True, help="neck: .cnk latents -> neck -> C'; reconstruction: .cnk -> g_s -> full CLIP; "
-                                      "uncompressed: images -> full CLIP.")
-@click.option("--neck", default=None, help="Neck file or registry name. Default: the registry's "
-                                           "CODEC-qQUALITY-neck for each record.")
+@source_options
 @family_options("Hidden state, Hugging Face numbering (-2 = penultimate block, what LLaVA reads).",
                 "patch tokens, cls, all tokens, pooled (projected embedding), or projected (every last-layer token "
                 "after ln_post and the projection).")
@@ -168,13 +164,13 @@ def batch_decode(run, weights: str | None, fmt: str) -> Job:
               help="File type of each input's features.")
 @click.option("--weights", default=None,
               help="Codec weights file or registry name for decoding the records (checked by digest).")
-@clip_options("open_clip model for --via reconstruction/uncompressed when no neck is given.",
+@clip_options("open_clip model for --via reconstruction/uncompressed/adapter when no neck is given.",
               "Local CLIP weights file instead of the registry / open_clip cache.")
 @batch_options
-def batch_features(run, via: str, neck: str | None, family: str | None, layer: int, select: str, fmt: str,
+def batch_features(run, via: str, neck: str | None, adapter: str | None, family: str | None, layer: int, select: str, fmt: str,
                    weights: str | None, clip_model: str, clip_tag: str, clip_weights: Path | None) -> Job:
     """CLIP features of every .cnk (images with --via uncompressed) into OUTPUT/<relative path>.<format>."""
     layer, select, clip_model, clip_tag, pad_to_square = apply_preset(family, layer, select, clip_model, clip_tag)
-    return FeaturesJob(output="", via=via, neck=hub.portable(neck), layer=layer, select=select, fmt=fmt,
+    return FeaturesJob(output="", via=via, neck=hub.portable(neck), adapter=hub.portable(adapter), layer=layer, select=select, fmt=fmt,
                        weights=hub.portable(weights), clip_model=clip_model, clip_tag=clip_tag,
                        clip_weights=hub.portable(clip_weights), family=family, pad_to_square=pad_to_square)

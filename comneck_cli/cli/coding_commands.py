@@ -134,7 +134,7 @@ def info(files: tuple[str, ...], as_json: bool, debug: bool) -> None:
                 raise CnkError(NO_RECORDS)
         except (CnkError, OSError) as exc:
             msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            run.fail(source, ComneckError(msg))
+            run.fail(source, ComneckError(msg, params=getattr(exc, "params", ())))  # --max-pixels, not `max_pixels`
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     elif rows:

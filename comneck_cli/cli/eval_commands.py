@@ -162,7 +162,7 @@ def eval_command(data: Path, output: Path, codec: str, qualities: tuple[int, ...
             clip_weights=clip_weights, classes=classes, prompt=prompt, batch_size=batch_size, device=device,
             resume=resume, force=force, max_pixels=max_pixels,
         )
-        result = run_eval(cfg, progress=bar, echo=say)
+        result = run_eval(cfg, progress=bar, echo=say, spell=spell_params)  # the report says flags, as stderr does
     say(f"wrote {output / 'summary.md'}: {result.computed} point(s) computed, {result.reused} taken from the log, "
         f"{len(result.skips)} skipped, {len(result.failures)} failed")
     raise SystemExit(1 if result.failures else 0)

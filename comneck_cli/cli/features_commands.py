@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from comneck_cli.cli.options import clip_options, common_options, family_options
+from comneck_cli.cli.options import clip_options, common_options, family_options, source_options
 from comneck_cli.cli.plumbing import Run, apply_preset, progress, quiet_imports
 from comneck_cli.io.outputs import check_target, is_dir_target
 
@@ -16,11 +16,7 @@ from comneck_cli.io.outputs import check_target, is_dir_target
 @click.option("-o", "--output", required=True, type=click.Path(path_type=str),
               help="A .pt, .safetensors or .npy file (all inputs stacked along dim 0), or a folder (one file "
                    "per input, in --format).")
-@click.option("--via", type=click.Choice(["neck", "reconstruction", "uncompressed"]), default="neck",
-              show_default=True, help="neck: .cnk latents -> neck -> C' (no image decoding); reconstruction: "
-              ".cnk -> g_s -> full CLIP (baseline); uncompressed: image -> full CLIP, C(x) (upper bound).")
-@click.option("--neck", default=None, help="Neck file or registry name. Default: the registry's "
-              "CODEC-qQUALITY-neck for each record. Its CLIP model, weights tag and split k are used.")
+@source_options
 @family_options("Hidden state to return, Hugging Face numbering (0 = after ln_pre, i = output of block i, "
                 "-2 = penultimate block, what LLaVA reads).",
                 "patch: tokens without CLS; cls; all tokens; pooled: the projected image embedding; projected: "
@@ -31,12 +27,12 @@ from comneck_cli.io.outputs import check_target, is_dir_target
               help="File type when -o is a folder.")
 @click.option("--weights", default=None,
               help="Codec weights file or registry name for decoding the records (checked by digest).")
-@clip_options("open_clip model for --via reconstruction/uncompressed when no neck is given.",
+@clip_options("open_clip model for --via reconstruction/uncompressed/adapter when no neck is given.",
               "Local CLIP weights file instead of the registry / open_clip cache.")
 @common_options
-def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str | None, family: str | None,
-             layer: int, select: str, batch_size: int, fmt: str, weights: str | None, clip_model: str, clip_tag: str,
-             clip_weights: Path | None) -> None:
+def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str | None, adapter: str | None,
+             family: str | None, layer: int, select: str, batch_size: int, fmt: str, weights: str | None,
+             clip_model: str, clip_tag: str, clip_weights: Path | None) -> None:
     """CLIP features of INPUTS (.cnk files, images with --via uncompressed, or - for stdin) for MLLMs.
 
     The default is what LLaVA-style MLLMs read: the penultimate hidden state's patch tokens, (N, 256, 1024)
@@ -50,9 +46,9 @@ def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str
     from comneck_cli.batch.features import extract_features
     from comneck_cli.features import FeatureRunner
 
-    runner = FeatureRunner(via=via, neck=neck, layer=layer, select=select, clip_model=clip_model, clip_tag=clip_tag,
-                           clip_weights=clip_weights, weights=weights, device=api.resolve_device(run.device),
-                           family=family, pad_to_square=pad_to_square)
+    runner = FeatureRunner(via=via, neck=neck, adapter=adapter, layer=layer, select=select, clip_model=clip_model,
+                           clip_tag=clip_tag, clip_weights=clip_weights, weights=weights,
+                           device=api.resolve_device(run.device), family=family, pad_to_square=pad_to_square)
     with progress(run.quiet, "features") as bar:
         extract_features(inputs, output, runner, run, fmt=fmt, force=run.force, batch_size=batch_size,
                          limits=run.limits(), on_progress=bar)

@@ -57,6 +57,21 @@ def family_options(layer_help: str, select_help: str) -> Callable[[Callable], Ca
     return decorate
 
 
+def source_options(func: Callable) -> Callable:
+    """``--via``/``--neck``/``--adapter``: where the features come from (``comneck features`` and ``batch features``)."""
+    func = click.option("--adapter", default=None, help="With --via adapter: decoder adapter file or registry name "
+                        "(`comneck train adapter`). Default: the registry's CODEC-adapter of each record's codec. It "
+                        "must have been trained for --clip/--clip-tag.")(func)
+    func = click.option("--neck", default=None, help="Neck file or registry name. Default: the registry's "
+                        "CODEC-qQUALITY-neck for each record. Its CLIP model, weights tag and split k are used.")(func)
+    return click.option("--via", type=click.Choice(["neck", "reconstruction", "uncompressed", "adapter"]),
+                        default="neck", show_default=True,
+                        help="neck: .cnk latents -> neck -> C' (no image decoding); reconstruction: .cnk -> g_s -> "
+                             "full CLIP (baseline); uncompressed: image -> full CLIP, C(x) (upper bound); adapter: "
+                             ".cnk -> g_s -> CLIP's embedding, plus the decoder adapter's tokens of the latents -> "
+                             "CLIP's blocks (CoTAM).")(func)
+
+
 def clip_options(model_help: str, weights_help: str) -> Callable[[Callable], Callable]:
     """``--clip``/``--clip-tag``/``--clip-weights``: the open_clip tower a command loads, ViT-L-14/openai by default;
     the help says what the command loads it for."""

@@ -169,6 +169,24 @@ def train() -> None:
     variable-rate codec with its pre-editing module for LVLMs."""
 
 
+def _gain_map_options(default_fraction: str, default_source: str, sources: tuple[str, ...]) -> Callable:
+    """--gain-maps / --gain-map-strength / --gain-map-source: variable-rate training at spatially varying gains."""
+    def wrap(command: Callable) -> Callable:
+        for option in reversed((
+            click.option("--gain-maps", type=click.FloatRange(0, 1), default=None, show_default=default_fraction,
+                         help="Share of steps coded at a gain that varies over the image, as --semantic encodes "
+                              "(each pixel's distortion weighed by its position's λ)."),
+            click.option("--gain-map-strength", type=click.FloatRange(0, 65.535, min_open=True), default=None,
+                         show_default="3", help="Largest strength S of those maps (each image draws S ~ U[0, S])."),
+            click.option("--gain-map-source", type=click.Choice(sources), default=None, show_default=default_source,
+                         help="random: smooth random maps; clip: the training CLIP's attention maps, as --semantic "
+                              "computes them; both: each image draws one."),
+        )):
+            command = option(command)
+        return command
+    return wrap
+
+
 @train.command("codec")
 @click.option("--codec", default=None, help="Codec name (see `comneck codecs`).")
 @click.option("-q", "--quality", type=click.IntRange(1, 255), default=None,
@@ -189,6 +207,7 @@ def train() -> None:
 @click.option("--warmup-steps", "warmup", type=click.IntRange(0), default=None,
               help="Variable-rate codecs: train the first N steps single-rate at the top level's λ (Kamisli et "
                    "al.'s stage 1), then every level.  [default: 0]")
+@_gain_map_options("0.5 (variable-rate codecs)", "random", ("random",))
 @click.option("-o", "--output", type=_OUT, default=None, help="Write the trained codec (.safetensors) here.")
 @click.option("--register", default="{codec}-q{quality}", show_default=True,
               help="Registry name for the trained codec (encode/decode find CODEC-qQUALITY; a variable-rate "
@@ -197,7 +216,8 @@ def train() -> None:
 @_run_options
 @_guarded
 def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm, lmbda, config_json, init, warmup,
-                        output, register, no_register, debug, **run) -> None:
+                        gain_maps, gain_map_strength, gain_map_source, output, register, no_register, debug,
+                        **run) -> None:
     """Rate-distortion training for human perception: R + λ·255²·MSE, CompressAI style.
 
     \b
@@ -209,6 +229,7 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
 
     cfg = CodecTrainConfig(codec=codec, quality=quality, steps=steps, epochs=epochs, lr=lr, aux_lr=aux_lr,
                            clip_max_norm=clip_max_norm, lmbda=lmbda, config=_json_config(config_json), init=init, warmup=warmup,
+                           gain_maps=gain_maps, gain_map_strength=gain_map_strength, gain_map_source=gain_map_source,
                            output=output, register=None if no_register else register, **run)
     result = _trained(train_codec, cfg)
     _summary(run["quiet"], cfg.codec if cfg.quality is None else f"{cfg.codec} q{cfg.quality}", result)
@@ -328,6 +349,7 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
 @click.option("--token-layers", default=None,
               help="CLIP layers L_sem compares (e.g. 6,12,18,23). [default: 1/4, 1/2, 3/4 of the depth and depth-1]")
 @click.option("--pre-edit-channels", type=click.IntRange(1), default=None, show_default="32", help="P's width.")
+@_gain_map_options("0.5", "both", ("random", "clip", "both"))
 @click.option("-o", "--output", type=_OUT, default=None, help="Write the trained codec (.safetensors) here.")
 @click.option("--register", default="{codec}", show_default=True,
               help="Registry name for the codec (encode finds a variable-rate codec under its bare name).")
@@ -340,8 +362,8 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
 @_guarded
 def train_vbr_command(codec, pre_edit, init, config_json, steps, epochs, lr, pre_edit_lr, aux_lr, clip_max_norm, gamma,
                       beta, rank_weight, clip_model, clip_tag, clip_weights, clip_config, guide_layers, token_layers,
-                      pre_edit_channels, output, register, pre_edit_output, pre_edit_register, no_register, debug,
-                      **run) -> None:
+                      pre_edit_channels, gain_maps, gain_map_strength, gain_map_source, output, register,
+                      pre_edit_output, pre_edit_register, no_register, debug, **run) -> None:
     """The variable-rate codec (and with --pre-edit the pre-editing module P) for LVLMs: R + λ_R(γ·MSE + β(L_sem +
     ρ·L_rank)) over every rate, L_sem the MSE of CLIP tokens of the decoded image against the original's at several
     layers and L_rank the gap between their log effective ranks (arXiv 2407.17060).
@@ -359,7 +381,7 @@ def train_vbr_command(codec, pre_edit, init, config_json, steps, epochs, lr, pre
         gamma=gamma, rank_weight=rank_weight, clip_model=clip_model, clip_tag=clip_tag, clip_weights=clip_weights,
         guide_layers=_numbers(guide_layers, int, "--guide-layers"),
         token_layers=_numbers(token_layers, int, "--token-layers"), pre_edit_channels=pre_edit_channels,
-        output=output, register=None if no_register else register, pre_edit_output=pre_edit_output,
+        gain_maps=gain_maps, gain_map_strength=gain_map_strength, gain_map_source=gain_map_source, output=output, register=None if no_register else register, pre_edit_output=pre_edit_output,
         pre_edit_register=None if no_register else pre_edit_register, **run)
     result = _trained(train_vbr, cfg)
     _summary(run["quiet"], f"{cfg.codec}{' and pre-editing module' if cfg.pre_edit else ''}", result)

@@ -19,6 +19,7 @@ import torch
 
 from comneck_cli.formats import PAD_MULTIPLE, CnkError, ImportanceMap, Limits, Record, codec_name
 
+from comneck_cli import hub
 from comneck_cli.codecs import RATE_STEPS, Codec, load_codec
 from comneck_cli.errors import ComneckError, MismatchError, UsageError
 from comneck_cli.io.images import check_size, from_tensor, to_tensor
@@ -320,22 +321,34 @@ class CodecCache:
     def __init__(self, device: torch.device | str = "cpu", weights: Path | str | None = None) -> None:
         self.device = torch.device(device)
         self.weights = weights
-        self._loaded: dict[tuple[str, int], Codec] = {}
+        self._loaded: dict[tuple[str, int, Path | str | None], Codec] = {}
+        self._registered: dict[bytes, Path | None] = {}
 
-    def get(self, name: str, quality: int) -> Codec:
+    def get(self, name: str, quality: int, weights: Path | str | None = None) -> Codec:
+        """The codec ``name`` at ``quality`` from ``weights`` (default: the cache's, else the registry's default)."""
         from comneck_cli.codecs import get_spec
 
+        weights = self.weights if weights is None else weights
         variable = get_spec(name).variable_rate
-        key = (name, 0 if variable else quality)  # a variable-rate model serves every rate
+        key = (name, 0 if variable else quality, weights)  # a variable-rate model serves every rate
         if key not in self._loaded:
-            self._loaded[key] = load_codec(name, quality, weights=self.weights, device=self.device)
+            self._loaded[key] = load_codec(name, quality, weights=weights, device=self.device)
         return self._loaded[key].at_rate(quality) if variable else self._loaded[key]
+
+    def _weights_of(self, record: Record) -> Path | str | None:
+        """The cache's ``weights`` when given, else the registered codec file whose sha256 begins with the record's
+        weights digest (a ComNeck d2 release beside the default d1 one), else None: the default name."""
+        if self.weights is not None:
+            return self.weights
+        if record.weights_digest not in self._registered:
+            self._registered[record.weights_digest] = hub.find_digest(record.weights_digest.hex(), "codec")
+        return self._registered[record.weights_digest]
 
     def for_record(self, record: Record) -> Codec:
         name = codec_name(record.codec_id)
         if name is None:
             raise ComneckError(f"record uses codec id {record.codec_id}, which this comneck does not know; upgrade comneck")
-        codec = self.get(name, record.quality)
+        codec = self.get(name, record.quality, self._weights_of(record))
         if record.rate is None:
             return codec
         if not codec.spec.variable_rate:

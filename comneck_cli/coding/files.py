@@ -88,7 +88,7 @@ def parse_records(source: str, data: bytes, report: Report, limits: Limits | Non
         if not found:
             raise CnkError(NO_RECORDS)
     except CnkError as exc:
-        report.fail(source, ComneckError(str(exc)))
+        report.fail(source, exc)  # a ComneckError already, its `max_pixels` kept for the flag
         return []
     return [(source if len(found) == 1 else f"{source} record {n}", source, n, len(found), record)
             for n, record in enumerate(found, start=1)]

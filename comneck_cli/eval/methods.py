@@ -442,26 +442,20 @@ class SemanticAdapter(Semantic):
     what = "CoTAM: semantic record -> E(g_s(y_hat)) + A(y_hat) -> CLIP blocks 1..L; people see g_s's output"
 
     def plan_quality(self, ctx, quality):
-        from comneck_cli.models.adapter import load_adapter, resolve_adapter
+        from comneck_cli.models.adapter import resolve_adapter
 
         point = super().plan_quality(ctx, quality)
-        path = resolve_adapter(ctx.adapter, point.codec)
-        adapter, info = load_adapter(path, device=ctx.device)
-        info.check_codec(point.codec, path)
-        info.check_clip(ctx.clip_model, ctx.clip_tag, path)
-        point.unet, point.models["adapter"] = adapter, file_digest(path)
-        point.extractor = FeatureExtractor(clip=ctx.clip, k=0, device=ctx.device, neck=torch.nn.Identity(),
-                                           pad_to_square=ctx.pad_to_square)
-        point.detail += f", adapter trained at strength {info.semantic_strength:g}"
+        # The neck is the identity: the outcome's latents are already the tokens C's first block reads.
+        extractor = FeatureExtractor(clip=ctx.clip, k=0, device=ctx.device, neck=torch.nn.Identity(),
+                                     pad_to_square=ctx.pad_to_square, clip_model=ctx.clip_model, clip_tag=ctx.clip_tag)
+        extractor.attach_adapter(resolve_adapter(ctx.adapter, point.codec), point.codec)
+        point.extractor, point.models["adapter"] = extractor, extractor.adapter_digest
+        point.detail += f", adapter trained at strength {extractor.adapter_info.semantic_strength:g}"
         return point
 
     def run(self, ctx, point, entry):
-        from comneck_cli.models.adapter import adapted_tokens
-
         size, x_hat, record = self.coded(ctx, point.codec, entry)
-        clip_input = point.extractor.preprocess(x_hat)[None].to(ctx.device)
-        tokens = adapted_tokens(point.unet, point.extractor.head.embed, api.decode_latents(record, point.codec),
-                                clip_input, *x_hat.shape[:2])
+        tokens = point.extractor.adapted(api.decode_latents(record, point.codec), x_hat)
         return Outcome(size, x_hat, latents=tokens, extractor=point.extractor)
 
 

@@ -21,8 +21,9 @@ import json
 import math
 import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from comneck_cli.io.outputs import write_atomic
 from comneck_cli.eval.metrics import METRICS, Metric
@@ -146,8 +147,17 @@ def bd_rates(means: Sequence[dict], methods: Sequence[str]) -> dict[str, dict[st
 
 # ------------------------------------------------------------------------------------------ files
 def write_report(folder: Path, *, header: dict, methods: dict[str, str], points, rows: Sequence[dict], skips,
-                 failures: Sequence[str]) -> tuple[list[dict], list[Path]]:
-    """Write every report file into ``folder`` (atomically, replacing earlier reports); return (means, files)."""
+                 failures: Sequence[str], spell: Callable[[str], str] | None = None) -> tuple[list[dict], list[Path]]:
+    """Write every report file into ``folder`` (atomically, replacing earlier reports); return (means, files).
+
+    ``spell`` rewrites the library's sentences (skip reasons, failures, per-image notes) in the words of whoever
+    reads the report: the command line passes its flag speller, so the report says ``--codec`` where the
+    library says ```codec```, as stderr does; by default they stay as they are.
+    """
+    if spell is not None:
+        skips = [replace(s, reason=spell(s.reason)) for s in skips]
+        failures = [spell(f) for f in failures]
+        rows = [{**r, "notes": [spell(n) for n in r.get("notes", [])]} for r in rows]
     means = aggregate(points, rows)
     bd = bd_rates(means, list(methods))
     status = _method_status(methods, points, means, skips)

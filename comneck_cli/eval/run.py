@@ -92,9 +92,10 @@ class EvalResult:
     files: list[Path]
 
 
-def run_eval(cfg: EvalConfig, *, progress: Progress | None = None,
-             echo: Callable[[str], None] | None = None) -> EvalResult:
-    """Evaluate every method of ``cfg`` on its data and write the report into ``cfg.output``."""
+def run_eval(cfg: EvalConfig, *, progress: Progress | None = None, echo: Callable[[str], None] | None = None,
+             spell: Callable[[str], str] | None = None) -> EvalResult:
+    """Evaluate every method of ``cfg`` on its data and write the report into ``cfg.output`` (its sentences
+    through ``spell``, :func:`comneck_cli.eval.report.write_report`)."""
     say = echo or (lambda message: None)
     if "{}" not in cfg.prompt:
         raise ComneckError(f"the prompt {cfg.prompt!r} has no {{}} for the class name; pass `prompt` with one",
@@ -183,7 +184,7 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None,
     }
     descriptions = {name: getattr(m, "what", "") for name, m in methods.items()}
     means, files = report.write_report(Path(cfg.output), header=header, methods=descriptions, points=points,
-                                       rows=rows, skips=skips, failures=failures)
+                                       rows=rows, skips=skips, failures=failures, spell=spell)
     return EvalResult(Path(cfg.output), rows, means, skips, failures, computed, len(rows) - computed, files)
 
 

@@ -10,7 +10,8 @@ the same way, by :func:`resolve`:
    suffix), "neither a file nor a registered name" for anything else.
 
 Given nothing, a caller's default registry name applies (``{codec}-q{quality}-neck``...); :func:`find` is the
-lookup for defaults that fall back on something else (CompressAI's zoo, open_clip's hub).
+lookup for defaults that fall back on something else (CompressAI's zoo, open_clip's hub), and :func:`find_digest`
+the one for a file named by its content (the weights digest a ``.cnk`` record carries).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from comneck_cli import weights as registry
 from comneck_cli.errors import MismatchError, ModelFileError, RegistryError
 
-__all__ = ["KINDS", "find", "portable", "resolve"]
+__all__ = ["KINDS", "find", "find_digest", "portable", "resolve"]
 
 # Every registry kind and the words errors name its files by (``comneck weights import --kind`` offers these).
 KINDS: dict[str, str] = {
@@ -50,6 +51,13 @@ def find(name: str, kind: str) -> Path | None:
         raise MismatchError(f"{name!r} is registered as {entry.kind} weights, not as {KINDS[kind]}; pass a "
                             f"{KINDS[kind]} file or name (`comneck weights list` shows each name's kind)")
     return registry.resolve(name)
+
+
+def find_digest(digest: str, kind: str) -> Path | None:
+    """The verified file of a registered ``kind`` whose sha256 begins with ``digest`` (hex: the weights digest a
+    record carries, its first 4 bytes), or None when none does; of several names for the same bytes, the first in sorted order."""
+    names = sorted(e.name for e in registry.entries().values() if e.kind == kind and e.sha256.startswith(digest))
+    return registry.resolve(names[0]) if names else None
 
 
 def resolve(value: str | Path | None, kind: str, *, default: str | None = None, param: str | None = None,

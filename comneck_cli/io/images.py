@@ -42,7 +42,7 @@ def check_size(height: int, width: int, subject: str, limits: Limits | None = No
     try:
         input_limits(limits).check_image(height, width, subject)
     except CnkError as exc:
-        raise InputError(str(exc)) from None
+        raise InputError(str(exc), params=exc.params) from None  # the container's sentence, its `max_pixels` kept
 
 
 def read_image(

@@ -28,9 +28,10 @@ from torch import Tensor, nn
 from comneck_cli.codecs import Codec, CodecSpec, check_quality, get_spec, registry_name
 from comneck_cli.errors import ComneckError
 from comneck_cli.train import checkpoint as ckpt
+from comneck_cli.train import gainmaps
 from comneck_cli.train.config import RunConfig, resolve_run, setting
 from comneck_cli.train.export import publish, write_codec
-from comneck_cli.train.latents import latent_path, rate_bpp
+from comneck_cli.train.latents import latent_path, rate_bpp, variable_rate_path
 from comneck_cli.train.loop import Runtime, check_finite, codec_step, crop_batches, default_run_dir, run_length
 from comneck_cli.train.losses import ZOO_LAMBDAS, rd_loss
 from comneck_cli.train.trainer import Progress, Run, TrainResult, train
@@ -44,6 +45,9 @@ class CodecTrainConfig(RunConfig):
 
     ``config`` overrides the codec's constructor arguments (tiny models for tests); ``init`` starts from a
     codec file (its own constructor arguments then apply). ``warmup``: variable-rate codecs' single-rate steps.
+    ``gain_maps``: the share of variable-rate steps coded at a spatially varying gain (``gainmaps``; default
+    ``gainmaps.DEFAULT_FRACTION`` for variable-rate codecs, else 0), of strength up to ``gain_map_strength``;
+    ``gain_map_source``: ``random`` only, as this run loads no CLIP.
     """
 
     codec: str | None = setting()
@@ -57,6 +61,9 @@ class CodecTrainConfig(RunConfig):
     config: dict[str, Any] | None = setting()
     init: Path | None = setting()
     warmup: int | None = setting()
+    gain_maps: float | None = setting()
+    gain_map_strength: float | None = setting(gainmaps.DEFAULT_MAX_STRENGTH)
+    gain_map_source: str | None = setting("random")
     register: str | None = DEFAULT_REGISTER
 
 
@@ -122,6 +129,9 @@ def _resolve(cfg: CodecTrainConfig) -> dict[str, Any] | None:
                            params=("quality", "lmbda"))
     if not spec.variable_rate:
         check_quality(spec, cfg.quality)
+    if cfg.gain_maps is None:  # a run from before gain maps resumes without them
+        cfg.gain_maps = gainmaps.DEFAULT_FRACTION if spec.variable_rate and state is None else 0.0
+    gainmaps.check_settings(cfg.gain_maps, cfg.gain_map_strength, cfg.gain_map_source, spec.variable_rate, False)
     return state
 
 
@@ -164,6 +174,8 @@ class CodecRun(Run):
         self.net_params, aux_params = split_parameters(self.model)
         self.optimizer = torch.optim.Adam(self.net_params, lr=cfg.lr)
         self.aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
+        self.maps = gainmaps.GainMaps(self.model, cfg.seed, fraction=cfg.gain_maps,
+                                      max_strength=cfg.gain_map_strength, source=cfg.gain_map_source)
 
     def saved(self) -> dict[str, Any]:
         return {"model": self.model, "optimizer": self.optimizer, "aux_optimizer": self.aux_optimizer}
@@ -182,20 +194,26 @@ class CodecRun(Run):
         warming = level is not None and step < (cfg.warmup or 0)
         if warming:
             level = model.levels - 1  # Kamisli et al.'s stage 1: the single-rate path at the top level's λ
+        gains = None if level is None or warming else self.maps(step, x, level + 1.0)
         if level is None:
             with runtime.autocast():
                 latents = latent_path(model, self.spec.family, x, "noise")
                 x_hat, likelihoods = model.g_s(latents.y_hat).float(), latents.likelihoods
+        elif gains is not None:  # the rate's level, its gain varying over the grid as ``--semantic`` codes
+            with runtime.autocast_transforms(model):
+                latents = variable_rate_path(model, x, gains)
+                x_hat, likelihoods = model.g_s(latents.y_hat), latents.likelihoods
         else:
             with runtime.autocast_transforms(model):
                 out = model(x, stage=1 if warming else 2, s=level)
             x_hat, likelihoods = out["x_hat"], out["likelihoods"]
         bpp = rate_bpp(likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
-        loss, mse = rd_loss(bpp, x_hat, x, cfg.lmbda if level is None else model.lmbda[level])
+        weights = None if gains is None else self.maps.pixel_weights(gains, level + 1.0)
+        loss, mse = rd_loss(bpp, x_hat, x, cfg.lmbda if level is None else model.lmbda[level], weights)
         check_finite(loss, step + 1, "rate-distortion")
         loss.backward()
         aux = codec_step(runtime, model, self.net_params, self.optimizer, self.aux_optimizer, cfg.clip_max_norm)
-        return {"loss": loss.item(), "bpp": bpp.item(), "mse": mse.item(), "aux": aux}
+        return {"loss": loss.item(), "bpp": bpp.item(), "mse": mse.item(), "aux": aux, "gain_map": float(gains is not None)}
 
     def export(self, final: dict[str, float]) -> tuple[Path | None, str | None, dict[str, Any]]:
         cfg, model, variable_rate = self.cfg, self.model, self.spec.variable_rate
@@ -204,6 +222,8 @@ class CodecRun(Run):
             "lmbda": list(model.lmbda) if variable_rate else cfg.lmbda, "data": str(Path(cfg.data).resolve()),
             "steps": self.total, "final_losses": final, "config": self.model_config,
             "init": None if cfg.init is None else str(cfg.init), "machine_only": False,
+            "gain_maps": cfg.gain_maps, "gain_map_strength": cfg.gain_map_strength,
+            "gain_map_source": cfg.gain_map_source,
         }
         model.eval()
         quality = 0 if variable_rate else cfg.quality  # 0: every level

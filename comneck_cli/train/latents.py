@@ -167,7 +167,8 @@ def rate_for_step(seed: int, step: int, low: float, high: float) -> float:
 
 
 def variable_rate_path(model: nn.Module, x: Tensor, gain: Tensor) -> Latents:
-    """mbt2018-mean-vbr at any gain g (``codecs.rate_gain``): x -> (y_hat, likelihoods of g·y and z_hat).
+    """mbt2018-mean-vbr at any gain g (``codecs.rate_gain``; per image, or a map (B, 1, h, w) over y's grid as
+    ``--semantic`` codes with): x -> (y_hat, likelihoods of g·y and z_hat).
 
     Training mode is CompressAI's ``stage=2`` path with the gain given instead of a level's (its ``forward``
     ignores ``inputscale`` while training): z_hat rounded straight-through around the bottleneck's medians,
@@ -175,7 +176,9 @@ def variable_rate_path(model: nn.Module, x: Tensor, gain: Tensor) -> Latents:
     noisy likelihoods of g·y under scales g·sigma. Eval mode (frozen codec) rounds, and y_hat is exactly what
     ``Codec.code`` writes at that gain (``VariableRate.dequantize`` of the coded symbols).
     """
-    gain = gain.reshape(-1, 1, 1, 1).to(x.device, torch.float32)
+    gain = gain.to(x.device, torch.float32)
+    if gain.dim() != 4:  # one gain per image; a map (B, 1, h, w) varies over the latent grid
+        gain = gain.reshape(-1, 1, 1, 1)
     y = model.g_a(x).float()
     with _fp32():
         z = model.h_a(y)

@@ -1,6 +1,7 @@
 """The training objectives: rate-distortion for people (CompressAI), and the paper's surrogate losses.
 
-- ``rd_loss``: R + λ·255²·MSE(x, x̂), CompressAI's ``RateDistortionLoss`` (R in bits per pixel).
+- ``rd_loss``: R + λ·255²·MSE(x, x̂), CompressAI's ``RateDistortionLoss`` (R in bits per pixel); with a gain map,
+  the MSE weighs each pixel by its position's λ (``weighted_mse``).
 - ``distillation``: L_dist = MSE(C'(T(y_hat)), C(x)) (paper eq. 1) on the CLIP output the neck targets;
   ``weighted_distillation``: Σ_i w_i · MSE over several outputs i (one neck for several MLLM families).
 - ``zero_shot_cross_entropy``: softmax over logit_scale × cosine(image embedding, class text embeddings)
@@ -39,10 +40,20 @@ def default_lambda(codec: str, quality: int) -> float:
     return float(table[quality - 1])
 
 
-def rd_loss(bpp: Tensor, x_hat: Tensor, x: Tensor, lmbda: float) -> tuple[Tensor, Tensor]:
-    """(R + λ·255²·MSE, MSE), computed in float32."""
+def weighted_mse(x_hat: Tensor, x: Tensor, weights: Tensor | None = None) -> Tensor:
+    """MSE(x, x̂) in float32, or mean(w·(x − x̂)²) with per-pixel weights w (B, 1, H, W): the distortion of a
+    spatially varying gain, each pixel at its own position's λ relative to the rate's (``gainmaps``)."""
+    if weights is None:
+        return F.mse_loss(x_hat.float(), x.float())
+    return (weights * (x_hat.float() - x.float()).square()).mean()
+
+
+def rd_loss(bpp: Tensor, x_hat: Tensor, x: Tensor, lmbda: float,
+            weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(R + λ·255²·D, MSE), float32; D is the MSE, or with per-pixel ``weights`` ``weighted_mse``."""
     mse = F.mse_loss(x_hat.float(), x.float())
-    return bpp + lmbda * PIXEL_SCALE * mse, mse
+    distortion = mse if weights is None else weighted_mse(x_hat, x, weights)
+    return bpp + lmbda * PIXEL_SCALE * distortion, mse
 
 
 def distillation(student: Tensor, teacher: Tensor) -> Tensor:

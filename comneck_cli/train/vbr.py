@@ -43,12 +43,13 @@ from torch import Tensor, nn
 from comneck_cli.codecs import get_spec, rate_gain
 from comneck_cli.errors import ComneckError
 from comneck_cli.train import checkpoint as ckpt
+from comneck_cli.train import gainmaps
 from comneck_cli.train.codec import build_codec, split_parameters
 from comneck_cli.train.config import ClipRunConfig, defaults, resolve_run, setting
 from comneck_cli.train.export import publish, write_codec
 from comneck_cli.train.latents import rate_bpp, rate_for_step, variable_rate_path
 from comneck_cli.train.loop import Runtime, check_finite, codec_step, crop_batches, default_run_dir, run_length
-from comneck_cli.train.losses import BETA, GAMMA, joint_loss, rank_loss, token_entropy
+from comneck_cli.train.losses import BETA, GAMMA, joint_loss, rank_loss, token_entropy, weighted_mse
 from comneck_cli.train.neck import clip_tag, load_training_clip
 from comneck_cli.train.trainer import Progress, Run, TrainResult, train
 
@@ -64,6 +65,8 @@ class VbrTrainConfig(ClipRunConfig):
     ``guide_layers``/``token_layers``: CLIP layers (Hugging Face numbering, 1..depth) guiding P and compared by
     L_sem (default: fractions of the tower's depth, ``GUIDE_FRACTIONS``/``TOKEN_FRACTIONS``). ``beta``/``gamma``:
     weights of the token distortion and of the pixel MSE; ``rank_weight``: ρ, of L_rank within the token term.
+    ``gain_maps``/``gain_map_strength``/``gain_map_source``: the share of steps coded at a spatially varying gain
+    (``gainmaps``: random smooth maps and/or the training CLIP's importance maps), and their largest strength.
     ``register``: the codec's registry name (``{codec}`` filled in);
     ``pre_edit_output``/``pre_edit_register``: where P goes.
     """
@@ -81,6 +84,9 @@ class VbrTrainConfig(ClipRunConfig):
     beta: float | None = setting(BETA)
     gamma: float | None = setting(GAMMA)
     rank_weight: float | None = setting(1.0)
+    gain_maps: float | None = setting(gainmaps.DEFAULT_FRACTION)
+    gain_map_strength: float | None = setting(gainmaps.DEFAULT_MAX_STRENGTH)
+    gain_map_source: str | None = setting("both")
     guide_layers: tuple[int, ...] | None = setting()
     token_layers: tuple[int, ...] | None = setting()
     pre_edit_channels: int | None = setting(32)
@@ -115,6 +121,9 @@ def _resolve(cfg: VbrTrainConfig) -> dict[str, Any] | None:
     state = resolve_run(cfg, "vbr", "train vbr")
     if state is not None and "rank_weight" not in state["config"]:
         cfg.rank_weight = 0.0  # a run from before the rank term resumes without it
+    if state is not None and "gain_maps" not in state["config"]:
+        cfg.gain_maps = 0.0  # likewise gain maps
+    gainmaps.check_settings(cfg.gain_maps, cfg.gain_map_strength, cfg.gain_map_source, True, True)
     if cfg.beta < 0 or cfg.gamma < 0 or cfg.rank_weight < 0 or cfg.beta + cfg.gamma == 0:
         raise ComneckError(f"`beta` {cfg.beta:g}, `gamma` {cfg.gamma:g} and `rank_weight` {cfg.rank_weight:g} must "
                            "not be negative, and `beta` or `gamma` must be positive, or the codec would learn to "
@@ -178,6 +187,13 @@ class VbrRun(Run):
         self.optimizer = torch.optim.Adam(groups)
         self.aux_optimizer = torch.optim.Adam(aux_params, lr=cfg.aux_lr)
         self.rates = float(min(spec.qualities)), float(max(spec.qualities))
+        guide = None
+        if cfg.gain_maps and cfg.gain_map_source != "random":
+            from comneck_cli.coding.semantic import Guide
+
+            guide = Guide(clip)
+        self.maps = gainmaps.GainMaps(self.model, cfg.seed, fraction=cfg.gain_maps,
+                                      max_strength=cfg.gain_map_strength, source=cfg.gain_map_source, guide=guide)
 
     def saved(self) -> dict[str, Any]:
         saved = {"model": self.model, "optimizer": self.optimizer, "aux_optimizer": self.aux_optimizer}
@@ -201,14 +217,17 @@ class VbrRun(Run):
         targets = [seen[i] for i in self.target_at]
         with runtime.autocast():
             coded = x if editor is None else editor(x, self.tokens.grids([seen[i] for i in self.guide_at]))
-            latents = variable_rate_path(model, coded, rate_gain(model, rate))
+            gains = self.maps(step, coded, rate)  # after P: the encoder reads its map from what it codes
+            latents = variable_rate_path(model, coded, rate_gain(model, rate) if gains is None else gains)
             x_hat = model.g_s(latents.y_hat)
             decoded = self.decoded_tokens(x_hat)
             sem = semantic_token_loss(decoded, targets)
         rank = rank_loss(decoded, targets)  # float32 outside autocast: eigvalsh has no bf16 kernel
         bpp = rate_bpp(latents.likelihoods, x.shape[0] * x.shape[2] * x.shape[3])
         mse = F.mse_loss(x_hat.float(), x)
-        loss = joint_loss(bpp, mse, sem + cfg.rank_weight * rank, rate_lambda(model, rate), cfg.gamma, cfg.beta)
+        distortion = mse if gains is None else weighted_mse(x_hat, x, self.maps.pixel_weights(gains, rate))
+        loss = joint_loss(bpp, distortion, sem + cfg.rank_weight * rank, rate_lambda(model, rate), cfg.gamma,
+                          cfg.beta)
         check_finite(loss, step + 1, "semantic rate")
         loss.backward()
         if editor is not None:  # P's parameters are in the codec's optimizer, unclipped
@@ -218,7 +237,7 @@ class VbrRun(Run):
         # Every term is logged whatever its weight, so a run with a term off shows what it would have been;
         # erank / erank_x: effective rank exp(H) of the deepest compared layer's tokens of x̂ and of x.
         values = {"loss": loss.item(), "bpp": bpp.item(), "mse": mse.item(), "sem": sem.item(),
-                  "rank": rank.item(), "rate": rate, "aux": aux,
+                  "rank": rank.item(), "rate": rate, "aux": aux, "gain_map": float(gains is not None),
                   "erank": token_entropy(decoded[-1].detach()).exp().mean().item(),
                   "erank_x": token_entropy(targets[-1]).exp().mean().item()}
         if editor is not None:
@@ -241,7 +260,8 @@ def _export(cfg: VbrTrainConfig, model: nn.Module, model_config: dict[str, Any],
 
     model.eval()
     common = {"codec": cfg.codec, "data": str(Path(cfg.data).resolve()), "steps": total, "final_losses": final,
-              "beta": cfg.beta, "gamma": cfg.gamma, "rank_weight": cfg.rank_weight,
+              "beta": cfg.beta, "gamma": cfg.gamma, "rank_weight": cfg.rank_weight, "gain_maps": cfg.gain_maps,
+              "gain_map_strength": cfg.gain_map_strength, "gain_map_source": cfg.gain_map_source,
               "token_layers": list(cfg.token_layers),
               "clip_model": cfg.clip_model, "clip_tag": str(clip_tag(cfg))}
     info = {**common, "quality": 0, "trained_for": "LVLMs: R + λ_R(γ·MSE + β(L_sem + ρ·L_rank)) over every rate",

@@ -1,0 +1,96 @@
+"""benchmarks/semantic_allocation.py (issue #21 item 3): its equal-bpp comparison and a smoke run of main()."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # semantic_allocation.py imports default_codec.py and evalset.py
+
+from .conftest import TINY_CLIP, skimage_photo  # noqa: E402
+
+
+def test_the_comparison_is_made_at_equal_bpp_not_at_equal_rate():
+    """Semantic's curve is plain's moved down by 0.3 but sampled at other bpp: the difference is −0.3 exactly
+    (pchip reproduces a curve linear in log bpp); comparing the points rate by rate would give about −0.11."""
+    import semantic_allocation
+
+    def curve(bpps, offset):
+        return [(b, 2 * math.log10(b) + 5 + offset) for b in bpps]
+
+    plain = curve([0.1, 0.2, 0.4, 0.8], 0.0)
+    semantic = curve([0.12, 0.25, 0.5, 1.0], -0.3)
+    result = semantic_allocation.equal_bpp_difference(plain, semantic)
+    assert result["difference"] == pytest.approx(-0.3, abs=1e-9)
+    assert result["bpp_range"] == pytest.approx([0.12, 0.8]) and result["note"] is None
+    plain_mean = 2 * (math.log10(0.12) + math.log10(0.8)) / 2 + 5  # a linear curve's mean over the range
+    assert result["relative"] == pytest.approx(-0.3 / plain_mean)
+    assert semantic_allocation.equal_bpp_difference(plain, curve([1.0, 2.0], 0.0))["difference"] is None
+    assert semantic_allocation.equal_bpp_difference(plain, semantic[:1])["note"] == \
+        "semantic has 1 usable points; needs 2"
+
+
+@pytest.mark.slow
+def test_main_on_two_tiny_photos_with_a_random_clip_writes_the_report(tiny_clip_file, tmp_path, capsys):
+    """Two 128-px photos, the shipped codec at two rates, the tiny CLIP with random weights: the JSON has every
+    section, says loudly that the CLIP is random, names no machine path, and the plot is a PNG."""
+    from PIL import Image
+
+    import semantic_allocation
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut.png", "coffee.png"):
+        Image.open(skimage_photo(name)).convert("RGB").resize((128, 128), Image.LANCZOS).save(photos / name)
+    out, png = tmp_path / "report.json", tmp_path / "report.png"
+    semantic_allocation.main(["--photos", str(photos), "--clip-model", TINY_CLIP, "--random-clip", "0",
+                              "--rates", "2,6", "-o", str(out), "--plot", str(png)])
+    text = out.read_text()
+    report = json.loads(text)
+    assert report["warning"] == semantic_allocation.RANDOM_WARNING and "RANDOM CLIP" in report["warning"]
+    assert report["clip"]["random_seed"] == 0 and report["clip"]["model"] == TINY_CLIP
+    assert report["photos"] == ["astronaut.png", "coffee.png"] and report["rates"] == [2.0, 6.0]
+    assert str(tmp_path) not in text and report["weights"] == "weights/mbt2018-mean-vbr.safetensors"
+    assert len(report["rows"]) == 2 * 2 * 2  # photos × rates × (plain, semantic)
+    for row in report["rows"]:
+        assert row["bpp"] > 0 and row["psnr"] > 15
+        assert row["embedding_mse"] >= 0 and 0 <= row["embedding_cosine_distance"] <= 2 and row["patch_mse"] >= 0
+    for name in report["photos"]:
+        for metric in semantic_allocation.METRICS:
+            entry = report["per_photo"][name][metric]
+            assert math.isfinite(entry["difference"]) and entry["note"] is None
+        assert report["per_photo"][name]["bd_rate_psnr"] == {"percent": None,
+                                                            "note": "needs at least 4 points per curve; plain has 2"}
+    for metric in semantic_allocation.METRICS:
+        assert report["summary"][metric]["photos"] == 2 and 0 <= report["summary"][metric]["semantic_wins"] <= 2
+    assert [p["rate"] for p in report["curves"]["semantic"]] == [2.0, 6.0]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"*** {semantic_allocation.RANDOM_WARNING} ***")
+
+
+def test_without_clip_weights_it_says_which_file_is_missing_and_how_to_supply_it(tmp_path):
+    """Offline, nothing cached: one sentence naming the weights and how to supply them, before any coding."""
+    import semantic_allocation
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(skimage_photo("coffee.png").read_bytes())
+    hint = "; or pass --clip-weights FILE, or --random-clip SEED to check the script with random weights"
+    missing = tmp_path / "missing.safetensors"
+    messages = []
+    for options in ([], ["--clip-weights", str(missing)]):
+        with pytest.raises(SystemExit) as stopped:
+            semantic_allocation.main(["--photos", str(photos), *options, "-o", str(tmp_path / "out.json")])
+        messages.append(str(stopped.value.code))
+    default, given = messages
+    assert default.startswith("semantic_allocation: CLIP weights ViT-L-14/openai are not in the local cache")
+    assert "`comneck weights import clip-vit-l-14-openai FILE`" in default
+    assert given.startswith(f"semantic_allocation: CLIP weights file {missing} does not exist")
+    assert all(m.endswith(hint) and "\n" not in m for m in messages)
+    assert not (tmp_path / "out.json").exists()
