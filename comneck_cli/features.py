@@ -277,9 +277,7 @@ class FeatureRunner:
             extractor.check(payload, codec)
             return extractor, api.decode_latents(payload, codec)
         if self.via == "adapter":
-            # y_hat is entropy-decoded twice: api.decode alone keeps g_s's rules (one record at a time, no image of a
-            # machine-only record).
-            return extractor, extractor.adapted(api.decode_latents(payload, codec), api.decode(payload, codec))
+            return extractor, extractor.adapted(*api.decode_with_latents(payload, codec))
         return extractor, api.decode(payload, codec)
 
     def compute(self, prepared: Sequence[tuple[FeatureExtractor, Any]],

@@ -288,13 +288,18 @@ def decode(record: Record, codec: Codec) -> np.ndarray:
     g_s runs one record at a time on purpose: a batched g_s (ELIC's attention blocks, cheng2020) rounds
     differently and would make the decoded pixels depend on the batch size.
     """
+    return decode_with_latents(record, codec)[1]
+
+
+def decode_with_latents(record: Record, codec: Codec) -> tuple[torch.Tensor, np.ndarray]:
+    """(``y_hat``, the image :func:`decode` gives) from one entropy decode: CoTAM's adapter reads both."""
     if record.machine_only:
         raise ComneckError(
             "record was coded for machines only (scenario d3): it has no image to reconstruct; "
             "use `comneck features` instead"
         )
     y_hat = decode_latents(record, codec)
-    return from_tensor(codec.synthesize(y_hat), record.height, record.width, PAD_MULTIPLE)
+    return y_hat, from_tensor(codec.synthesize(y_hat), record.height, record.width, PAD_MULTIPLE)
 
 
 def split_on_oom(run_batch: Callable[[list[T]], list[R]], items: list[T], describe: Callable[[T], str]) -> list[R]:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from comneck_cli import hub
 from comneck_cli import weights as registry
-from comneck_cli.formats import PAD_MULTIPLE, Record, pack
+from comneck_cli.formats import PAD_MULTIPLE, pack
 
 from comneck_cli import coding as api
 from comneck_cli.clip.tower import resolve_clip, resolve_layer
@@ -414,9 +414,9 @@ class Semantic(Method):
         return Point(self.name, f"q{quality}", quality, {"codec": codec.digest.hex()}, codec=codec,
                      detail=f"strength {self.strength:g}")
 
-    def coded(self, ctx: Context, codec: Codec, entry: Entry) -> tuple[int, np.ndarray, Record]:
-        """(bytes of the semantic record, its g_s reconstruction, the record), coded once per chunk for both CoTAM
-        methods."""
+    def coded(self, ctx: Context, codec: Codec, entry: Entry) -> tuple[int, np.ndarray, torch.Tensor]:
+        """(bytes of the semantic record, its g_s reconstruction, its y_hat), coded and decoded once per chunk for
+        both CoTAM methods."""
         from comneck_cli.coding.semantic import Guide, semantic_map
 
         key = ("semantic", self.strength, codec.digest, codec.quality, entry.item.id)
@@ -424,7 +424,8 @@ class Semantic(Method):
             if self._guide is None:
                 self._guide = Guide(ctx.clip)
             record = api.encode(entry.image, codec, importance=semantic_map(entry.image, self._guide, self.strength))
-            ctx._coded[key] = (len(pack(record)), api.decode(record, codec), record)
+            y_hat, x_hat = api.decode_with_latents(record, codec)
+            ctx._coded[key] = (len(pack(record)), x_hat, y_hat)
         return ctx._coded[key]
 
     def run(self, ctx, point, entry):
@@ -454,8 +455,8 @@ class SemanticAdapter(Semantic):
         return point
 
     def run(self, ctx, point, entry):
-        size, x_hat, record = self.coded(ctx, point.codec, entry)
-        tokens = point.extractor.adapted(api.decode_latents(record, point.codec), x_hat)
+        size, x_hat, y_hat = self.coded(ctx, point.codec, entry)
+        tokens = point.extractor.adapted(y_hat, x_hat)
         return Outcome(size, x_hat, latents=tokens, extractor=point.extractor)
 
 
