@@ -9,7 +9,7 @@ For each method the script sweeps its setting per photo: the learned codec's rat
 and Pillow's quality 2, 8, ..., 98 for JPEG (libjpeg-turbo, 4:2:0), WebP (``method=6``, its slowest and best) and AVIF
 (libavif/aom at Pillow's default speed 6; reported as skipped where Pillow has no AVIF encoder). bpp counts the whole
 file (the ``.cnk`` record with its container, the JPEG/WebP/AVIF file with its headers); PSNR is RGB 8-bit over the
-whole image and MS-SSIM is pytorch-msssim's on the RGB image (data range 255). Curves average bpp and quality over
+whole image and MS-SSIM is pytorch-msssim's definition on the RGB image (data range 255, ``comneck_cli.eval.metrics.ms_ssim``). Curves average bpp and quality over
 the photos at each setting. BD-rate (``bjontegaard`` pchip, as ``comneck eval``) compares the curves over 0.1–2.0 bpp
 (only points in that range enter, at least four per method; negative = the codec needs fewer bits than the anchor
 for the same quality), and for each of the codec's rates the JSON and the card say whether the anchor gives more
@@ -69,58 +69,6 @@ def tiny_images() -> dict[str, np.ndarray]:
     return {name: read_image(folder / name)[:96, :128] for name in TINY_PHOTOS}
 
 
-MS_SSIM_WEIGHTS = np.array([0.0448, 0.2856, 0.3001, 0.2363, 0.1333])  # Wang et al. 2003, per scale
-
-
-def _gaussian_valid(x: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """Separable Gaussian filter of an H×W×C array, 'valid' positions only (as pytorch-msssim's conv2d)."""
-    from scipy.ndimage import correlate1d
-
-    half = len(window) // 2
-    x = correlate1d(x, window, axis=0, mode="constant")[half:-half]
-    return correlate1d(x, window, axis=1, mode="constant")[:, half:-half]
-
-
-def _pool(x: np.ndarray) -> np.ndarray:
-    """avg_pool2d(kernel 2, padding = side % 2) as pytorch-msssim downsamples: odd sides get a zero row each end."""
-    x = np.pad(x, ((x.shape[0] % 2,) * 2, (x.shape[1] % 2,) * 2, (0, 0)))
-    x = x[: x.shape[0] // 2 * 2, : x.shape[1] // 2 * 2]
-    return x.reshape(x.shape[0] // 2, 2, x.shape[1] // 2, 2, -1).mean(axis=(1, 3))
-
-
-def ms_ssim(reference: np.ndarray, test: np.ndarray) -> float | None:
-    """MS-SSIM of two H×W×3 uint8 images as pytorch-msssim computes it, in float64 numpy; None below 161 px.
-
-    The same definition (an 11-tap σ = 1.5 Gaussian window, valid positions, C1 = (0.01·255)², C2 = (0.03·255)²,
-    contrast-structure cs at scales 1-4 and SSIM at scale 5 weighted by ``MS_SSIM_WEIGHTS``, negative values clipped,
-    the mean over channels) with separable scipy filters: about 15× faster on CPU than pytorch-msssim's grouped
-    convolutions, and equal to it within 1e-5 (tests/test_default_codec.py).
-    """
-    from comneck_cli.eval.metrics import MS_SSIM_MIN_SIDE
-
-    if min(reference.shape[:2]) < MS_SSIM_MIN_SIDE:
-        return None
-    coords = np.arange(11, dtype=np.float64) - 5
-    window = np.exp(-(coords**2) / (2 * 1.5**2))
-    window /= window.sum()
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    x, y = reference.astype(np.float64), test.astype(np.float64)
-    factors = []
-    for scale in range(len(MS_SSIM_WEIGHTS)):
-        mu_x, mu_y = _gaussian_valid(x, window), _gaussian_valid(y, window)
-        var_x = _gaussian_valid(x * x, window) - mu_x**2
-        var_y = _gaussian_valid(y * y, window) - mu_y**2
-        cov = _gaussian_valid(x * y, window) - mu_x * mu_y
-        cs = (2 * cov + c2) / (var_x + var_y + c2)
-        if scale < len(MS_SSIM_WEIGHTS) - 1:
-            factors.append(np.maximum(cs.mean(axis=(0, 1)), 0))
-            x, y = _pool(x), _pool(y)
-        else:
-            ssim = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * cs
-            factors.append(np.maximum(ssim.mean(axis=(0, 1)), 0))
-    return float(np.prod(np.stack(factors) ** MS_SSIM_WEIGHTS[:, None], axis=0).mean())
-
-
 def _repo_relative(path: Path) -> str:
     """The weights file as the report names it: relative to the repository when inside it (no machine's paths)."""
     repo = Path(__file__).resolve().parents[1]
@@ -129,9 +77,9 @@ def _repo_relative(path: Path) -> str:
 
 def quality(image: np.ndarray, decoded: np.ndarray) -> dict[str, float | None]:
     """PSNR (dB, RGB 8-bit) and MS-SSIM (None below the 161-px short side) of ``decoded`` against ``image``."""
-    from comneck_cli.eval.metrics import psnr
+    from comneck_cli.eval.metrics import ms_ssim, psnr
 
-    return {"psnr": psnr(image, decoded), "ms_ssim": ms_ssim(image, decoded)}
+    return {"psnr": psnr(image, decoded), "ms_ssim": ms_ssim(image, decoded)[0]}
 
 
 def sweep_codec(images: dict[str, np.ndarray], weights: str | None, rates, codec=None) -> list[dict]:

@@ -19,7 +19,15 @@ Over the photos: the mean of each difference and on how many photos semantic win
 
     python benchmarks/semantic_allocation.py [--photos DIR] [--limit N] [--max-side S] [--weights FILE]
         [--clip-model ViT-L-14 --clip-tag openai | --clip-weights FILE | --random-clip SEED] [--rates 1,2,...,8]
-        [--strength S] [-o benchmarks/results/semantic_allocation.json] [--plot FILE.png]
+        [--strength S] [--guide attention|saliency] [-o benchmarks/results/semantic_allocation.json] [--plot FILE.png]
+
+Two questions hide in "does it help": does the codec spend bits where a map says (the variable-rate codec coding at a
+gain map, what ``--gain-maps`` training teaches), and does CLIP attention point where C's features are sensitive.
+``--guide attention`` (default) answers both at once, as ``comneck encode --semantic`` codes. ``--guide saliency``
+separates the first: the map is an oracle, not something the encoder could send cheaply — how strongly C's layer
+``LAYER`` patch tokens respond to each pixel (:func:`saliency`), through the measurement's own view of the image — so
+a loss there says the codec's allocation does not work even when the map is right, and a gain says what a good map
+is worth. With random CLIP weights (no attention semantics) only the saliency guide is meaningful.
 
 Photos: the unseen evaluation set (``benchmarks/evalset.py`` assembles it) or ``--photos DIR``, optionally
 downscaled (Lanczos) to ``--max-side`` to bound the CPU time. ``--random-clip SEED`` builds the CLIP architecture
@@ -54,6 +62,10 @@ if TYPE_CHECKING:  # torch and open_clip load inside main(): --help stays quick
 LAYER = -2  # LLaVA's hidden state
 MIN_POINTS = 2  # pchip needs a segment per curve
 METHODS = ("plain", "semantic")
+GUIDES = {
+    "attention": "CLIP attention at block 2, as `comneck encode --semantic` codes",
+    "saliency": f"oracle: the sensitivity of C's layer {LAYER} patch tokens to each pixel (not an encoder's map)",
+}
 # name: (title, which way is better); the first three are compared against C(x)
 METRICS = {
     "embedding_mse": ("final image embedding MSE vs C(x)", "lower"),
@@ -123,16 +135,83 @@ def clip_features(extractor: "FeatureExtractor", images: list[np.ndarray]) -> tu
         return out.embedding.float().cpu(), out.select(LAYER, "patch").float().cpu()
 
 
+def clip_view(x: "Tensor", size: tuple[int, int]) -> "Tensor":
+    """(1, 3, H, W) in [0, 1] -> the centre square C sees, resized to ``size``, differentiably.
+
+    The geometry of open_clip's eval transform (``FeatureExtractor.preprocess``: shortest side to the input size,
+    bicubic with antialiasing, centre crop); pixels outside the crop get no gradient, as they get no attention from
+    the measurement."""
+    import torch.nn.functional as F
+
+    height, width = x.shape[-2:]
+    scale = size[0] / min(height, width)
+    resized = (max(size[0], round(height * scale)), max(size[1], round(width * scale)))
+    x = F.interpolate(x, size=resized, mode="bicubic", align_corners=False, antialias=True)
+    top, left = (resized[0] - size[0]) // 2, (resized[1] - size[1]) // 2
+    return x[..., top : top + size[0], left : left + size[1]]
+
+
+def saliency(image: np.ndarray, extractor: "FeatureExtractor", strength: float, probes: int = 4,
+             seed: int = 0) -> np.ndarray:
+    """Oracle importance on the codec's y grid: how much C's layer ``LAYER`` patch tokens move per pixel.
+
+    The per-pixel sensitivity s(p) = E_v Σ_c (∂(v · f(x)) / ∂x_{p,c})², v Rademacher (``probes`` of them, seeded), is
+    the diagonal of JᵀJ summed over colour: the feature error a small pixel error at p causes. Summed over each
+    16×16 block of the padded image it is the weight w of that y position in the feature error. High-rate theory
+    gives the step sizes that minimise Σ w·D at a fixed rate: D ∝ 1/w, so the gain goes as √w, log2 g = ½ log2 w +
+    const. ``--semantic`` sets log2 g = log2 g_R + S·(m − m̄) with m in [0, 1], so m = 1 + (log2 w − top) / (2S),
+    clipped to [0, 1], ``top`` the 95th percentile of log2 w over the blocks C sees: the ½-power law over the top
+    2S octaves of w, the rest at 0. Blocks C never sees come out 0. The form ``Guide.importance`` returns, so the
+    same ``quantise`` writes the record's map.
+    """
+    import torch
+
+    from comneck_cli.clip.preprocess import ClipPreprocess
+    from comneck_cli.coding.semantic import Y_STRIDE
+    from comneck_cli.formats import PAD_MULTIPLE
+    from comneck_cli.io.images import pad_amounts
+
+    height, width = image.shape[:2]
+    prep = ClipPreprocess(extractor.clip)  # C's input size, mean and std
+    x = torch.from_numpy(np.array(image, dtype=np.float32) / 255).permute(2, 0, 1)[None].requires_grad_(True)
+    patches = extractor.tail(extractor.head((clip_view(x, prep.size) - prep.mean) / prep.std), layer=LAYER,
+                             embedding=False).select(LAYER, "patch")
+    generator = torch.Generator().manual_seed(seed)
+    sensitivity = torch.zeros(height, width, dtype=torch.float64)
+    for probe in range(probes):
+        v = torch.randint(0, 2, patches.shape, generator=generator).float().mul(2).sub(1)
+        (grad,) = torch.autograd.grad((patches * v).sum(), x, retain_graph=probe < probes - 1)
+        sensitivity += grad[0].double().pow(2).sum(0) / probes
+    left, right, top, bottom = pad_amounts(height, width, PAD_MULTIPLE)
+    padded = np.zeros((height + top + bottom, width + left + right))
+    padded[top : top + height, left : left + width] = sensitivity.numpy()
+    grid = padded.reshape(padded.shape[0] // Y_STRIDE, Y_STRIDE, padded.shape[1] // Y_STRIDE, Y_STRIDE).sum((1, 3))
+    seen, importance = grid > 0, np.zeros_like(grid)
+    if seen.any() and strength > 0:
+        logs = np.log2(grid[seen])
+        importance[seen] = np.clip(1 + (logs - np.percentile(logs, 95)) / (2 * strength), 0, 1)
+    return importance
+
+
+def importance_map(image: np.ndarray, guide_kind: str, guide: "Guide", extractor: "FeatureExtractor",
+                   strength: float):
+    """The record's importance map: ``comneck encode --semantic``'s (CLIP attention) or the saliency oracle's."""
+    from comneck_cli.coding.semantic import quantise, semantic_map
+
+    if guide_kind == "attention":
+        return semantic_map(image, guide, strength)
+    return quantise(saliency(image, extractor, strength), *image.shape[:2], strength)
+
+
 def sweep(name: str, image: np.ndarray, codec: "Codec", guide: "Guide", extractor: "FeatureExtractor",
-          rates: tuple[float, ...], strength: float) -> list[dict]:
+          rates: tuple[float, ...], strength: float, guide_kind: str = "attention") -> list[dict]:
     """One row per (method, rate): bpp of the packed record and the metrics of its decoded image against x."""
     from comneck_cli import coding as api
-    from comneck_cli.coding.semantic import semantic_map
     from comneck_cli.eval.metrics import feature_fidelity, psnr
     from comneck_cli.formats import PAD_MULTIPLE, pack, unpack
 
     y = codec.analyze(api.to_tensor(image, PAD_MULTIPLE))  # g_a once; every record re-codes the same y
-    importance = semantic_map(image, guide, strength)  # depends on x and S only, not on R
+    importance = importance_map(image, guide_kind, guide, extractor, strength)  # depends on x and S, not on R
     rows, decoded = [], []
     for rate in rates:
         at = codec.at_rate(rate)
@@ -244,7 +323,7 @@ def print_table(report: dict) -> None:
         print(f"*** {warning} ***")
     print(f"{len(report['photos'])} photos of {report['photo_set']}; {report['codec']} at R = "
           f"{', '.join(f'{r:g}' for r in report['rates'])}; --semantic strength {report['strength']:g}; "
-          f"CLIP {report['clip']['model']}")
+          f"CLIP {report['clip']['model']}; map: {report['guide_meaning']}")
     short = {"embedding_mse": "Δ emb MSE", "embedding_cosine_distance": "Δ emb cos-dist",
              "patch_mse": f"Δ L{LAYER} patch MSE", "psnr": "Δ PSNR dB"}
     print("equal-bpp differences, semantic − plain (features: negative = closer to C(x)); BD-rate on PSNR")
@@ -283,8 +362,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel(METRICS[metric][0])
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    title = (f"{report['codec']}, --semantic S={report['strength']:g} vs plain, {len(report['photos'])} photos, "
-             f"CLIP {report['clip']['model']}")
+    title = (f"{report['codec']}, --semantic S={report['strength']:g} ({report['guide']} map) vs plain, "
+             f"{len(report['photos'])} photos, CLIP {report['clip']['model']}")
     if report["warning"]:
         import textwrap
 
@@ -318,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="seeded random CLIP weights: checks the script only, says nothing about an MLLM")
     parser.add_argument("--rates", type=_rates, default=default_codec.RATES, help="rates R, comma-separated")
     parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="--semantic-strength S")
+    parser.add_argument("--guide", choices=GUIDES, default="attention",
+                        help="the map: CLIP attention (comneck encode --semantic) or the saliency oracle")
     parser.add_argument("-o", "--output", type=Path, default=Path("benchmarks/results/semantic_allocation.json"))
     parser.add_argument("--plot", type=Path, default=None, help="also write feature MSE vs bpp here (PNG)")
     args = parser.parse_args(argv)
@@ -350,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, per_photo = [], {}
     for name, image in images.items():
         print(f"{name} {image.shape[1]}×{image.shape[0]}", file=sys.stderr, flush=True)
-        photo_rows = sweep(name, image, codec, guide, extractor, args.rates, args.strength)
+        photo_rows = sweep(name, image, codec, guide, extractor, args.rates, args.strength, args.guide)
         rows += photo_rows
         per_photo[name] = compare(photo_rows)
 
@@ -369,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
         "photo_set": photo_set, "photos": list(images),
         "evalset_listing_sha256": file_sha256(evalset.LISTING) if args.photos is None else None,
         "sizes": {name: list(image.shape[:2]) for name, image in images.items()}, "max_side": args.max_side,
-        "rates": list(args.rates), "strength": args.strength,
+        "rates": list(args.rates), "strength": args.strength, "guide": args.guide, "guide_meaning": GUIDES[args.guide],
         "metrics": {name: {"title": title, "better": better} for name, (title, better) in METRICS.items()},
         "comparison": "per photo, semantic − plain at equal bpp: pchip over log10(bpp), averaged over the bpp range "
                       "both curves cover (bjontegaard.bd_psnr); BD-rate on PSNR: comneck eval's bd_rate",

@@ -7,7 +7,9 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # semantic_allocation.py imports default_codec.py and evalset.py
@@ -94,3 +96,43 @@ def test_without_clip_weights_it_says_which_file_is_missing_and_how_to_supply_it
     assert given.startswith(f"semantic_allocation: CLIP weights file {missing} does not exist")
     assert all(m.endswith(hint) and "\n" not in m for m in messages)
     assert not (tmp_path / "out.json").exists()
+
+
+def test_the_saliency_oracle_marks_only_what_the_measuring_clip_sees(tiny_clip_file):
+    """A 128×256 photo: C's eval transform keeps the centre 128×128 (its antialiasing filter reaches a few pixels
+    past the crop), so the y-grid blocks of the outer 48 px each side get importance 0 and the centre spreads over
+    [0, 1]; the map is the quantiser's input form (the y grid of the padded image) and is reproducible."""
+    import open_clip
+    import torch
+
+    import semantic_allocation
+    from comneck_cli.features import FeatureExtractor
+    from comneck_cli.formats import latent_grids
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model(TINY_CLIP, pretrained=None)
+    extractor = FeatureExtractor(clip=clip, k=0, device=torch.device("cpu"))
+    image = np.asarray(Image.open(skimage_photo("astronaut.png")).convert("RGB").resize((256, 128), Image.LANCZOS))
+    importance = semantic_allocation.saliency(image, extractor, 1.5)
+    assert importance.shape == latent_grids(128, 256)[0] == (8, 16)
+    assert (importance[:, :3] == 0).all() and (importance[:, 13:] == 0).all()  # never reach C
+    centre = importance[:, 4:12]
+    assert centre.min() >= 0 and centre.max() == 1 and centre.std() > 0.1
+    assert np.array_equal(importance, semantic_allocation.saliency(image, extractor, 1.5))
+
+
+@pytest.mark.slow
+def test_the_saliency_guide_codes_records_with_its_map(tiny_clip_file, tmp_path):
+    """--guide saliency: every semantic record carries the oracle's quantised map, and the report says which map."""
+    import semantic_allocation
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.open(skimage_photo("coffee.png")).convert("RGB").resize((192, 128), Image.LANCZOS).save(photos / "c.png")
+    out = tmp_path / "report.json"
+    semantic_allocation.main(["--photos", str(photos), "--clip-model", TINY_CLIP, "--random-clip", "0",
+                              "--rates", "2,6", "--guide", "saliency", "-o", str(out)])
+    report = json.loads(out.read_text())
+    assert report["guide"] == "saliency" and report["guide_meaning"] == semantic_allocation.GUIDES["saliency"]
+    plain, semantic = ([r["bpp"] for r in report["rows"] if r["method"] == m] for m in semantic_allocation.METHODS)
+    assert all(s != p for s, p in zip(semantic, plain))  # the map changed what was coded

@@ -322,7 +322,7 @@ def _run_point(ctx, method, point: Point, entries: list[Entry], reference, class
     if not outcomes:
         return []
     if reference is None:  # no CLIP: pixel metrics only
-        return [_row(point, entry, outcome, None, None, None, classes, None, ctx.device) for entry, outcome in outcomes]
+        return [_row(point, entry, outcome, None, None, None, classes, None) for entry, outcome in outcomes]
     try:
         features = _features(ctx, outcomes, reference)
     except ComneckError as exc:
@@ -332,13 +332,11 @@ def _run_point(ctx, method, point: Point, entries: list[Entry], reference, class
         return []
     rows = []
     for (entry, outcome), (selected, embedding) in zip(outcomes, features):
-        rows.append(_row(point, entry, outcome, selected, embedding, reference[entry.item.id][0], classes, zero_shot,
-                         ctx.device))
+        rows.append(_row(point, entry, outcome, selected, embedding, reference[entry.item.id][0], classes, zero_shot))
     return rows
 
 
-def _row(point: Point, entry: Entry, outcome: Outcome, selected, embedding, target, classes, zero_shot,
-         device) -> dict:
+def _row(point: Point, entry: Entry, outcome: Outcome, selected, embedding, target, classes, zero_shot) -> dict:
     height, width = entry.image.shape[:2]
     notes = list(outcome.notes)
     row = {
@@ -355,7 +353,7 @@ def _row(point: Point, entry: Entry, outcome: Outcome, selected, embedding, targ
             notes.append("identical to the original: PSNR is infinite")
         else:
             row["psnr"] = value
-        row["ms_ssim"], note = ms_ssim(entry.image, outcome.view, device)
+        row["ms_ssim"], note = ms_ssim(entry.image, outcome.view)
         notes += [note] if note else []
     if selected is not None:
         row["feature_mse"], row["feature_cosine"], note = feature_fidelity(selected, target)
