@@ -5,7 +5,8 @@ points: g(i, j) = g_R · 2^(S·(m(i, j) − m̄)). This codes each photo at ever
 library's own path (one g_a pass; ``code_semantic`` for the guided record; whole packed ``.cnk`` records, the
 importance-map section included, are what bpp counts; each record is unpacked and decoded as ``comneck decode``
 does): plain, and guided by the map of the same CLIP C at strength S. On the decoded image x̂ and the original x
-it measures, with that C and the MLLM's view of an image (open_clip's eval transform, ``FeatureExtractor``):
+it measures, with that C and the MLLM's view of an image (``FeatureExtractor``: open_clip's eval transform, the
+centre square; with ``--pad-to-square`` LLaVA-1.5's, the whole photo on a square of CLIP's mean colour):
 
 - the final image embedding (``encode_image``): MSE and cosine distance 1 − cos(C(x̂), C(x));
 - the patch tokens of hidden state −2 (what LLaVA reads): MSE;
@@ -19,7 +20,8 @@ Over the photos: the mean of each difference and on how many photos semantic win
 
     python benchmarks/semantic_allocation.py [--photos DIR] [--limit N] [--max-side S] [--weights FILE]
         [--clip-model ViT-L-14 --clip-tag openai | --clip-weights FILE | --random-clip SEED] [--rates 1,2,...,8]
-        [--strength S] [--guide attention|saliency] [-o benchmarks/results/semantic_allocation.json] [--plot FILE.png]
+        [--strength S] [--guide attention|saliency|view] [-o benchmarks/results/semantic_allocation.json]
+        [--plot FILE.png]
 
 Two questions hide in "does it help": does the codec spend bits where a map says (the variable-rate codec coding at a
 gain map, what ``--gain-maps`` training teaches), and does CLIP attention point where C's features are sensitive.
@@ -27,7 +29,9 @@ gain map, what ``--gain-maps`` training teaches), and does CLIP attention point 
 separates the first: the map is an oracle, not something the encoder could send cheaply — how strongly C's layer
 ``LAYER`` patch tokens respond to each pixel (:func:`saliency`), through the measurement's own view of the image — so
 a loss there says the codec's allocation does not work even when the map is right, and a gain says what a good map
-is worth. With random CLIP weights (no attention semantics) only the saliency guide is meaningful.
+is worth. With random CLIP weights (no attention semantics) only the saliency guide is meaningful. ``--guide view``
+is its control: the oracle also knows which part of a non-square photo C's centre crop never sees, and a map that
+is 1 on the crop and 0 outside (:func:`view_map`) measures how much of the gain is that geometry alone.
 
 Photos: the unseen evaluation set (``benchmarks/evalset.py`` assembles it) or ``--photos DIR``, optionally
 downscaled (Lanczos) to ``--max-side`` to bound the CPU time. ``--random-clip SEED`` builds the CLIP architecture
@@ -65,6 +69,7 @@ METHODS = ("plain", "semantic")
 GUIDES = {
     "attention": "CLIP attention at block 2, as `comneck encode --semantic` codes",
     "saliency": f"oracle: the sensitivity of C's layer {LAYER} patch tokens to each pixel (not an encoder's map)",
+    "view": "control: 1 where C's centre crop sees the image, 0 elsewhere (its geometry, none of its content)",
 }
 # name: (title, which way is better); the first three are compared against C(x)
 METRICS = {
@@ -135,14 +140,21 @@ def clip_features(extractor: "FeatureExtractor", images: list[np.ndarray]) -> tu
         return out.embedding.float().cpu(), out.select(LAYER, "patch").float().cpu()
 
 
-def clip_view(x: "Tensor", size: tuple[int, int]) -> "Tensor":
-    """(1, 3, H, W) in [0, 1] -> the centre square C sees, resized to ``size``, differentiably.
+def clip_view(x: "Tensor", size: tuple[int, int], fill: "Tensor | None" = None) -> "Tensor":
+    """(1, 3, H, W) in [0, 1] -> what C sees, resized to ``size``, differentiably.
 
     The geometry of open_clip's eval transform (``FeatureExtractor.preprocess``: shortest side to the input size,
     bicubic with antialiasing, centre crop); pixels outside the crop get no gradient, as they get no attention from
-    the measurement."""
+    the measurement. With ``fill`` (a (3,) colour in [0, 1]) the image is first centred on a square of that colour,
+    LLaVA-1.5's ``expand2square``, so C sees all of it."""
     import torch.nn.functional as F
 
+    if fill is not None and x.shape[-2] != x.shape[-1]:
+        side = max(x.shape[-2:])
+        canvas = fill.view(1, 3, 1, 1).expand(1, 3, side, side).clone()
+        top, left = (side - x.shape[-2]) // 2, (side - x.shape[-1]) // 2
+        canvas[..., top : top + x.shape[-2], left : left + x.shape[-1]] = x
+        x = canvas
     height, width = x.shape[-2:]
     scale = size[0] / min(height, width)
     resized = (max(size[0], round(height * scale)), max(size[1], round(width * scale)))
@@ -166,6 +178,7 @@ def saliency(image: np.ndarray, extractor: "FeatureExtractor", strength: float, 
     """
     import torch
 
+    from comneck_cli.clip.presets import mean_colour
     from comneck_cli.clip.preprocess import ClipPreprocess
     from comneck_cli.coding.semantic import Y_STRIDE
     from comneck_cli.formats import PAD_MULTIPLE
@@ -174,7 +187,8 @@ def saliency(image: np.ndarray, extractor: "FeatureExtractor", strength: float, 
     height, width = image.shape[:2]
     prep = ClipPreprocess(extractor.clip)  # C's input size, mean and std
     x = torch.from_numpy(np.array(image, dtype=np.float32) / 255).permute(2, 0, 1)[None].requires_grad_(True)
-    patches = extractor.tail(extractor.head((clip_view(x, prep.size) - prep.mean) / prep.std), layer=LAYER,
+    fill = (torch.tensor(mean_colour(prep.cfg.mean), dtype=torch.float32) / 255) if extractor.pad_to_square else None
+    patches = extractor.tail(extractor.head((clip_view(x, prep.size, fill) - prep.mean) / prep.std), layer=LAYER,
                              embedding=False).select(LAYER, "patch")
     generator = torch.Generator().manual_seed(seed)
     sensitivity = torch.zeros(height, width, dtype=torch.float64)
@@ -193,13 +207,35 @@ def saliency(image: np.ndarray, extractor: "FeatureExtractor", strength: float, 
     return importance
 
 
+def view_map(height: int, width: int) -> np.ndarray:
+    """The control for the saliency oracle: 1 on the y positions whose 16×16 block's centre lies in the square C's
+    eval transform keeps (the centred min(H, W) square), 0 elsewhere and on the padding. On a non-square photo part
+    of the oracle's gain is only this: bits moved from what C never sees to what it does."""
+    from comneck_cli.coding.semantic import Y_STRIDE
+    from comneck_cli.formats import PAD_MULTIPLE, latent_grids
+    from comneck_cli.io.images import pad_amounts
+
+    (rows, cols), _ = latent_grids(height, width)
+    left, _, top, _ = pad_amounts(height, width, PAD_MULTIPLE)
+    side = min(height, width)
+    first_row, first_col = (height - side) // 2, (width - side) // 2
+    centres_y = np.arange(rows) * Y_STRIDE + Y_STRIDE / 2 - top  # in image pixels
+    centres_x = np.arange(cols) * Y_STRIDE + Y_STRIDE / 2 - left
+    inside_y = (centres_y >= first_row) & (centres_y < first_row + side)
+    inside_x = (centres_x >= first_col) & (centres_x < first_col + side)
+    return np.outer(inside_y, inside_x).astype(np.float64)
+
+
 def importance_map(image: np.ndarray, guide_kind: str, guide: "Guide", extractor: "FeatureExtractor",
                    strength: float):
-    """The record's importance map: ``comneck encode --semantic``'s (CLIP attention) or the saliency oracle's."""
+    """The record's importance map: ``comneck encode --semantic``'s (CLIP attention), the saliency oracle's, or the
+    view control's."""
     from comneck_cli.coding.semantic import quantise, semantic_map
 
     if guide_kind == "attention":
         return semantic_map(image, guide, strength)
+    if guide_kind == "view":
+        return quantise(view_map(*image.shape[:2]), *image.shape[:2], strength)
     return quantise(saliency(image, extractor, strength), *image.shape[:2], strength)
 
 
@@ -323,7 +359,7 @@ def print_table(report: dict) -> None:
         print(f"*** {warning} ***")
     print(f"{len(report['photos'])} photos of {report['photo_set']}; {report['codec']} at R = "
           f"{', '.join(f'{r:g}' for r in report['rates'])}; --semantic strength {report['strength']:g}; "
-          f"CLIP {report['clip']['model']}; map: {report['guide_meaning']}")
+          f"CLIP {report['clip']['model']} seeing {report['clip_view']}; map: {report['guide_meaning']}")
     short = {"embedding_mse": "Δ emb MSE", "embedding_cosine_distance": "Δ emb cos-dist",
              "patch_mse": f"Δ L{LAYER} patch MSE", "psnr": "Δ PSNR dB"}
     print("equal-bpp differences, semantic − plain (features: negative = closer to C(x)); BD-rate on PSNR")
@@ -398,10 +434,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", type=_rates, default=default_codec.RATES, help="rates R, comma-separated")
     parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH, help="--semantic-strength S")
     parser.add_argument("--guide", choices=GUIDES, default="attention",
-                        help="the map: CLIP attention (comneck encode --semantic) or the saliency oracle")
+                        help="the map: CLIP attention (comneck encode --semantic), the saliency oracle, its control")
+    parser.add_argument("--pad-to-square", action="store_true",
+                        help="C sees the whole photo on a square of its mean colour (LLaVA-1.5), not the centre crop")
     parser.add_argument("-o", "--output", type=Path, default=Path("benchmarks/results/semantic_allocation.json"))
     parser.add_argument("--plot", type=Path, default=None, help="also write feature MSE vs bpp here (PNG)")
     args = parser.parse_args(argv)
+    if args.guide == "view" and args.pad_to_square:
+        parser.error("--guide view with --pad-to-square is plain coding: padded, C sees the whole photo")
 
     import torch
 
@@ -427,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     codec = load_codec(default_codec.CODEC, 1, weights=args.weights)
     guide = Guide(clip, block=DEFAULT_BLOCK)
     extractor = FeatureExtractor(clip=clip, k=0, device=torch.device("cpu"), clip_model=args.clip_model,
-                                 clip_tag=args.clip_tag)
+                                 clip_tag=args.clip_tag, pad_to_square=args.pad_to_square)
     rows, per_photo = [], {}
     for name, image in images.items():
         print(f"{name} {image.shape[1]}×{image.shape[0]}", file=sys.stderr, flush=True)
@@ -451,6 +491,8 @@ def main(argv: list[str] | None = None) -> None:
         "evalset_listing_sha256": file_sha256(evalset.LISTING) if args.photos is None else None,
         "sizes": {name: list(image.shape[:2]) for name, image in images.items()}, "max_side": args.max_side,
         "rates": list(args.rates), "strength": args.strength, "guide": args.guide, "guide_meaning": GUIDES[args.guide],
+        "clip_view": "the photo centred on a square of CLIP's mean colour (LLaVA-1.5)" if args.pad_to_square
+        else "open_clip's eval transform: the centre square",
         "metrics": {name: {"title": title, "better": better} for name, (title, better) in METRICS.items()},
         "comparison": "per photo, semantic − plain at equal bpp: pchip over log10(bpp), averaged over the bpp range "
                       "both curves cover (bjontegaard.bd_psnr); BD-rate on PSNR: comneck eval's bd_rate",

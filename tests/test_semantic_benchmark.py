@@ -136,3 +136,33 @@ def test_the_saliency_guide_codes_records_with_its_map(tiny_clip_file, tmp_path)
     assert report["guide"] == "saliency" and report["guide_meaning"] == semantic_allocation.GUIDES["saliency"]
     plain, semantic = ([r["bpp"] for r in report["rows"] if r["method"] == m] for m in semantic_allocation.METHODS)
     assert all(s != p for s, p in zip(semantic, plain))  # the map changed what was coded
+
+
+def test_the_view_control_is_the_centre_square_on_the_y_grid():
+    """A 128×256 photo: C sees x in [64, 192), the y blocks 4..11; a 100×100 photo is padded 14 px each side to 128,
+    so only the blocks whose centres fall on the image (rows and columns 1..6) are 1."""
+    import semantic_allocation
+
+    wide = semantic_allocation.view_map(128, 256)
+    assert wide.shape == (8, 16) and (wide[:, 4:12] == 1).all() and wide[:, :4].sum() == wide[:, 12:].sum() == 0
+    small = semantic_allocation.view_map(100, 100)
+    expected = np.zeros((8, 8))
+    expected[1:7, 1:7] = 1
+    assert np.array_equal(small, expected)
+
+
+def test_padded_to_square_the_saliency_oracle_covers_the_whole_photo(tiny_clip_file):
+    """With LLaVA-1.5's view (the photo on a square of CLIP's mean colour) C sees every pixel: no block of a
+    128×256 photo is left at 0 for being unseen, unlike the centre crop."""
+    import open_clip
+    import torch
+
+    import semantic_allocation
+    from comneck_cli.features import FeatureExtractor
+
+    torch.manual_seed(0)
+    clip = open_clip.create_model(TINY_CLIP, pretrained=None)
+    extractor = FeatureExtractor(clip=clip, k=0, device=torch.device("cpu"), pad_to_square=True)
+    image = np.asarray(Image.open(skimage_photo("astronaut.png")).convert("RGB").resize((256, 128), Image.LANCZOS))
+    importance = semantic_allocation.saliency(image, extractor, 3.0)
+    assert importance[:, :3].max() > 0 and importance[:, 13:].max() > 0 and importance.max() == 1
