@@ -202,7 +202,8 @@ def _gain_map_options(default_fraction: str, default_source: str, sources: tuple
               help="λ of R + λ·255²·MSE. Default: ELIC 0.004/0.008/0.016/0.032, others CompressAI's zoo table.")
 @click.option("--config", "config_json", default=None,
               help="Constructor arguments as JSON (or a JSON file) overriding the quality's, "
-                   "e.g. '{\"N\": 8, \"M\": 12}'.")
+                   "e.g. '{\"N\": 8, \"M\": 12}'. With --init, only a larger M: widens the codec's latent y "
+                   "(mean-scale hyperprior codecs), keeping what it computes.")
 @click.option("--init", type=_FILE, default=None, help="Start from this codec file instead of random weights.")
 @click.option("--warmup-steps", "warmup", type=click.IntRange(0), default=None,
               help="Variable-rate codecs: train the first N steps single-rate at the top level's λ (Kamisli et "

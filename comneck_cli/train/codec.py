@@ -72,7 +72,9 @@ def build_codec(spec: CodecSpec, quality: int, config: dict[str, Any] | None,
     """A trainable CompressAI model (float32, CPU) and its constructor arguments.
 
     From ``init`` (a codec file, or a CompressAI zoo checkpoint) or freshly initialised from the quality
-    table updated with ``config``.
+    table updated with ``config``. With ``init``, a ``config`` that changes only M to a larger width widens the
+    codec's latent, keeping what it computes (:func:`comneck_cli.train.widen.widen_latent`); any other change is
+    refused.
     """
     if init is None:
         kwargs = {**_accepted(spec, spec.qualities[quality or max(spec.qualities)]), **(config or {})}
@@ -85,9 +87,15 @@ def build_codec(spec: CodecSpec, quality: int, config: dict[str, Any] | None,
 
     loaded = load_codec(spec.name, quality or max(spec.qualities), weights=Path(init))
     model, kwargs = loaded.model.cpu(), constructor_config(loaded)
-    if config and any(kwargs.get(k) != v for k, v in config.items()):
+    changed = {k for k, v in (config or {}).items() if kwargs.get(k) != v}
+    if changed == {"M"} and isinstance(config["M"], int) and config["M"] > kwargs.get("M", config["M"]):
+        from comneck_cli.train.widen import widen_latent
+
+        return widen_latent(model, kwargs, config["M"]), {**kwargs, "M": config["M"]}
+    if changed:
         raise ComneckError(f"`config` {json.dumps(config)} contradicts the architecture of `init` {init} "
-                           f"({json.dumps(kwargs)}); drop `config`", params=("config", "init"))
+                           f"({json.dumps(kwargs)}); drop `config`, or give only a larger M to widen it",
+                           params=("config", "init"))
     return model, kwargs
 
 
