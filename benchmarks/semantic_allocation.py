@@ -140,21 +140,14 @@ def clip_features(extractor: "FeatureExtractor", images: list[np.ndarray]) -> tu
         return out.embedding.float().cpu(), out.select(LAYER, "patch").float().cpu()
 
 
-def clip_view(x: "Tensor", size: tuple[int, int], fill: "Tensor | None" = None) -> "Tensor":
-    """(1, 3, H, W) in [0, 1] -> what C sees, resized to ``size``, differentiably.
+def clip_view(x: "Tensor", size: tuple[int, int]) -> "Tensor":
+    """(1, 3, H, W) in [0, 1] -> the centre square C sees, resized to ``size``, differentiably.
 
     The geometry of open_clip's eval transform (``FeatureExtractor.preprocess``: shortest side to the input size,
     bicubic with antialiasing, centre crop); pixels outside the crop get no gradient, as they get no attention from
-    the measurement. With ``fill`` (a (3,) colour in [0, 1]) the image is first centred on a square of that colour,
-    LLaVA-1.5's ``expand2square``, so C sees all of it."""
+    the measurement."""
     import torch.nn.functional as F
 
-    if fill is not None and x.shape[-2] != x.shape[-1]:
-        side = max(x.shape[-2:])
-        canvas = fill.view(1, 3, 1, 1).expand(1, 3, side, side).clone()
-        top, left = (side - x.shape[-2]) // 2, (side - x.shape[-1]) // 2
-        canvas[..., top : top + x.shape[-2], left : left + x.shape[-1]] = x
-        x = canvas
     height, width = x.shape[-2:]
     scale = size[0] / min(height, width)
     resized = (max(size[0], round(height * scale)), max(size[1], round(width * scale)))
@@ -178,7 +171,7 @@ def saliency(image: np.ndarray, extractor: "FeatureExtractor", strength: float, 
     """
     import torch
 
-    from comneck_cli.clip.presets import mean_colour
+    from comneck_cli.clip.presets import expand_to_square, mean_colour
     from comneck_cli.clip.preprocess import ClipPreprocess
     from comneck_cli.coding.semantic import Y_STRIDE
     from comneck_cli.formats import PAD_MULTIPLE
@@ -186,16 +179,17 @@ def saliency(image: np.ndarray, extractor: "FeatureExtractor", strength: float, 
 
     height, width = image.shape[:2]
     prep = ClipPreprocess(extractor.clip)  # C's input size, mean and std
-    x = torch.from_numpy(np.array(image, dtype=np.float32) / 255).permute(2, 0, 1)[None].requires_grad_(True)
-    fill = (torch.tensor(mean_colour(prep.cfg.mean), dtype=torch.float32) / 255) if extractor.pad_to_square else None
-    patches = extractor.tail(extractor.head((clip_view(x, prep.size, fill) - prep.mean) / prep.std), layer=LAYER,
+    seen_image = expand_to_square(image, mean_colour(prep.cfg.mean)) if extractor.pad_to_square else image
+    row, col = (seen_image.shape[0] - height) // 2, (seen_image.shape[1] - width) // 2  # expand2square's offsets
+    x = torch.from_numpy(np.array(seen_image, dtype=np.float32) / 255).permute(2, 0, 1)[None].requires_grad_(True)
+    patches = extractor.tail(extractor.head((clip_view(x, prep.size) - prep.mean) / prep.std), layer=LAYER,
                              embedding=False).select(LAYER, "patch")
     generator = torch.Generator().manual_seed(seed)
     sensitivity = torch.zeros(height, width, dtype=torch.float64)
     for probe in range(probes):
         v = torch.randint(0, 2, patches.shape, generator=generator).float().mul(2).sub(1)
         (grad,) = torch.autograd.grad((patches * v).sum(), x, retain_graph=probe < probes - 1)
-        sensitivity += grad[0].double().pow(2).sum(0) / probes
+        sensitivity += grad[0, :, row : row + height, col : col + width].double().pow(2).sum(0) / probes
     left, right, top, bottom = pad_amounts(height, width, PAD_MULTIPLE)
     padded = np.zeros((height + top + bottom, width + left + right))
     padded[top : top + height, left : left + width] = sensitivity.numpy()
