@@ -19,7 +19,8 @@ LAYERS: list[set[str]] = [
     {"weights", "modelfiles", "hub", "io"},
     {"codecs", "clip", "models"},
     {"coding", "features"},
-    {"train", "eval", "batch"},
+    {"mllm"},
+    {"train", "eval", "batch", "serve"},
     {"cli", "__main__"},
 ]
 LAYER_OF = {unit: level for level, units in enumerate(LAYERS) for unit in units}

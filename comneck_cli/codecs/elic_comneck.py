@@ -188,7 +188,12 @@ class ElicComneck(CompressionModel):
     def forward(self, x: Tensor) -> dict[str, Tensor | dict[str, Tensor]]:
         """The authors' ``forward`` (``noisequant=False``, what their inference feeds the neck): y and z rounded
         around their means with straight-through gradients, likelihoods for the rate term."""
-        y = self.g_a(x)
+        latents = self.latent_forward(self.g_a(x))
+        return {"x_hat": self.g_s(latents["y_hat"]), **latents}
+
+    def latent_forward(self, y: Tensor) -> dict[str, Tensor | dict[str, Tensor]]:
+        """y -> ``y_hat`` and the likelihoods of y and z: :meth:`forward` without the transforms, which training
+        calls to run g_a under its own autocast (``comneck_cli.train.latents``)."""
         z = self.h_a(y)
         _, z_likelihoods = self.entropy_bottleneck(z)
         medians = self.entropy_bottleneck._get_medians()
@@ -204,8 +209,7 @@ class ElicComneck(CompressionModel):
             return torch.where(mine, quantize_ste(y_groups[i] - means) + means, torch.zeros_like(means))
 
         y_hat = self._latents(self.h_s(z_hat), code)
-        return {"x_hat": self.g_s(y_hat), "y_hat": y_hat,
-                "likelihoods": {"y": torch.cat(likelihoods, dim=1), "z": z_likelihoods}}
+        return {"y_hat": y_hat, "likelihoods": {"y": torch.cat(likelihoods, dim=1), "z": z_likelihoods}}
 
     def compress(self, x: Tensor) -> tuple[list[bytes], Tensor]:
         """One image x (1, 3, H, W), H and W multiples of 64 -> (11 strings, y_hat)."""
@@ -258,6 +262,10 @@ class _LatentCodec:
 
     def __init__(self, model: ElicComneck):
         self.model = model
+
+    def __call__(self, y: Tensor) -> dict[str, Tensor | dict[str, Tensor]]:
+        """Training's latent path, as CompressAI's latent codecs are called: y -> y_hat and likelihoods."""
+        return self.model.latent_forward(y)
 
     def compress(self, y: Tensor) -> dict[str, object]:
         strings, y_hat = self.model.code(y)

@@ -8,7 +8,10 @@
   against the true class (§3.4, the warm-up loss).
 - The joint objective of (d2)/(d3) (Table 1), R + λ(γ·d_recon + β·L_dist), with d_recon = MSE(x, x̂)
   on [0, 1] pixels. Default γ = 255² makes β = 0 the codec's own RD loss (same λ); β = γ/60 is the paper's
-  γ:β = 60:1. (d3) has no reconstruction: γ = 0, the same β, so R + λ·β·L_dist.
+  γ:β = 60:1. (d3) has no reconstruction: γ = 0, the same β, so R + λ·β·L_dist. The paper writes (d3) as
+  R + λ·L_dist, but its L_dist has no stated scale and λ is ELIC's (paired with 255²·MSE): with β = 1 the rate term
+  outweighs a feature MSE of about 1e-2 by orders of magnitude, so d3 keeps d2's distillation weight β and
+  differs from d2 only by dropping the reconstruction term. ``beta=1`` is the paper's literal form.
 - ``rank_loss`` (``train vbr``, arXiv 2407.17060's token term): the gap between the spectral entropies (log effective
   ranks, ``token_entropy``) of the decoded image's tokens and the original's.
 """
@@ -25,7 +28,9 @@ from comneck_cli.errors import ComneckError
 
 # λ per quality level: CompressAI's zoo table (MSE models, q1..q8), and ELIC's as the ComNeck paper trains it.
 ZOO_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
-LAMBDAS: dict[str, Sequence[float]] = {"elic2022-official": (0.004, 0.008, 0.016, 0.032)}
+# The ComNeck paper (§4.1) trains its ELIC, the authors' ELIC_LLM (``elic-comneck``), at these four.
+PAPER_ELIC_LAMBDAS = (0.004, 0.008, 0.016, 0.032)
+LAMBDAS: dict[str, Sequence[float]] = {"elic2022-official": PAPER_ELIC_LAMBDAS, "elic-comneck": PAPER_ELIC_LAMBDAS}
 
 PIXEL_SCALE = 255.0**2
 GAMMA = PIXEL_SCALE
