@@ -33,20 +33,22 @@ SUFFIXES = (".png", ".jpg", ".jpeg", ".ppm", ".tif", ".tiff", ".webp")
 
 
 def load_net(path: Path) -> torch.nn.Module:
-    """The codec network of a comneck codec file (.safetensors) or of a `comneck train codec` checkpoint.pt."""
-    from compressai.models.vbr import MeanScaleHyperpriorVbr
+    """The codec network of a comneck codec file (.safetensors) or of a `comneck train codec` checkpoint.pt, of
+    whichever variable-rate architecture it names (mbt2018-mean-vbr, lapped-pca-vbr)."""
+    from comneck_cli.codecs import get_spec
 
     if path.suffix == ".pt":
         state = torch.load(path, map_location="cpu", weights_only=True)
-        config, weights = state["model_config"], state["model"]
+        config, weights, codec = state["model_config"], state["model"], state["config"]["codec"]
     else:
         from safetensors import safe_open
         from safetensors.torch import load_file
 
         with safe_open(str(path), "pt") as f:
-            config = json.loads(f.metadata().get("config", "{}"))
+            meta = f.metadata()
+        config, codec = json.loads(meta.get("config", "{}")), meta.get("codec", "mbt2018-mean-vbr")
         weights = load_file(str(path))
-    net = MeanScaleHyperpriorVbr(**config)
+    net = get_spec(codec).constructor()(**config)
     net.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
     return net.eval()
 

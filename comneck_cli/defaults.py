@@ -21,8 +21,10 @@ CODEC_LEVELS: dict[str, range] = {
     "elic2022-official": range(1, 5),  # the ComNeck paper trains ELIC at λ = 0.004, 0.008, 0.016, 0.032
     "mbt2018-mean-vbr": range(1, 9),
     "elic-comneck": range(1, 5),  # the ComNeck authors' released d{1,2,3}_{1..4} files
+    "lapped-pca-vbr": range(1, 9),
 }
-VARIABLE_RATE_CODECS = ("mbt2018-mean-vbr",)  # one file for every rate: --rate and --bpp-target apply
+VARIABLE_RATE_CODECS = ("mbt2018-mean-vbr", "lapped-pca-vbr")  # one file for every rate: --rate and --bpp-target apply
+FEATURE_SUFFIXES = (".pt", ".safetensors", ".npy")  # what `features -o FILE` writes (features.save_features)
 
 
 def quality_problem(codec: str, quality: int) -> UsageError | None:

@@ -29,7 +29,7 @@ from comneck_cli import coding as api
 from comneck_cli import hub
 from comneck_cli import weights as registry
 from comneck_cli.clip.preprocess import ClipPreprocess
-from comneck_cli.clip.tower import ClipHead, ClipTail, resolve_clip
+from comneck_cli.clip.tower import ClipHead, ClipTail, resolve_clip, weights_entry_name
 from comneck_cli.codecs import Codec
 from comneck_cli.errors import ComneckError, MismatchError, RegistryError, UsageError
 from comneck_cli.formats import Limits, Record, latent_grids
@@ -70,10 +70,17 @@ def _trained_neck(record: Record) -> str:
         scenario = next((e.info.get("scenario") for e in entries
                          if e.kind == "codec" and e.sha256.startswith(digest)), None) or "d{S}"
         how = f"import its release file with `comneck weights import-comneck {scenario}_{record.quality}.pth.tar`"
-    else:
-        how = "train one with `comneck train neck`"
-    raise RegistryError(f"no neck is registered for {record.codec_name} quality {record.quality} codec weights "
-                        f"{digest}; {how}, or pass `neck` FILE", params=("neck",))
+        raise RegistryError(f"no neck is registered for {record.codec_name} quality {record.quality} codec weights "
+                            f"{digest}; {how}, or pass `neck` FILE", params=("neck",))
+    variable = name == f"{record.codec_name}-neck"  # one neck serves every rate: no quality to name
+    what = f"{record.codec_name} records (one neck serves every rate)" if variable else (
+        f"{record.codec_name} quality {record.quality} records")
+    train = f"comneck train neck --codec {record.codec_name}" + ("" if variable else f" -q {record.quality}")
+    raise RegistryError(
+        f"no neck for {what} of codec weights {digest}: the registry has none trained on them and no {name}; pass "
+        f"`neck` FILE, or train one with `{train}`, which distils CLIP ViT-L-14's openai weights (offline: import "
+        f"them first with `comneck weights import {weights_entry_name('ViT-L-14', 'openai')} FILE --kind clip`, or "
+        "train against a random tower with `--clip-tag none`, for trying the pipeline only)", params=("neck",))
 
 
 @dataclass
@@ -104,7 +111,9 @@ class FeatureExtractor:
     @property
     def tail(self) -> ClipTail:
         if not hasattr(self, "_tail"):
-            self._tail = ClipTail(self.clip.visual, self.k)
+            # C' as the neck was trained against it (the authors' released necks: ln_post applied twice)
+            twice = self.info is not None and self.info.ln_post_twice
+            self._tail = ClipTail(self.clip.visual, self.k, ln_post_twice=twice)
         return self._tail
 
     @property
@@ -116,20 +125,23 @@ class FeatureExtractor:
     @classmethod
     def for_neck(cls, neck_path: Path, *, clip_weights: Path | None = None, device="cpu") -> "FeatureExtractor":
         neck, info = load_neck(neck_path, device=device)
-        clip = resolve_clip(info.clip_model, info.clip_tag, clip_weights, device=device)
+        clip = resolve_clip(info.clip_model, info.clip_tag, clip_weights, device=device, seed=info.clip_seed,
+                            owner=f"neck {neck_path}")
         return cls(clip=clip, k=info.k, device=torch.device(device), neck=neck, info=info, neck_path=neck_path)
 
     @classmethod
     def for_clip(cls, model_name: str, tag: str | None, *, clip_weights: Path | None = None, k: int = 0,
-                 device="cpu") -> "FeatureExtractor":
-        clip = resolve_clip(model_name, tag, clip_weights, device=device)
+                 device="cpu", seed: int | None = None, owner: str | None = None) -> "FeatureExtractor":
+        """The tower alone; ``seed``/``owner`` as :func:`resolve_clip` takes them, for a random tower."""
+        clip = resolve_clip(model_name, tag, clip_weights, device=device, seed=seed, owner=owner)
         return cls(clip=clip, k=k, device=torch.device(device), clip_model=model_name, clip_tag=tag)
 
-    def attach_adapter(self, path: Path, codec: Codec) -> None:
-        """Load the decoder adapter A at ``path`` for this extractor's tower C (k = 0: C runs from its first block
-        on E(x_hat) + A(y_hat)), refusing one trained on latents of another codec than ``codec`` (or of other codec
-        weights) or to correct another CLIP's tokens."""
-        adapter, info = load_adapter(path, device=self.device)
+    def attach_adapter(self, path: Path, codec: Codec,
+                       loaded: tuple[DecoderAdapter, AdapterInfo] | None = None) -> None:
+        """Load the decoder adapter A at ``path`` (or take it ``loaded``) for this extractor's tower C (k = 0: C
+        runs from its first block on E(x_hat) + A(y_hat)), refusing one trained on latents of another codec than
+        ``codec`` (or of other codec weights) or to correct another CLIP's tokens."""
+        adapter, info = loaded or load_adapter(path, device=self.device)
         info.check_codec(codec, path)
         info.check_clip(self.clip_model, self.clip_tag, path)
         self.adapter, self.adapter_info = adapter, info
@@ -196,6 +208,15 @@ class FeatureExtractor:
         api.check_record(record, codec)
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """What :meth:`FeatureRunner.resolve` found for one input: the extractor it runs through (neck or decoder adapter
+    with its CLIP, or the tower alone) and the record's codec (None for an image)."""
+
+    extractor: FeatureExtractor
+    codec: Codec | None = None
+
+
 class FeatureRunner:
     """The one feature extractor of ``comneck features`` and ``comneck batch features``: the models of one run,
     loaded once, and the per-input steps.
@@ -204,9 +225,9 @@ class FeatureRunner:
     the decoder adapter's, for ``via`` adapter (None: the registry's ``{codec}-adapter`` of each record's codec), run
     with the tower ``clip_model``/``clip_tag`` it must have been trained for; ``family`` the MLLM preset whose tower
     the necks must feed (``clip.presets``; it only checks, the caller applies the preset's layer, selection and
-    tower). A run is :meth:`prepare` per input (entropy-decode ``y_hat``, or decode through ``g_s``; raises
-    :class:`ComneckError` for that input alone), then :meth:`compute`: one batched forward per (extractor, latent
-    grid) group.
+    tower). A run is, per input, :meth:`resolve` (the one step that finds and checks every model it needs) and
+    :meth:`prepare` (entropy-decode ``y_hat``, or decode through ``g_s``), each raising :class:`ComneckError` for
+    that input alone, then :meth:`compute`: one batched forward per (extractor, latent grid) group.
     """
 
     def __init__(self, *, via: str = "neck", neck: str | Path | None = None, layer: int = -2, select: str = "patch",
@@ -224,57 +245,87 @@ class FeatureRunner:
         self.cache = api.CodecCache(device, weights)
         self._extractors: dict[object, FeatureExtractor] = {}
 
-    def extractor_for(self, record: Record | None = None) -> FeatureExtractor:
-        """The extractor of a record (its neck's, or its codec's adapter's) or, for the reference paths without a
-        neck, the full tower's."""
+    def resolve(self, payload: Record | np.ndarray | None = None) -> Resolved:
+        """Everything one input needs, in one step, before anything is decoded or computed: the record's codec, the
+        neck or decoder adapter its codec weights call for, and the CLIP tower, each loaded once per run and checked
+        against the record (codec, quality, weights, token limit). A record that cannot be served raises
+        :class:`ComneckError` for that input alone. ``payload`` is a record, or an image (or None) for ``via``
+        uncompressed, whose only model is the tower."""
+        codec = None if self.via == "uncompressed" else self.cache.for_record(payload)
         if self.via == "adapter":
-            return self._adapter_extractor(record)
-        if self.via == "neck" or self.neck is not None:
-            path = resolve_neck(self.neck, record)
-            if path not in self._extractors:
-                extractor = FeatureExtractor.for_neck(path, clip_weights=self.clip_weights, device=self.device)
-                if self.family is not None and extractor.info.clip_model != self.clip_model:
-                    raise MismatchError(
-                        f"neck {path} was trained for CLIP {extractor.info.clip_model}, but `family` {self.family} "
-                        f"reads {self.clip_model}; use a neck trained for {self.clip_model}", params=("family",))
-                extractor.pad_to_square = self.pad_to_square
-                self._extractors[path] = extractor
-            return self._extractors[path]
-        return self._tower()
+            return Resolved(self._adapter_extractor(codec), codec)
+        if self.via == "neck" or self.neck is not None:  # a reference path with `neck` runs the neck's CLIP
+            extractor = self._neck_extractor(resolve_neck(self.neck, None if codec is None else payload))
+            if self.via == "neck":
+                extractor.check(payload, codec)
+            return Resolved(extractor, codec)
+        return Resolved(self._tower(), codec)
 
-    def _tower(self) -> FeatureExtractor:
-        """The full tower C of ``clip_model``/``clip_tag`` (``clip_weights``), loaded once per run."""
-        if None not in self._extractors:
-            extractor = FeatureExtractor.for_clip(self.clip_model, self.clip_tag, clip_weights=self.clip_weights,
-                                                  device=self.device)
+    def extractor_for(self, record: Record | None = None) -> FeatureExtractor:
+        """The extractor of a record (:meth:`resolve`) or, for the reference paths without a neck, the tower's."""
+        return self.resolve(record).extractor
+
+    def _neck_extractor(self, path: Path) -> FeatureExtractor:
+        """The neck at ``path`` and the CLIP it was trained for, loaded once per run."""
+        if path not in self._extractors:
+            extractor = FeatureExtractor.for_neck(path, clip_weights=self.clip_weights, device=self.device)
+            if self.family is not None and extractor.info.clip_model != self.clip_model:
+                raise MismatchError(
+                    f"neck {path} was trained for CLIP {extractor.info.clip_model}, but `family` {self.family} "
+                    f"reads {self.clip_model}; use a neck trained for {self.clip_model}", params=("family",))
             extractor.pad_to_square = self.pad_to_square
-            self._extractors[None] = extractor
-        return self._extractors[None]
+            self._extractors[path] = extractor
+        return self._extractors[path]
 
-    def _adapter_extractor(self, record: Record) -> FeatureExtractor:
-        """The full tower with the record's adapter (``adapter``, else its codec's registry adapter) attached,
-        checked against the record's codec weights; the tower is loaded once for every adapter of the run."""
-        codec = self.cache.for_record(record)
+    def _tower(self, seed: int | None = None, owner: str | None = None) -> FeatureExtractor:
+        """The full tower C of ``clip_model``/``clip_tag`` (``clip_weights``), loaded once per run; a random tower
+        (tag none) is the one ``seed`` draws, as the model trained against it (``owner``) recorded it."""
+        key = None if seed is None else ("random tower", seed)
+        if key not in self._extractors:
+            extractor = FeatureExtractor.for_clip(self.clip_model, self.clip_tag, clip_weights=self.clip_weights,
+                                                  device=self.device, seed=seed, owner=owner)
+            extractor.pad_to_square = self.pad_to_square
+            self._extractors[key] = extractor
+        return self._extractors[key]
+
+    def _adapter_extractor(self, codec: Codec) -> FeatureExtractor:
+        """The full tower with the adapter of a record's ``codec`` (``adapter``, else its codec's registry adapter)
+        attached, checked against the codec weights; the tower is loaded once for every adapter of the run."""
         path = resolve_adapter(self.adapter, codec)
         if path not in self._extractors:
-            tower = FeatureExtractor(clip=self._tower().clip, k=0, device=torch.device(self.device),
-                                     clip_model=self.clip_model, clip_tag=self.clip_tag,
-                                     pad_to_square=self.pad_to_square)
-            tower.attach_adapter(path, codec)
+            loaded = load_adapter(path, device=self.device)
+            loaded[1].check_clip(self.clip_model, self.clip_tag, path)  # before a tower it cannot use is loaded
+            clip = self._tower(loaded[1].clip_seed, owner=f"adapter {path}").clip
+            tower = FeatureExtractor(clip=clip, k=0, device=torch.device(self.device), clip_model=self.clip_model,
+                                     clip_tag=self.clip_tag, pad_to_square=self.pad_to_square)
+            tower.attach_adapter(path, codec, loaded)
             self._extractors[path] = tower
             return tower
         self._extractors[path].check_adapter(codec)  # another record of the run may be of another codec
         return self._extractors[path]
 
-    def prepare(self, payload: Record | np.ndarray) -> tuple[FeatureExtractor, Tensor | np.ndarray]:
+    def feature_shape(self, resolved: Resolved, payload: Record | np.ndarray | None = None) -> tuple[int, ...]:
+        """The shape of one input's features (no batch dim), from the record's header alone: on the neck path the
+        token count is the record's latent grid (``formats.latent_grids``: the image padded to a multiple of 64,
+        over 16), on the others CLIP's own grid, since its preprocessing resizes every image to the tower's input."""
+        visual = resolved.extractor.clip.visual
+        width = visual.transformer.width
+        embedding = width if visual.proj is None else visual.proj.shape[1]
+        rows, cols = latent_grids(payload.height, payload.width)[0] if self.via == "neck" else visual.grid_size
+        tokens = rows * cols
+        return {"patch": (tokens, width), "cls": (width,), "all": (1 + tokens, width), "pooled": (embedding,),
+                "projected": (1 + tokens, embedding)}[self.select]
+
+    def prepare(self, payload: Record | np.ndarray, resolved: Resolved | None = None
+                ) -> tuple[FeatureExtractor, Tensor | np.ndarray]:
         """A record (an image for ``uncompressed``) -> (its extractor, ``y_hat``, the image to run C on, or for
-        ``adapter`` the layer-0 tokens E(x_hat) + A(y_hat))."""
+        ``adapter`` the layer-0 tokens E(x_hat) + A(y_hat)); ``resolved`` is its :meth:`resolve`, found here when
+        not given."""
+        resolved = resolved or self.resolve(payload)
+        extractor, codec = resolved.extractor, resolved.codec
         if self.via == "uncompressed":
-            return self.extractor_for(None), payload
-        codec = self.cache.for_record(payload)
-        extractor = self.extractor_for(payload)
+            return extractor, payload
         if self.via == "neck":
-            extractor.check(payload, codec)
             return extractor, api.decode_latents(payload, codec)
         if self.via == "adapter":
             return extractor, extractor.adapted(*api.decode_with_latents(payload, codec))
@@ -355,9 +406,9 @@ def save_features(tensor: Tensor, path: Path | None, meta: dict[str, str], *, fo
         torch.save({"features": tensor, "metadata": dict(meta)}, buffer)
         data = buffer.getvalue()
     elif suffix == ".safetensors":
-        from safetensors.torch import save
+        from comneck_cli.modelfiles import safetensors_bytes
 
-        data = save({"features": tensor}, metadata=dict(meta))
+        data = safetensors_bytes({"features": tensor}, meta)  # the same bytes on every run
     elif suffix == ".npy":
         buffer = io.BytesIO()
         np.save(buffer, tensor.numpy())

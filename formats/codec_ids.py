@@ -21,6 +21,7 @@ CODEC_IDS: dict[str, int] = {
     "mbt2018-mean-vbr": 12,
     "mbt2018-vbr": 13,
     "elic-comneck": 14,
+    "lapped-pca-vbr": 15,
 }
 
 CODEC_NAMES: dict[int, str] = {codec_id: name for name, codec_id in CODEC_IDS.items()}

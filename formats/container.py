@@ -16,7 +16,7 @@ import json
 import operator
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -422,14 +422,34 @@ def _read_side(reader: _RecordReader, name: str, limits: Limits) -> int:
     return value
 
 
-def _read(stream: BinaryIO, limits: Limits) -> tuple[Record, int] | None:
+def _read(stream: BinaryIO, limits: Limits, *, keep_going: bool = False) -> tuple[Record | CnkError, int] | None:
     """One record and its size in bytes, or ``None`` at a clean end of stream.
 
     Only what framing depends on is refused before the CRC is checked (magic, major version,
     reserved flags, varint form, limits); everything else is checked after, so damage in transfer is
     reported as damage ("CRC mismatch") rather than as whatever the damaged byte happens to mean.
+    With ``keep_going``, a record read to its end but refused after that (CRC, content) is returned as its
+    error instead of raised: the stream stands at the next record.
     """
     reader = _RecordReader(stream)
+    try:
+        record = _read_record(reader, stream, limits)
+    except _Framed as framed:
+        if keep_going:
+            return framed.error, reader.pos
+        raise framed.error from None
+    return None if record is None else (record, reader.pos)
+
+
+class _Framed(Exception):
+    """A record read to its end (CRC included) whose content is refused."""
+
+    def __init__(self, error: CnkError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _read_record(reader: _RecordReader, stream: BinaryIO, limits: Limits) -> Record | None:
     magic = reader.exact(1, eof_ok=True)
     if magic is None:
         return None
@@ -482,6 +502,17 @@ def _read(stream: BinaryIO, limits: Limits) -> tuple[Record, int] | None:
     strings = tuple(reader.exact(length) for length in lengths)
     computed = reader.crc
     stored = int.from_bytes(reader.exact(CRC_BYTES, checksum=False), "big")
+    try:
+        return _checked(stored, computed, flags, sections, section_count, codec_id, quality, digest, height, width,
+                        strings, major, minor)
+    except CnkError as exc:
+        raise _Framed(exc) from None
+
+
+def _checked(stored: int, computed: int, flags: int, sections: list[tuple[int, bytes]], section_count: int | None,
+             codec_id: int, quality: int, digest: bytes, height: int, width: int, strings: tuple[bytes, ...],
+             major: int, minor: int) -> Record:
+    """The record of framed bytes, once its CRC and content check out."""
     if stored != computed:
         raise CnkError("corrupt .cnk record (CRC mismatch): the file was damaged in transfer or storage")
 
@@ -516,7 +547,7 @@ def _read(stream: BinaryIO, limits: Limits) -> tuple[Record, int] | None:
                         unknown_sections=tuple(unknown), version=(major, minor))
     except CnkError as exc:
         raise _within("invalid .cnk record", exc) from None
-    return record, reader.pos
+    return record
 
 
 def read_record(stream: BinaryIO, limits: Limits | None = None) -> Record | None:
@@ -530,19 +561,29 @@ def read_record(stream: BinaryIO, limits: Limits | None = None) -> Record | None
     return None if found is None else found[0]
 
 
-def iter_records(stream: BinaryIO, limits: Limits | None = None) -> Iterator[Record]:
-    """Yield every record of a stream in order; an error names the record (1-based) and its byte offset."""
+def iter_records(stream: BinaryIO, limits: Limits | None = None, *,
+                 on_damaged: Callable[[CnkError], None] | None = None) -> Iterator[Record]:
+    """Yield every record of a stream in order, reading one record at a time; an error names the record (1-based)
+    and its byte offset.
+
+    With ``on_damaged``, a record that was read to its end but is refused (CRC mismatch, invalid content) is passed
+    to it and the records after it are still read; damage to the framing itself (magic, sizes) ends the stream
+    with the error, as without it.
+    """
     limits = limits if limits is not None else Limits.from_env()
     number, offset = 1, 0
     while True:
         try:
-            found = _read(stream, limits)
+            found = _read(stream, limits, keep_going=on_damaged is not None)
         except CnkError as exc:
             raise _within(f"record {number} (at byte {offset})", exc) from None
         if found is None:
             return
         record, size = found
-        yield record
+        if isinstance(record, CnkError):
+            on_damaged(_within(f"record {number} (at byte {offset})", record))
+        else:
+            yield record
         number, offset = number + 1, offset + size
 
 

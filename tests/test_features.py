@@ -67,7 +67,9 @@ def test_neck_features_equal_the_library_computation(cnk, common, tmp_path, neck
 
 
 def test_synthesis_transform_never_runs(cnk, common, tmp_path, monkeypatch):
-    real = api.load_codec
+    from comneck_cli import codecs
+
+    real = codecs.load_codec
 
     class Forbidden(torch.nn.Module):
         def forward(self, *args):
@@ -78,7 +80,7 @@ def test_synthesis_transform_never_runs(cnk, common, tmp_path, monkeypatch):
         codec.model.g_s = Forbidden()
         return codec
 
-    monkeypatch.setattr(api, "load_codec", without_g_s)
+    monkeypatch.setattr(codecs, "load_codec", without_g_s)  # where CodecCache loads each record's codec
     r = run("features", *cnk, "-o", tmp_path / "f.safetensors", *common)
     assert r.exit_code == 0, r.stderr
     # The reference path really does go through g_s.

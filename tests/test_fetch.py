@@ -153,7 +153,7 @@ def test_fetch_release_downloads_resumes_and_imports(serve, tmp_path, monkeypatc
 
     assert entry.info["release_sha256"] == hashlib.sha256(data).hexdigest()
     assert registry.lookup("elic-comneck-q3-d2-neck").info["codec_digest"] == entry.sha256[:8]
-    assert not list(downloads_dir().iterdir())  # the download is gone once imported
+    assert not downloads_dir().exists()  # the download is gone once imported, and its emptied folder too (#32.9)
 
 
 def _zoo_file(tmp_path):

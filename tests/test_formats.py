@@ -176,7 +176,8 @@ def test_spec_example_matches_the_code():
 
 
 def test_codec_table_and_latent_grids():
-    assert len(CODEC_IDS) == 14 and CODEC_IDS["elic2022-official"] == 9 and CODEC_IDS["elic-comneck"] == 14
+    assert len(CODEC_IDS) == 15 and CODEC_IDS["elic2022-official"] == 9 and CODEC_IDS["elic-comneck"] == 14
+    assert CODEC_IDS["lapped-pca-vbr"] == 15  # issue #34
     assert all(CODEC_NAMES[i] == n for n, i in CODEC_IDS.items())
     assert codec_name(10) == "elic2022-chandelier" and codec_name(200) is None
     assert unpack(pack(Record(200, 1, DIGEST, 1, 1, (b"",)))).codec_name is None  # unknown id: read, not refused

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import pty
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -173,19 +170,7 @@ def test_help_texts_say_what_each_command_does():
         assert "g_a" not in run(command, "--help").stdout
 
 
-@pytest.mark.parametrize("args,what", [(["encode", "-", "-o", "-"], ".cnk records"), (["decode", "-"], "PNG images")])
-def test_binary_output_to_a_terminal_is_refused(args, what, tmp_path):
-    leader, follower = pty.openpty()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "comneck_cli", *args], stdin=subprocess.DEVNULL,
-                              stdout=follower, stderr=subprocess.PIPE, text=True, timeout=120,
-                              env={**os.environ, "COMNECK_HOME": str(tmp_path)})
-    finally:
-        os.close(follower)
-        os.close(leader)
-    assert proc.returncode == 1
-    assert proc.stderr == (f"comneck: error: refusing to write {what} to a terminal; redirect stdout "
-                           "(> FILE or | COMMAND) or pass -o FILE\n")
+# A terminal as stdout is a usage error since issue #32: tests/test_new_user_c.py.
 
 
 def test_a_truncated_record_counts_every_missing_byte(tmp_path, photo, mbt):

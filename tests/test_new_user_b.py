@@ -100,8 +100,9 @@ def test_an_existing_or_unwritable_output_is_refused_before_loading(photo, tmp_p
     assert r.exit_code == 1 and r.stderr == f"comneck: error: {exists}\n"
     assert (tmp_path / "x.cnk").read_bytes() == b"keep"
     monkeypatch.setattr(features.FeatureExtractor, "for_clip", no_model)
-    r = run("features", photo, "--via", "uncompressed", "-o", tmp_path / "x.cnk")
-    assert r.exit_code == 1 and r.stderr == f"comneck: error: {exists}\n"
+    (tmp_path / "x.pt").write_bytes(b"keep")  # a features file type: x.cnk is a usage error first (#32.4)
+    r = run("features", photo, "--via", "uncompressed", "-o", tmp_path / "x.pt")
+    assert r.exit_code == 1 and r.stderr == f"comneck: error: {exists.replace('x.cnk', 'x.pt')}\n"
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:

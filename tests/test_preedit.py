@@ -1,4 +1,4 @@
-"""The pre-editing module P: shapes and range, start near the identity, guidance tokens, its file format."""
+"""The pre-editing module P: shapes and range, start as the identity, guidance tokens, its file format."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_tokens_come_from_the_asked_layers(tiny_clip):
 
 
 @pytest.mark.parametrize("size", [(64, 64), (75, 131)])
-def test_output_keeps_size_and_range_and_starts_near_identity(tiny_clip, size):
+def test_output_keeps_size_and_range_and_starts_as_identity(tiny_clip, size):
     from comneck_cli.models.preedit import ClipTokens, PreEditor
 
     torch.manual_seed(0)
@@ -45,15 +45,10 @@ def test_output_keeps_size_and_range_and_starts_near_identity(tiny_clip, size):
     editor = PreEditor(tokens.width, (1, 2), channels=8)
     x = torch.rand(2, 3, *size)
     with torch.no_grad():
+        assert torch.equal(editor(x, tokens.grids(tokens(x))), x)  # r starts at zero
+        editor.out.bias.fill_(5.0)  # a residual that pushes every pixel out of range is clamped
         edited = editor(x, tokens.grids(tokens(x)))
-    assert edited.shape == x.shape and edited.min() >= 0 and edited.max() <= 1
-    assert (edited - x).abs().mean() < 0.02 * (x - x.mean()).abs().mean() + 0.01  # w_0 ≈ 0.96: a light touch
-    # Pushing every pixel to the coarsest smoothing flattens the image: P can only remove detail.
-    with torch.no_grad():
-        editor.out.bias.copy_(torch.tensor([-20.0, -20.0, 20.0]))
-        flat = editor(x, tokens.grids(tokens(x)))
-    assert flat.min() >= 0 and flat.max() <= 1
-    assert flat.diff(dim=-1).abs().mean() < 0.3 * x.diff(dim=-1).abs().mean()
+    assert edited.shape == x.shape and torch.equal(edited, torch.ones_like(x))
 
 
 def test_file_round_trip_and_checks(tiny_clip, tmp_path):
@@ -61,14 +56,14 @@ def test_file_round_trip_and_checks(tiny_clip, tmp_path):
     from comneck_cli.models.preedit import PREEDIT_KIND, PreEditInfo, PreEditor, load_preedit, save_preedit
 
     torch.manual_seed(1)
-    editor = PreEditor(64, (1, 2), channels=8, smooth=(2, 8))
+    editor = PreEditor(64, (1, 2), channels=8, scales=2)
     with torch.no_grad():
         editor.out.weight.normal_()
     info = PreEditInfo(codec="mbt2018-mean-vbr", codec_digest="0123abcd", clip_model=TINY_CLIP, clip_tag="test")
     path = tmp_path / "p.safetensors"
     save_preedit(editor, path, info)
     loaded, read = load_preedit(path)
-    assert read.config == {"clip_width": 64, "layers": [1, 2], "channels": 8, "smooth": [2, 8]}
+    assert read.config == {"clip_width": 64, "layers": [1, 2], "channels": 8, "scales": 2}
     assert (read.codec, read.codec_digest, read.clip_model) == ("mbt2018-mean-vbr", "0123abcd", TINY_CLIP)
     assert all(torch.equal(a, b) for a, b in zip(editor.state_dict().values(), loaded.state_dict().values()))
     registry.import_file("p", path, PREEDIT_KIND)

@@ -121,14 +121,15 @@ def test_wordnet_id_folders_get_open_clips_imagenet_names_and_its_80_templates(i
 
 
 def test_resized_centre_crops_are_the_authors_protocol():
-    """Short side to the crop size (bicubic), then the centre square: the same every epoch, the whole short side."""
+    """Short side to the crop size (bicubic here; the long side truncated as torchvision does), then the centre square:
+    the same every epoch, the whole short side."""
     from PIL import Image
 
     from comneck_cli.train.data import resize_centre_crop
 
     image = np.random.default_rng(0).integers(0, 256, (300, 451, 3), dtype=np.uint8)
     x = resize_centre_crop(image, 256)
-    expected = np.asarray(Image.fromarray(image).resize((385, 256), Image.BICUBIC))[:, 64:320]
+    expected = np.asarray(Image.fromarray(image).resize((384, 256), Image.BICUBIC))[:, 64:320]  # 451·256/300 truncated
     assert x.shape == (3, 256, 256)
     assert torch.equal(x, torch.from_numpy(expected.copy()).permute(2, 0, 1).float() / 255)
 

@@ -129,7 +129,7 @@ def test_the_trainer_warms_up_on_the_shallow_term_with_importance_weights(vbr_co
     monkeypatch.setattr(training, "reconstruct", coded)
     cfg = training.AdapterTrainConfig(codec="mbt2018-mean-vbr", weights=vbr_codec_file, clip_model=TINY_CLIP,
                                       clip_tag="none", clip_weights=tiny_clip_file, rates=(3.0, 3.0),
-                                      warmup_epochs=1.0, steps=4, batch_size=2, data=data, register=None,
+                                      gain_maps=0.0, warmup_epochs=1.0, steps=4, batch_size=2, data=data, register=None,
                                       output=tmp_path / "a.safetensors", quiet=True, device="cpu",
                                       run_dir=tmp_path / "run")
     result = training.train_adapter(cfg)

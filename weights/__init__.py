@@ -34,11 +34,14 @@ __all__ = [
     "import_file",
     "lookup",
     "resolve",
+    "retired_codec",
+    "Shipped",
     "user_dir",
 ]
 
 _SHIPPED_DIR = Path(__file__).resolve().parent
 _MANIFEST = "manifest.json"
+_SHIPPED = "shipped.json"  # every default codec file that has shipped, the retired ones included (issue #34)
 _ENTRY_FIELDS = {"file", "sha256", "kind", "info"}
 # A name becomes a file name (NAME + suffix): letters, digits, '-', '_' and '.', short enough for any file system.
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
@@ -186,6 +189,38 @@ def import_file(name: str, source: Path, kind: str, info: dict[str, Any] | None 
     except OSError as exc:
         raise _unwritable(folder, exc) from None
     return entry
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A codec file comneck once shipped as its default: the commit whose ``file`` (a path in the repository)
+    holds it, so a record coded with it can be decoded after the default changed."""
+
+    name: str
+    codec: str
+    file: str
+    sha256: str
+    commit: str
+
+    def restore(self) -> str:
+        """One sentence: the command that brings the file back, and how to decode with it (``weights``)."""
+        local = f"{self.name}-{self.sha256[:8]}{Path(self.file).suffix}"
+        return (f"comneck's default {self.name} from commit {self.commit[:12]}, no longer shipped; in a clone of "
+                f"comneck's repository run `git show {self.commit[:12]}:{self.file} > {local}` and pass `weights` "
+                f"{local}")
+
+
+def retired_codec(digest: str) -> Shipped | None:
+    """The default codec file that once shipped and whose sha256 begins with ``digest`` (hex, a record's weights
+    digest), when no registered codec has that digest any more; None otherwise (unknown, or still registered)."""
+    if any(e.kind == "codec" and e.sha256.startswith(digest) for e in entries().values()):
+        return None
+    try:
+        table = json.loads((_SHIPPED_DIR / _SHIPPED).read_text(encoding="utf-8"))["defaults"]
+        found = [Shipped(**{k: row[k] for k in ("name", "codec", "file", "sha256", "commit")}) for row in table]
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a packaging fault: named, never a traceback
+        raise WeightsError(f"the table of shipped codecs {_SHIPPED_DIR / _SHIPPED} is damaged ({exc})") from exc
+    return next((s for s in found if s.sha256.startswith(digest)), None)
 
 
 def _unwritable(folder: Path, exc: OSError) -> WeightsError:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from comneck_cli.errors import ComneckError
-from comneck_cli.io.outputs import Report, is_dir_target, without_clashes
+from comneck_cli.io.outputs import Report, is_dir_target, refuse_input, without_clashes
 
 if TYPE_CHECKING:
     from comneck_cli.formats import Limits
@@ -25,16 +25,28 @@ def extract_features(inputs: Sequence[str], output: str, runner: FeatureRunner, 
     from comneck_cli.features import save_features
 
     to_dir = is_dir_target(output)
+    if not to_dir:
+        refuse_input(Path(output), inputs)  # before anything is read or loaded
     items = read_inputs(inputs, report, images=runner.via == "uncompressed", limits=limits)
     if to_dir:
-        items = without_clashes(items, lambda item: (item[0], [Path(output) / f"{item[1]}.{fmt}"]), report)
+        items = without_clashes(items, lambda item: (item[0], [Path(output) / f"{item[1]}.{fmt}"]), report,
+                                inputs=inputs)
     advance = stepper(on_progress, len(items))
+    resolved = []  # (position, item, Resolved): every model an input needs, found before any compute
+    for position, item in enumerate(items):
+        try:
+            resolved.append((position, item, runner.resolve(item[3])))
+        except ComneckError as exc:
+            report.fail(item[0], exc)
+            advance()
+    if not to_dir:
+        check_one_shape([(item[0], runner.feature_shape(found, item[3])) for _, item, found in resolved])
     results: list = []  # (position, label, stem, tensor, metadata)
-    for start in range(0, len(items), batch_size):
+    for start in range(0, len(resolved), batch_size):
         prepared, kept = [], []  # (extractor, y_hat or image), and the item of each
-        for position, item in enumerate(items[start : start + batch_size], start=start):
+        for position, item, found in resolved[start : start + batch_size]:
             try:
-                prepared.append(runner.prepare(item[3]))
+                prepared.append(runner.prepare(item[3], found))
                 kept.append((position, item))
             except ComneckError as exc:
                 report.fail(item[0], exc)
@@ -55,11 +67,20 @@ def extract_features(inputs: Sequence[str], output: str, runner: FeatureRunner, 
             except ComneckError as exc:
                 report.fail(label, exc)
     elif results:
-        shapes = {tuple(r[3].shape) for r in results}
-        if len(shapes) > 1:
-            raise ComneckError(f"inputs give features of different shapes {sorted(shapes)}; write them to a folder "
-                               "(`output` DIR/)", params=["output"])
         import torch
 
         meta = dict(results[0][4], source=",".join(r[1] for r in results))
         save_features(torch.stack([r[3] for r in results]), Path(output), meta, force=force)
+
+
+def check_one_shape(shapes: Sequence[tuple[str, tuple[int, ...]]]) -> None:
+    """Refuse, before any compute, inputs whose features cannot be stacked into one tensor: ``shapes`` holds each
+    input's label and feature shape in input order; the error names the first input of each shape."""
+    first: dict[tuple[int, ...], str] = {}
+    for label, shape in shapes:
+        first.setdefault(shape, label)
+    if len(first) > 1:
+        listed = ", ".join(f"{label} {shape}" for shape, label in first.items())
+        raise ComneckError(f"inputs give features of different shapes ({listed}): the neck's token count follows "
+                           "each record's image size; write them to a folder (`output` DIR/), or encode images of "
+                           "one size", params=["output"])

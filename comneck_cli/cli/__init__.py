@@ -13,7 +13,9 @@ from comneck_cli.cli.codecs_commands import codecs_command, complexity
 from comneck_cli.cli.coding_commands import decode, encode, info
 from comneck_cli.cli.eval_commands import eval_command
 from comneck_cli.cli.features_commands import features
+from comneck_cli.cli.mllm_commands import ask
 from comneck_cli.cli.plumbing import flag
+from comneck_cli.cli.serve_commands import serve
 from comneck_cli.cli.train_commands import train
 from comneck_cli.cli.weights_commands import weights_group
 
@@ -27,8 +29,9 @@ def main() -> None:
 
 
 for command in (encode, decode, features, info, complexity, codecs_command, weights_group, train, eval_command,
-                batch):
+                batch, ask):
     main.add_command(command)
+main.add_command(serve)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -114,7 +114,7 @@ def batch() -> None:
 
 
 @batch.command("encode")
-@click.option("-q", "--quality", type=click.IntRange(1, 255), default=3, show_default=True,
+@click.option("-q", "--quality", type=int, default=3, show_default=True,
               help="Codec quality level (higher = more bits); the codec's range is checked.")
 @click.option("--codec", type=CODEC_CHOICE, default=DEFAULT_CODEC, show_default=True,
               help="Codec name (see `comneck codecs`).")

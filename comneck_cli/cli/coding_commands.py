@@ -10,16 +10,16 @@ from pathlib import Path
 
 import click
 
-from comneck_cli.cli.options import CODEC_CHOICE, check_codec_usage, common_options, guidance_options
-from comneck_cli.cli.plumbing import Run, progress, quiet_imports
+from comneck_cli.cli.options import CODEC_CHOICE, check_codec_usage, check_output, common_options, guidance_options
+from comneck_cli.cli.plumbing import Run, flag, progress, quiet_imports
 from comneck_cli.defaults import DEFAULT_CODEC
 from comneck_cli.errors import ComneckError
-from comneck_cli.io.outputs import NO_RECORDS, STDIO, check_target, is_dir_target, refuse_terminal
+from comneck_cli.io.outputs import NO_RECORDS, STDIO, read_problem
 
 
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=str, allow_dash=True))
-@click.option("-q", "--quality", type=click.IntRange(1, 255), default=3, show_default=True,
+@click.option("-q", "--quality", type=int, default=3, show_default=True,
               help="Codec quality level (higher = more bits); the codec's range is checked.")
 @click.option("--codec", type=CODEC_CHOICE, default=DEFAULT_CODEC, show_default=True,
               help="Codec name (see `comneck codecs`).")
@@ -47,10 +47,8 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
     """
     check_codec_usage(codec, quality, rate, bpp_target)
     limits = run.limits()  # a malformed COMNECK_MAX_PIXELS fails the run once, not each input
-    if output not in (None, STDIO) and not is_dir_target(output):
-        check_target(Path(output), run.force)  # before torch and the model, not after them
-    if output == STDIO or (output is None and STDIO in images):
-        refuse_terminal(".cnk records")
+    check_output(output, run.force, what=".cnk records",
+                 to_stdout=output == STDIO or (output is None and STDIO in images), inputs=images)
     quiet_imports()
     from comneck_cli import coding as api
     from comneck_cli.codecs import get_spec
@@ -83,8 +81,11 @@ def encode(run: Run, images: tuple[str, ...], quality: int, codec: str, weights:
 @common_options
 def decode(run: Run, files: tuple[str, ...], output: str | None, weights: str | None) -> None:
     """Reconstruct images from .cnk FILES (or - for stdin) through the synthesis transform g_s."""
-    if output == STDIO or (output is None and STDIO in files):
-        refuse_terminal("PNG images")  # before torch and the models load
+    from comneck_cli.io.images import WRITE_FORMATS
+
+    to_stdout = output == STDIO or (output is None and STDIO in files)
+    check_output(output, run.force, suffixes=WRITE_FORMATS, what="PNG images" if to_stdout else "images",
+                 to_stdout=to_stdout, one_file=False)  # a stream's records get numbered names: checked as written
     quiet_imports()
     from comneck_cli import coding as api
     from comneck_cli.coding.files import decode_files
@@ -100,15 +101,23 @@ def decode(run: Run, files: tuple[str, ...], output: str | None, weights: str | 
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def info(files: tuple[str, ...], as_json: bool, debug: bool) -> None:
     """Show the header of each record in .cnk FILES: codec, size, strings, payload, overhead, bpp."""
+    from comneck_cli import weights as registry
     from comneck_cli.formats import CnkError, iter_records, pack
 
     run = Run(debug=debug)
     rows = []
     for source in files:
-        before = len(rows)
+        number = 0  # records of the stream read so far, damaged ones included, so that numbers match decode's
+
+        def damaged(exc: CnkError, source: str = source) -> None:
+            nonlocal number
+            number += 1
+            run.fail(source, exc)  # as decode reports it ("record 2 (at byte N): ..."), and the others go on
+
         try:
             with nullcontext(sys.stdin.buffer) if source == STDIO else open(source, "rb") as f:
-                for number, record in enumerate(iter_records(f), start=1):
+                for record in iter_records(f, on_damaged=damaged):
+                    number += 1
                     total = len(pack(record))
                     rows.append({
                         "file": source,
@@ -130,10 +139,14 @@ def info(files: tuple[str, ...], as_json: bool, debug: bool) -> None:
                         "metadata": record.metadata,
                         "importance_map_bytes": len(record.importance_map or b""),
                     })
-            if len(rows) == before:
+                    if (old := registry.retired_codec(record.weights_digest.hex())) is not None:  # issue #34
+                        restore = old.restore().replace("`weights`", flag("weights"))
+                        run.warn(f"{source} record {number} was coded with codec weights "
+                                 f"{record.weights_digest.hex()}, {restore}")
+            if not number:
                 raise CnkError(NO_RECORDS)
-        except (CnkError, OSError) as exc:
-            msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        except (CnkError, OSError, ComneckError) as exc:  # ComneckError: a damaged table of shipped codecs
+            msg = read_problem(exc) if isinstance(exc, OSError) else str(exc)
             run.fail(source, ComneckError(msg, params=getattr(exc, "params", ())))  # --max-pixels, not `max_pixels`
     if as_json:
         click.echo(json.dumps(rows, indent=2))

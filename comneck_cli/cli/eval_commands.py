@@ -106,6 +106,16 @@ def _methods(ctx, param, value: str | None) -> tuple[str, ...] | None:
 @click.option("--classes", type=_FILE, default=None,
               help="Class names: one per line in sorted folder order, or 'FOLDER NAME' lines. Default: folder names.")
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, help="Zero-shot prompt; {} is the class name.")
+@click.option("--mllm", "mllm", default=None,
+              help="Also ask this LLaVA checkpoint (folder or cached hub id, as `comneck ask --mllm`) every prompt "
+                   "of --prompts about each image and each method's result: answer agreement and next-token KL "
+                   "against its answers about the original image.")
+@click.option("--prompts", type=_FILE, default=None,
+              help="With --mllm: a text file of prompts, one a line (blank lines skipped).")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="With --mllm: longest greedy answer, in tokens.")
+@click.option("--dtype", "mllm_dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              show_default="bf16 on CUDA, fp32 on the CPU", help="With --mllm: the MLLM's weights and activations.")
 @click.option("--batch-size", type=click.IntRange(1, 4096), default=8, show_default=True,
               help="Images per chunk (CLIP runs batched over a chunk).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -120,7 +130,8 @@ def eval_command(data: Path, output: Path, codec: str, qualities: tuple[int, ...
                  weights: str | None, neck: str | None, neck_weights: str | None, postprocess: str | None,
                  adapter: str | None, pre_edit: str | None, limit: int | None, size: int, family: str | None,
                  layer: int, select: str, clip_model: str | None, clip_tag: str | None,
-                 clip_weights: Path | None, classes: Path | None, prompt: str, batch_size: int, device: str,
+                 clip_weights: Path | None, classes: Path | None, prompt: str, mllm: str | None,
+                 prompts: Path | None, max_new_tokens: int, mllm_dtype: str | None, batch_size: int, device: str,
                  max_pixels: int | None, resume: bool, force: bool, quiet: bool, debug: bool) -> None:
     """Compare the neck with the paper's baselines and traditional codecs: rate against PSNR, MS-SSIM, feature
     fidelity to C(x) and CLIP zero-shot accuracy, with BD-rates against reconstruction.
@@ -129,6 +140,8 @@ def eval_command(data: Path, output: Path, codec: str, qualities: tuple[int, ...
     uncompressed (C(x), the upper bound), and jpeg/webp/avif/jxl bpp-matched to the codec image by image.
     A method that cannot run here is reported as skipped with the reason.
     """
+    if (mllm is None) != (prompts is None):
+        raise click.UsageError("--mllm and --prompts go together: the prompts are asked of the MLLM")
     for quality in qualities:  # usage errors before torch is imported
         problem = quality_problem(codec, quality)
         if problem is not None:
@@ -152,6 +165,13 @@ def eval_command(data: Path, output: Path, codec: str, qualities: tuple[int, ...
     with guard(debug, interrupted):
         from comneck_cli.eval.run import EvalConfig, run_eval
 
+        if mllm is not None:
+            from comneck_cli.cli.mllm_commands import quiet_transformers
+            from comneck_cli.mllm.model import require_transformers
+
+            require_transformers()
+            quiet_transformers()
+
         cfg = EvalConfig(
             data=data, output=output, codec=codec, qualities=qualities, methods=methods,
             weights=parse_spec(weights, "--weights"), necks=parse_spec(neck, "--neck"),
@@ -161,6 +181,7 @@ def eval_command(data: Path, output: Path, codec: str, qualities: tuple[int, ...
             clip_model=clip_model, clip_tag=clip_tag,
             clip_weights=clip_weights, classes=classes, prompt=prompt, batch_size=batch_size, device=device,
             resume=resume, force=force, max_pixels=max_pixels,
+            mllm=mllm, prompts=prompts, mllm_dtype=mllm_dtype, max_new_tokens=max_new_tokens,
         )
         result = run_eval(cfg, progress=bar, echo=say, spell=spell_params)  # the report says flags, as stderr does
     say(f"wrote {output / 'summary.md'}: {result.computed} point(s) computed, {result.reused} taken from the log, "

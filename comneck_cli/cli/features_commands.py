@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from comneck_cli.cli.options import clip_options, common_options, family_options, source_options
+from comneck_cli.cli.options import check_output, clip_options, common_options, family_options, source_options
 from comneck_cli.cli.plumbing import Run, apply_preset, progress, quiet_imports
-from comneck_cli.io.outputs import check_target, is_dir_target
+from comneck_cli.defaults import FEATURE_SUFFIXES
 
 
 @click.command()
@@ -38,8 +38,8 @@ def features(run: Run, inputs: tuple[str, ...], output: str, via: str, neck: str
     The default is what LLaVA-style MLLMs read: the penultimate hidden state's patch tokens, (N, 256, 1024)
     for ViT-L/14 at 224, straight from the compressed latents without decoding the image.
     """
-    if not is_dir_target(output):
-        check_target(Path(output), run.force)  # before torch, CLIP and the neck
+    check_output(output, run.force, suffixes=FEATURE_SUFFIXES, what="features", stdout=False,
+                 inputs=inputs)  # before the models
     layer, select, clip_model, clip_tag, pad_to_square = apply_preset(family, layer, select, clip_model, clip_tag)
     quiet_imports()
     from comneck_cli import coding as api

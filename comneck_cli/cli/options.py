@@ -4,30 +4,34 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection, Sequence
 
 import click
 
 from comneck_cli.clip.presets import PRESETS
-from comneck_cli.cli.plumbing import Run, flag, guard
+from comneck_cli.cli.plumbing import Run, flag, guard, message
 from comneck_cli.defaults import CODEC_LEVELS, quality_problem, rate_problem
+from comneck_cli.errors import ComneckError
 
 SELECT_CHOICE = click.Choice(["patch", "cls", "all", "pooled", "projected"])
 
 
-def common_options(func: Callable) -> Callable:
-    """Options every single-machine data command takes; the command gets the :class:`Run` first, inside the guard."""
+def common_options(func: Callable | None = None, *, writes: bool = True) -> Callable:
+    """Options every single-machine data command takes; the command gets the :class:`Run` first, inside the guard.
+    ``writes=False`` (``@common_options(writes=False)``, a command that writes no files): no ``--force``."""
+    if func is None:
+        return functools.partial(common_options, writes=writes)
 
     @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                   help="Where the networks run (the codec's transforms, the neck, CLIP); entropy coding always runs "
                        "on the CPU.")
     @click.option("--quiet", is_flag=True, help="No progress bar, no warnings; errors still print.")
-    @click.option("--force", is_flag=True, help="Overwrite existing output files.")
+    @(click.option("--force", is_flag=True, help="Overwrite existing output files.") if writes else (lambda f: f))
     @click.option("--fail-fast", is_flag=True, help="Stop at the first input that fails instead of going on.")
     @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
     @max_pixels_option
     @functools.wraps(func)
-    def wrapper(*args, device, quiet, force, fail_fast, debug, max_pixels, **kwargs):
+    def wrapper(*args, device, quiet, fail_fast, debug, max_pixels, force=False, **kwargs):
         run = Run(quiet=quiet, debug=debug, fail_fast=fail_fast, force=force, device=device, max_pixels=max_pixels)
         with guard(debug):
             func(run, *args, **kwargs)
@@ -114,7 +118,33 @@ def check_codec_usage(codec: str, quality: int | None, rate: float | None = None
     """-q, --rate and --bpp-target against the codec's levels, as usage errors (exit 2) before torch is imported
     or any model loads; the library's own checks (``codecs.check_quality``...) say the same in ComneckErrors."""
     problem = rate_problem(codec, rate, bpp_target)
-    if problem is None and quality is not None and rate is None:
+    if problem is None and quality is not None:  # -q 0 and -q 9 alike: one sentence naming the codec's levels
         problem = quality_problem(codec, quality)
     if problem is not None:
         raise click.UsageError(problem.render(flag))
+
+
+def check_output(output: str | None, force: bool, *, suffixes: Collection[str] | None = None, what: str = "",
+                 to_stdout: bool = False, one_file: bool = True, stdout: bool = True,
+                 inputs: Sequence[str] = ()) -> None:
+    """``-o`` before torch and any model loads: a file type the command cannot write (``-`` too, without
+    ``stdout``), or ``what`` to a terminal (``to_stdout``), is a usage error (exit 2); with ``one_file`` (not
+    numbered per record) an existing file (without ``--force``) or an unwritable folder is refused too (exit 1).
+    Minutes of loading and computing must not end in either. An output that is one of ``inputs`` is refused
+    first, since ``--force`` would not help there."""
+    from comneck_cli.io.outputs import STDIO, check_target, is_dir_target, refuse_input, refuse_terminal
+
+    if to_stdout:
+        try:
+            refuse_terminal(what)
+        except ComneckError as exc:
+            raise click.UsageError(message(exc)) from None
+        return
+    if output is None or (output == STDIO and stdout) or is_dir_target(output):
+        return
+    if suffixes is not None and Path(output).suffix.lower() not in suffixes:
+        raise click.UsageError(f"cannot write {what} to {output}: use a {', '.join(suffixes)} file, or a "
+                               "folder (an existing one, or a name ending in /)")
+    if one_file:
+        refuse_input(Path(output), inputs)
+        check_target(Path(output), force)

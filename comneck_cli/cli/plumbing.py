@@ -133,43 +133,63 @@ def guard(debug: bool = False, interrupted: str = INTERRUPTED, *, sigterm: bool 
         raise SystemExit(143 if isinstance(exc, Terminated) else 130) from None
 
 
+SPINNER_AFTER_S = 2.0
+"""A step still running after this long gets a spinner with the elapsed time (quick commands never flash one)."""
+
+
 class Bar:
     """The progress of one command: ``advance()`` one input, or ``bar(done, total)`` as the library's
-    ``on_progress`` callback. Does nothing when no bar is shown."""
+    ``on_progress`` callback. Does nothing when no bar is shown.
 
-    def __init__(self, progress=None, label: str = "", minimum: int = 2) -> None:
-        self._progress, self._label, self._minimum, self._task = progress, label, minimum, None
+    Until a count of at least ``minimum`` is known, and for a run of one long step (a 3000×2000 decode takes a
+    minute), the task is a spinner with the elapsed time, shown once the step has run :data:`SPINNER_AFTER_S`."""
+
+    def __init__(self, progress=None, label: str = "", minimum: int = 2, task=None) -> None:
+        self._progress, self._label, self._minimum, self._task = progress, label, minimum, task
+        self._counting = False
 
     def start(self, total: int, done: int = 0) -> None:
-        if self._progress is not None and self._task is None and total >= self._minimum:
-            self._task = self._progress.add_task(self._label, total=total, completed=done)
+        if self._progress is not None and not self._counting and total >= self._minimum:
+            self._progress.update(self._task, total=total, completed=done, visible=True)
+            self._counting = True
 
     def advance(self) -> None:
-        if self._task is not None:
+        if self._counting:
             self._progress.advance(self._task)
 
     def __call__(self, done: int, total: int) -> None:
         self.start(total, done)
-        if self._task is not None:
+        if self._counting:
             self._progress.update(self._task, completed=done, total=total)
 
 
 @contextmanager
 def progress(quiet: bool, label: str, total: int | None = None, *, minimum: int = 2) -> Iterator[Bar]:
-    """The one progress bar: rich, on stderr, only on a terminal and without --quiet, and only for ``minimum``
-    steps or more. ``total`` starts it at once; without it the first ``on_progress`` call does."""
-    if quiet or not sys.stderr.isatty() or (total is not None and total < minimum):
+    """The one progress bar: rich, on stderr, only on a terminal and without --quiet; a bar for ``minimum`` steps or
+    more (``total`` starts it at once; without it the first ``on_progress`` call does), else a spinner with the
+    elapsed time once the work has taken :data:`SPINNER_AFTER_S`."""
+    if quiet or not sys.stderr.isatty():
         yield Bar()
         return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    import threading
 
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=Console(stderr=True), transient=True) as rich_progress:
-        bar = Bar(rich_progress, label, minimum)
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    with Progress(SpinnerColumn(), TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True), transient=True) as rich_progress:
+        task = rich_progress.add_task(label, total=None, visible=False)
+        bar = Bar(rich_progress, label, minimum, task)
         if total is not None:
             bar.start(total)
-        yield bar
+        timer = threading.Timer(SPINNER_AFTER_S, lambda: rich_progress.update(task, visible=True))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield bar
+        finally:
+            timer.cancel()
 
 
 def quiet_imports() -> None:

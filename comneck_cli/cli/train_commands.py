@@ -15,15 +15,35 @@ from typing import Any, Callable
 
 import click
 
+from comneck_cli.cli.options import check_codec_usage
 from comneck_cli.cli.plumbing import guard, progress, quiet_imports
+from comneck_cli.defaults import CODEC_LEVELS
 
 _FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
 _DIR = click.Path(path_type=Path, exists=True, file_okay=False)
 _OUT = click.Path(path_type=Path, dir_okay=False)
 
 
-def _run_options(func: Callable) -> Callable:
-    """Options both training commands take."""
+def _quality_option(help_text: str) -> Callable:
+    """``-q``, checked against ``--codec``'s levels before anything loads, in encode's words: ``-q 0`` and ``-q 9``
+    alike are "codec C has quality levels 1..8, not Q" (exit 2)."""
+
+    def wrap(func: Callable) -> Callable:
+        @wraps(func)
+        def checked(*args: Any, **kwargs: Any) -> None:
+            if kwargs.get("codec") in CODEC_LEVELS:  # else the run names the codec problem, or resumes a run's codec
+                check_codec_usage(kwargs["codec"], kwargs["quality"])
+            func(*args, **kwargs)
+
+        return click.option("-q", "--quality", type=int, default=None, help=help_text)(checked)
+
+    return wrap
+
+
+def _run_options(func: Callable | None = None, *, batch_size: int = 8) -> Callable:
+    """Options every training command takes (``batch_size``: the default the command's config has)."""
+    if func is None:
+        return lambda f: _run_options(f, batch_size=batch_size)
     options = [
         click.option("--data", type=_DIR, default=None,
                      help="Training images: class sub-folders (ImageFolder layout) or, without cross-entropy, "
@@ -31,7 +51,7 @@ def _run_options(func: Callable) -> Callable:
         click.option("--classes", type=_FILE, default=None,
                      help="Class names: one per line in sorted folder order, or 'FOLDER NAME' lines. "
                           "Default: folder names."),
-        click.option("--batch-size", type=click.IntRange(1), default=None, show_default="8",
+        click.option("--batch-size", type=click.IntRange(1), default=None, show_default=str(batch_size),
                      help="Images per step (per process)."),
         click.option("--crop", type=click.IntRange(64), default=None, show_default="256",
                      help="Side of the random square crops, a multiple of 64 (small images are padded as for coding)."),
@@ -51,6 +71,9 @@ def _run_options(func: Callable) -> Callable:
                           "else the registry's runs/ folder."),
         click.option("--checkpoint-every", type=click.IntRange(1), default=500, show_default=True,
                      help="Write the checkpoint every N steps (and at the end)."),
+        click.option("--minutes", type=click.FloatRange(0, min_open=True), default=None,
+                     help="Stop after this much wall time (e.g. a GPU lent for an hour): write the checkpoint and "
+                          "export what is trained so far; --resume goes on to --steps/--epochs."),
         click.option("--log-every", type=click.IntRange(1), default=10, show_default=True,
                      help="Append the mean losses of every N steps to metrics.jsonl."),
         click.option("--workers", type=click.IntRange(0), default=min(4, os.cpu_count() or 1), show_default=True,
@@ -144,6 +167,12 @@ def _json_config(text: str | None) -> dict | None:
     return value
 
 
+def _rates(codec: str, quality: int | None) -> str:
+    """What a run trained for, as its summary says it: ``mbt2018-mean q3``, or a variable-rate codec's
+    ``mbt2018-mean-vbr (every rate)`` (no quality: one model serves them all), never ``qNone``."""
+    return f"{codec} (every rate)" if quality is None else f"{codec} q{quality}"
+
+
 def _summary(quiet: bool, what: str, result: Any) -> None:
     if quiet:
         return
@@ -189,9 +218,8 @@ def _gain_map_options(default_fraction: str, default_source: str, sources: tuple
 
 @train.command("codec")
 @click.option("--codec", default=None, help="Codec name (see `comneck codecs`).")
-@click.option("-q", "--quality", type=click.IntRange(1, 255), default=None,
-              help="Quality level (selects λ and the architecture size). Omit for variable-rate codecs, "
-                   "which train every level.")
+@_quality_option("Quality level (selects λ and the architecture size). Omit for variable-rate codecs, which "
+                 "train every level.")
 @click.option("--steps", type=click.IntRange(0), default=None, help="Optimizer steps to train (or --epochs).")
 @click.option("--epochs", type=click.IntRange(0), default=None, help="Passes over the data (or --steps).")
 @click.option("--lr", type=float, default=None, show_default="1e-4", help="Adam learning rate of the codec.")
@@ -205,6 +233,9 @@ def _gain_map_options(default_fraction: str, default_source: str, sources: tuple
                    "e.g. '{\"N\": 8, \"M\": 12}'. With --init, only a larger M: widens the codec's latent y "
                    "(mean-scale hyperprior codecs), keeping what it computes.")
 @click.option("--init", type=_FILE, default=None, help="Start from this codec file instead of random weights.")
+@click.option("--init-pca", type=_DIR, default=None,
+              help="lapped-pca-vbr: start g_a/g_s's linear paths at the principal components of the 16×16 blocks "
+                   "of the photos in this folder (the residual branches start at zero).")
 @click.option("--warmup-steps", "warmup", type=click.IntRange(0), default=None,
               help="Variable-rate codecs: train the first N steps single-rate at the top level's λ (Kamisli et "
                    "al.'s stage 1), then every level.  [default: 0]")
@@ -216,8 +247,8 @@ def _gain_map_options(default_fraction: str, default_source: str, sources: tuple
 @click.option("--no-register", is_flag=True, help="Do not add the codec to the registry (then -o is needed).")
 @_run_options
 @_guarded
-def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm, lmbda, config_json, init, warmup,
-                        gain_maps, gain_map_strength, gain_map_source, output, register, no_register, debug,
+def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm, lmbda, config_json, init, init_pca,
+                        warmup, gain_maps, gain_map_strength, gain_map_source, output, register, no_register, debug,
                         **run) -> None:
     """Rate-distortion training for human perception: R + λ·255²·MSE, CompressAI style.
 
@@ -229,11 +260,12 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
     from comneck_cli.train.codec import CodecTrainConfig, train_codec
 
     cfg = CodecTrainConfig(codec=codec, quality=quality, steps=steps, epochs=epochs, lr=lr, aux_lr=aux_lr,
-                           clip_max_norm=clip_max_norm, lmbda=lmbda, config=_json_config(config_json), init=init, warmup=warmup,
+                           clip_max_norm=clip_max_norm, lmbda=lmbda, config=_json_config(config_json), init=init,
+                           init_pca=init_pca, warmup=warmup,
                            gain_maps=gain_maps, gain_map_strength=gain_map_strength, gain_map_source=gain_map_source,
                            output=output, register=None if no_register else register, **run)
     result = _trained(train_codec, cfg)
-    _summary(run["quiet"], cfg.codec if cfg.quality is None else f"{cfg.codec} q{cfg.quality}", result)
+    _summary(run["quiet"], _rates(cfg.codec, cfg.quality), result)
 
 
 @train.command("neck")
@@ -241,10 +273,14 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
               help="d1: codec frozen; d2: codec retrained for people and machines; d3: encoder retrained for "
                    "machines only.")
 @click.option("--codec", default=None, help="Codec whose y_hat the neck reads.")
-@click.option("-q", "--quality", type=click.IntRange(1, 255), default=None, help="Codec quality level.")
+@_quality_option("Codec quality level.")
 @click.option("--codec-weights", type=_FILE, default=None,
               help="Codec file to start from. Default: registry entry CODEC-qQUALITY, else the CompressAI zoo.")
 @_clip_options("open_clip model name of the CLIP tower.")
+@click.option("--clip-from-mllm", default=None, metavar="DIR|HUB_ID",
+              help="Train for a LLaVA checkpoint's own vision tower (folder or cached hub id, as `comneck ask "
+                   "--mllm`), so `ask --via neck` takes the neck: distillation only (d1: --steps 0,0,N), target "
+                   "by default what the model reads.")
 @click.option("-k", "--k", "k", type=click.IntRange(0), default=None, show_default="2",
               help="The neck's tokens enter CLIP block k+1.")
 @click.option("--target", default=None, show_default="pooled",
@@ -292,10 +328,15 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
               help="d2/d3: write the retrained codec here. Default: OUTPUT_STEM.codec.safetensors beside -o.")
 @click.option("--codec-register", default="{codec}-q{quality}-{scenario}", show_default=True,
               help="d2/d3: registry name for the retrained codec.")
-@_run_options
+@click.option("--recipe", type=click.Choice(["release", "paper"]), default=None, show_default="release",
+              help="release: what the authors' code does, which made their released necks (raw dot-product "
+                   "cross-entropy, ln_post twice in C' and the target, bilinear resize, d1 losses ×1152); paper: "
+                   "the paper's forms (logit_scale × cosine, ln_post once, bicubic). Default: release, or the "
+                   "--neck-init neck's.")
+@_run_options(batch_size=32)
 @_guarded
-def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip_tag, clip_weights, clip_config, k,
-                       target, targets, templates, crops, steps, epochs, lr, ce_dist, lmbda, gamma, beta, aux_lr,
+def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip_tag, clip_weights, clip_config,
+                       clip_from_mllm, k, target, targets, templates, crops, recipe, steps, epochs, lr, ce_dist, lmbda, gamma, beta, aux_lr,
                        clip_max_norm, neck_width, neck_heads, neck_init, output, register, no_register,
                        codec_output, codec_register, debug, **run) -> None:
     """Train a transform-neck so that C'(T(y_hat)) matches C(x), in three stages (paper §3.4-3.5, A.1).
@@ -305,20 +346,23 @@ def train_neck_command(scenario, codec, quality, codec_weights, clip_model, clip
       comneck train neck --scenario d1 --codec elic2022-official -q 2 --data imagenet/train --epochs 20
       comneck train neck --scenario d3 --codec elic2022-official -q 2 --data imagenet/train --epochs 5 -o d3.safetensors
     """
+    if clip_from_mllm is not None and (clip_model or clip_tag or clip_weights or clip_config):
+        raise click.UsageError("--clip-from-mllm takes the tower from the MLLM: drop --clip-model, --clip-tag, "
+                               "--clip-weights and --clip-config")
     _add_clip_config(clip_config)
     from comneck_cli.train.neck import NeckTrainConfig, train_neck
 
     cfg = NeckTrainConfig(
         scenario=scenario, codec=codec, quality=quality, codec_weights=codec_weights, clip_model=clip_model,
         clip_tag=clip_tag, clip_weights=clip_weights, k=k, target=target, targets=targets,
-        templates=tuple(templates) or None, crops=crops, steps=_numbers(steps, int, "--steps"),
+        templates=tuple(templates) or None, crops=crops, recipe=recipe, steps=_numbers(steps, int, "--steps"),
         epochs=_numbers(epochs, int, "--epochs"), lr=_numbers(lr, float, "--lr"),
         ce_dist=_ce_dist(ce_dist), lmbda=lmbda, gamma=gamma, beta=beta, aux_lr=aux_lr,
         clip_max_norm=clip_max_norm, neck_width=neck_width, neck_heads=neck_heads, neck_init=neck_init,
         output=output, register=None if no_register else register, codec_output=codec_output,
-        codec_register=None if no_register else codec_register, **run)
+        codec_register=None if no_register else codec_register, clip_from_mllm=clip_from_mllm, **run)
     result = _trained(train_neck, cfg)
-    _summary(run["quiet"], f"neck {cfg.scenario} for {cfg.codec} q{cfg.quality}", result)
+    _summary(run["quiet"], f"neck {cfg.scenario} for {_rates(cfg.codec, cfg.quality)}", result)
 
 
 @train.command("vbr")
@@ -395,7 +439,7 @@ def train_vbr_command(codec, pre_edit, init, config_json, steps, epochs, lr, pre
 
 @train.command("postprocess")
 @click.option("--codec", default=None, help="Codec whose reconstructions x_hat the U-Net reads (frozen).")
-@click.option("-q", "--quality", type=click.IntRange(1, 255), default=None, help="Codec quality level.")
+@_quality_option("Codec quality level.")
 @click.option("--weights", "--codec-weights", "weights", type=_FILE, default=None,
               help="Codec file (as `eval --weights`). Default: registry entry CODEC-qQUALITY, else the CompressAI zoo.")
 @_clip_options("open_clip model name of the CLIP tower.")
@@ -436,13 +480,12 @@ def train_postprocess_command(codec, quality, weights, clip_model, clip_tag, cli
         ce_dist=_ce_dist(ce_dist), base=base, depth=depth, output=output,
         register=None if no_register else register, **run)
     result = _trained(train_postprocess, cfg)
-    _summary(run["quiet"], f"post-processing U-Net for {cfg.codec} q{cfg.quality}", result)
+    _summary(run["quiet"], f"post-processing U-Net for {_rates(cfg.codec, cfg.quality)}", result)
 
 
 @train.command("adapter")
 @click.option("--codec", default=None, help="Codec whose y_hat and x_hat the adapter reads (frozen).")
-@click.option("-q", "--quality", type=click.IntRange(1, 255), default=None,
-              help="Codec quality level (fixed-rate codecs; a variable-rate codec draws R from --rates each step).")
+@_quality_option("Codec quality level (fixed-rate codecs; a variable-rate codec draws R from --rates each step).")
 @click.option("--weights", "--codec-weights", "weights", type=_FILE, default=None,
               help="Codec file. Default: the registry entry (CODEC or CODEC-qQUALITY), else the CompressAI zoo.")
 @_clip_options("open_clip model whose layer-0 tokens the adapter corrects (frozen).")
@@ -455,6 +498,11 @@ def train_postprocess_command(codec, quality, weights, clip_model, clip_tag, cli
               help="Epochs trained on the shallow term alone before the final-embedding term joins (CoTAM's).")
 @click.option("--semantic-strength", type=click.FloatRange(0, 65.535), default=None, show_default="0",
               help="Train on --semantic records of this strength (guided by the same CLIP); 0: plain records.")
+@click.option("--gain-maps", type=click.FloatRange(0, 1), default=None, show_default="1; 0.5 with --semantic-strength",
+              help="Share of steps whose batch is coded at one random quality mask (CoTAM's uniform / patch / "
+                   "gradient masks, as --semantic records carry them); the mask weighs the shallow term's tokens.")
+@click.option("--gain-map-strength", type=click.FloatRange(0, 65.535, min_open=True), default=None, show_default="3",
+              help="Largest strength S of those masks (each batch draws S ~ U[0, S]).")
 @click.option("--steps", type=click.IntRange(0), default=None, help="Optimizer steps (or --epochs).")
 @click.option("--epochs", type=click.IntRange(0), default=None, help="Passes over the data (or --steps).")
 @click.option("--lr", type=float, default=None, show_default="5e-4", help="Adam learning rate.")
@@ -466,8 +514,8 @@ def train_postprocess_command(codec, quality, weights, clip_model, clip_tag, cli
 @_run_options
 @_guarded
 def train_adapter_command(codec, quality, weights, clip_model, clip_tag, clip_weights, clip_config, rates,
-                          shallow_layer, loss_weights, warmup_epochs, semantic_strength, steps, epochs, lr, output,
-                          register, no_register, debug, **run) -> None:
+                          shallow_layer, loss_weights, warmup_epochs, semantic_strength, gain_maps, gain_map_strength,
+                          steps, epochs, lr, output, register, no_register, debug, **run) -> None:
     """Train the CoTAM decoder adapter A: CLIP reads E(x_hat) + A(y_hat), its layer-0 tokens corrected from y_hat.
 
     Loss: importance-weighted shallow-token MSE (x0.1) + final-embedding MSE, the latter after the warm-up epochs.
@@ -484,8 +532,8 @@ def train_adapter_command(codec, quality, weights, clip_model, clip_tag, clip_we
         codec=codec, quality=quality, weights=weights, clip_model=clip_model, clip_tag=clip_tag,
         clip_weights=clip_weights, rates=_numbers(rates, float, "--rates"), shallow_layer=shallow_layer,
         loss_weights=_numbers(loss_weights, float, "--loss-weights"), warmup_epochs=warmup_epochs,
-        semantic_strength=semantic_strength, steps=steps, epochs=epochs, lr=lr, output=output,
-        register=None if no_register else register, **run)
+        semantic_strength=semantic_strength, gain_maps=gain_maps, gain_map_strength=gain_map_strength, steps=steps,
+        epochs=epochs, lr=lr, output=output, register=None if no_register else register, **run)
     result = train_adapter(cfg)
     _summary(run["quiet"], f"decoder adapter for {cfg.codec}", result)
 

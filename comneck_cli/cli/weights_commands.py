@@ -4,6 +4,7 @@ last two, the ComNeck release and CompressAI's zoo, are in ``release_commands``)
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import click
@@ -34,7 +35,9 @@ def weights_list(as_json: bool) -> None:
     if not entries:
         click.echo(f"no weights registered (user registry: {registry.user_dir()})", err=True)
     for e in entries.values():
-        details = ", ".join(f"{k}={v}" for k, v in e.info.items())
+        # an unset setting (d1's λ, a variable-rate neck's quality: every rate) is left out, not shown as None
+        details = ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}"
+                            for k, v in e.info.items() if v is not None)
         click.echo(f"{e.name}\t{e.kind}\t{e.origin}\t{e.sha256[:12]}\t{details}")
 
 
@@ -61,8 +64,14 @@ def weights_import(name: str, file: Path, kind: str | None, half: bool) -> None:
         kind, info = "codec", {"codec": codec, "quality": int(q)}
     elif kind in (None, "codec") and name in CODEC_IDS:
         kind, info = "codec", {"codec": name}
+    elif kind == "codec" and (variant := re.fullmatch(r"(.+?)-q(\d+)-.+", name)) and variant[1] in CODEC_IDS:
+        info = {"codec": variant[1], "quality": int(variant[2])}  # a named variant, e.g. elic-comneck-q2-d2
     if kind is None:
         raise click.UsageError("cannot guess what NAME is: pass --kind codec|neck|clip")
+    if kind == "codec" and not info:  # encode and decode look codecs up by these names only: any other is never found
+        raise click.UsageError(f"a codec is registered as CODEC-qQUALITY (e.g. mbt2018-mean-q3, or a variant such as "
+                               f"elic-comneck-q2-d2), or a variable-rate codec under its bare name (e.g. "
+                               f"mbt2018-mean-vbr), not as {name!r}")
     if half and kind != "codec":
         raise click.UsageError("--half applies to codec files only")
     with guard(sigterm=False):

@@ -44,12 +44,14 @@ class ClipPreprocess(nn.Module):
         self.register_buffer("mean", torch.tensor(self.cfg.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(self.cfg.std, dtype=torch.float32).view(1, 3, 1, 1))
         self._transform = None
+        self.clamp = True  # as a uint8 resize would; the ComNeck authors' teacher resizes floats unclamped
 
     def forward(self, x: Tensor) -> Tensor:
         """Images ``(B, 3, H, W)`` in [0, 1] -> C's input ``(B, 3, *size)``, differentiable."""
         if tuple(x.shape[-2:]) != self.size:
             mode = "bilinear" if self.cfg.interpolation == "bilinear" else "bicubic"
-            x = F.interpolate(x, size=self.size, mode=mode, align_corners=False, antialias=True).clamp(0, 1)
+            x = F.interpolate(x, size=self.size, mode=mode, align_corners=False, antialias=True)
+            x = x.clamp(0, 1) if self.clamp else x
         return (x - self.mean) / self.std
 
     def image(self, image: "np.ndarray", *, pad_to_square: bool = False) -> Tensor:

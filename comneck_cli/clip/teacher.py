@@ -76,12 +76,14 @@ class Target:
 class Teacher(nn.Module):
     """C(x) on the uncompressed image: C's preprocessing (:class:`ClipPreprocess`), the tower split at ``head`` /
     ``tail`` run once, and each target's tensor. ``head``/``tail`` may be None where only the preprocessing is
-    used."""
+    used. ``clamp`` False leaves the resized image unclamped, as the ComNeck authors' teacher (torchvision's
+    ``Resize`` on a float tensor) does."""
 
     def __init__(self, clip: nn.Module, head: nn.Module | None, tail: nn.Module | None,
-                 targets: Target | Sequence[Target]):
+                 targets: Target | Sequence[Target], *, clamp: bool = True):
         super().__init__()
         self.preprocess = ClipPreprocess(clip)
+        self.preprocess.clamp = clamp
         self.head, self.tail = head, tail
         self.targets = (targets,) if isinstance(targets, Target) else tuple(targets)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Literal, Sequence
@@ -40,22 +40,63 @@ Select = Literal["patch", "cls", "all", "pooled", "projected"]
 SELECTS: tuple[str, ...] = ("patch", "cls", "all", "pooled", "projected")
 
 
+RANDOM_TAG = "none"
+"""The weights tag of a randomly initialised tower (``--clip-tag none``), as model files record it."""
+
+
+def open_clip_tag(tag: str | None) -> str | None:
+    """open_clip's ``pretrained`` for a weights tag: None for :data:`RANDOM_TAG` (any case) or no tag."""
+    return None if tag is None or str(tag).lower() == RANDOM_TAG else str(tag)
+
+
+def tag_name(tag: str | None) -> str:
+    """A weights tag as model files and messages write it: :data:`RANDOM_TAG` for random weights, never "None"."""
+    return open_clip_tag(tag) or RANDOM_TAG
+
+
 def weights_entry_name(model_name: str, tag: str | None) -> str:
     """The ``comneck weights`` registry name for a CLIP model and weights tag (``clip-vit-l-14-openai``)."""
-    return f"clip-{model_name}-{tag or 'none'}".lower().replace("/", "-")
+    return f"clip-{model_name}-{tag_name(tag)}".lower().replace("/", "-")
 
 
 def resolve_clip(model_name: str, tag: str | None, weights_file: Path | None = None,
-                 device: torch.device | str = "cpu") -> nn.Module:
+                 device: torch.device | str = "cpu", *, seed: int | None = None, owner: str | None = None
+                 ) -> nn.Module:
     """CLIP from ``weights_file`` (a file or a registered name, :func:`comneck_cli.hub.resolve`), else the registry
-    entry ``clip-<model>-<tag>`` (sha256-checked), else open_clip's Hugging Face cache or hub (:func:`load_clip`)."""
+    entry ``clip-<model>-<tag>`` (sha256-checked), else open_clip's Hugging Face cache or hub (:func:`load_clip`).
+
+    Random weights (tag ``none``) are rebuilt from ``seed`` when a model file recorded the one it was trained
+    against (:func:`random_clip`); ``owner`` (e.g. ``"neck FILE"``) is a model trained against random weights that
+    recorded none, which no new draw would match: then the tower must come as a file, or the error says how."""
     from comneck_cli import hub
 
     if weights_file is not None:
         weights_file = hub.resolve(weights_file, "clip", param="clip_weights")
     else:
         weights_file = hub.find(weights_entry_name(model_name, tag), "clip")
+    if weights_file is None and open_clip_tag(tag) is None:
+        if seed is not None:
+            return random_clip(model_name, seed, device)
+        if owner is not None:
+            entry = weights_entry_name(model_name, tag)
+            raise ModelFileError(
+                f"{owner} was trained against CLIP {model_name} with random weights (`clip_tag` none) that it does "
+                f"not record; pass that tower's weights file as `clip_weights`, or register it once with "
+                f"`comneck weights import {entry} FILE --kind clip`", params=("clip_weights", "clip_tag"))
     return load_clip(model_name, tag, weights_file=weights_file, device=device)
+
+
+def random_clip(model_name: str, seed: int, device: torch.device | str = "cpu") -> nn.Module:
+    """The randomly initialised tower ``torch.manual_seed(seed)`` gives, leaving the caller's random state as it
+    was: what a training run with ``clip_tag`` none seeds before it builds its tower (open_clip initialises on the
+    CPU, whatever the device), so a model trained against it can be used without the tower's file."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return load_clip(model_name, None, device="cpu").to(device)
+
+
+# The weights tag of an MLLM's own vision tower (comneck_cli.mllm), before its digest: open_clip has no such weights.
+MLLM_TAG = "mllm-"
 
 
 def load_clip(
@@ -77,6 +118,12 @@ def load_clip(
     """
     import open_clip
 
+    if str(pretrained).startswith(MLLM_TAG):
+        raise ComneckError(
+            f"CLIP {model_name}/{pretrained} is the vision tower of an MLLM, which open_clip cannot load: models "
+            "trained for it run inside that MLLM (`comneck ask`, `eval` with `mllm`, `serve`'s /v1/ask)",
+            params=("mllm",))
+    pretrained = open_clip_tag(pretrained)  # "none" (as model files record it): random weights
     name = model_name.replace("/", "-")
     if name not in open_clip.list_models():
         raise ComneckError(
@@ -111,7 +158,9 @@ def load_clip(
                 f"`comneck weights import {weights_entry_name(name, pretrained)} FILE`"
             )
     try:
-        with _quiet_logs() if download else nullcontext():  # open_clip's ERROR:root: and the hub's retry warnings
+        # open_clip's raw root-logger lines (WARNING:root:No pretrained weights loaded..., ERROR:root:...) and the
+        # hub's retry warnings: what comneck has to say about the tower it says itself, in one line
+        with _quiet_logs():
             model = open_clip.create_model(
                 name,
                 pretrained=source,
@@ -350,13 +399,18 @@ class ClipTail(nn.Module):
     attentional pooling: ``ln_post`` on all tokens then the class token (``pool_type="tok"``) or the mean
     of the patch tokens (``"avg"``), or ``ln_post`` after pooling when ``final_ln_after_pool`` is set;
     the result times ``proj`` is ``encode_image``'s output.
+
+    ``ln_post_twice`` applies ``ln_post`` twice wherever it applies once (before pooling and projection): the ComNeck
+    authors' C' and teacher do (their ``CLIP_modify`` ``VisionTransformer.forward``), so their released necks were
+    trained against, and must be used with, that C' (``NeckInfo.ln_post_twice``). Hidden states are unaffected.
     """
 
-    def __init__(self, visual: nn.Module, k: int):
+    def __init__(self, visual: nn.Module, k: int, *, ln_post_twice: bool = False):
         super().__init__()
         visual = _vision_tower(visual)
         self.num_layers = _check_k(visual, k)
         self.k = k
+        self.ln_post_twice = ln_post_twice
         self.blocks = _Blocks(visual.transformer.resblocks[k:], visual.transformer.batch_first)
         self.ln_post = visual.ln_post
         self.proj = visual.proj  # a Parameter (pool_dim, output_dim), or None when pruned
@@ -366,10 +420,14 @@ class ClipTail(nn.Module):
     def pool(self, x: Tensor) -> Tensor:
         """Last hidden state -> projected image embedding (open_clip's ``_pool`` and ``proj``)."""
         if self.final_ln_after_pool:
-            pooled = self.ln_post(self._global_pool(x))
+            pooled = self._ln_post(self._global_pool(x))
         else:
-            pooled = self._global_pool(self.ln_post(x))
+            pooled = self._global_pool(self._ln_post(x))
         return pooled if self.proj is None else pooled @ self.proj
+
+    def _ln_post(self, x: Tensor) -> Tensor:
+        x = self.ln_post(x)
+        return self.ln_post(x) if self.ln_post_twice else x
 
     def _global_pool(self, x: Tensor) -> Tensor:
         if self.pool_type == "avg":
@@ -380,7 +438,7 @@ class ClipTail(nn.Module):
 
     def project_tokens(self, x: Tensor) -> Tensor:
         """Every token of the last hidden state through ``ln_post`` and ``proj`` (what LLaMA-Adapter reads)."""
-        x = self.ln_post(x)
+        x = self._ln_post(x)
         return x if self.proj is None else x @ self.proj
 
     def forward(
@@ -409,7 +467,8 @@ class ClipTail(nn.Module):
         )
 
 
-def split_clip(model: nn.Module, k: int) -> tuple[ClipHead, ClipTail]:
-    """C and C' of a CLIP model (or its ``visual`` tower) at split k, sharing the model's parameters."""
+def split_clip(model: nn.Module, k: int, *, ln_post_twice: bool = False) -> tuple[ClipHead, ClipTail]:
+    """C and C' of a CLIP model (or its ``visual`` tower) at split k, sharing the model's parameters (``ln_post_twice``:
+    see :class:`ClipTail`)."""
     visual = getattr(model, "visual", model)
-    return ClipHead(visual, k), ClipTail(visual, k)
+    return ClipHead(visual, k), ClipTail(visual, k, ln_post_twice=ln_post_twice)

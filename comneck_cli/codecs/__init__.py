@@ -20,14 +20,14 @@ from comneck_cli.codecs.files import (HALF_PREFIXES, check_codec_file, file_conf
 from comneck_cli.codecs.runtime import (ANALYSIS_HALO, ANALYSIS_TILE, SYNTHESIS_HALO, SYNTHESIS_TILE, Codec,
                                         one_thread, run_tiled)
 from comneck_cli.codecs.specs import (CODECS, RATE_STEPS, CodecSpec, bpp_out_of_reach, check_quality, check_rate,
-                                      check_rate_options, get_spec, latent_channels, registry_name)
+                                      check_rate_options, check_record_level, get_spec, latent_channels, registry_name)
 from comneck_cli.codecs.tables import MAX_TABLE_SYMBOLS, check_entropy_tables
 
 __all__ = [
     "ANALYSIS_HALO", "ANALYSIS_TILE", "CODECS", "HALF_PREFIXES", "MAX_TABLE_SYMBOLS", "RATE_STEPS", "SYNTHESIS_HALO",
     "SYNTHESIS_TILE", "Autoregressive", "Codec", "CodecSpec", "Family", "LatentCodecModel", "MeanScaleHyperprior",
     "ScaleHyperprior", "VariableRate", "bpp_out_of_reach", "check_codec_file", "check_entropy_tables",
-    "check_quality", "check_rate", "check_rate_options", "file_config", "get_spec", "half_codec_file",
-    "latent_channels", "load_codec", "one_thread", "rate_gain", "registry_name", "resolve_weights", "run_tiled",
-    "save_codec", "weights_info",
+    "check_quality", "check_rate", "check_rate_options", "check_record_level", "file_config", "get_spec",
+    "half_codec_file", "latent_channels", "load_codec", "one_thread", "rate_gain", "registry_name", "resolve_weights",
+    "run_tiled", "save_codec", "weights_info",
 ]

@@ -21,7 +21,7 @@ from comneck_cli.codecs.specs import CodecSpec, check_quality, get_spec, registr
 from comneck_cli.codecs.tables import check_entropy_tables, tables_present
 from comneck_cli.defaults import CODEC_LEVELS
 from comneck_cli.errors import MismatchError, ModelFileError, RegistryError
-from comneck_cli.modelfiles import read_safetensors
+from comneck_cli.modelfiles import check_finite, read_safetensors
 
 
 def save_codec(
@@ -64,7 +64,11 @@ def half_codec_file(source: Path, target: Path) -> None:
 
 def _read_state(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if path.suffix == ".safetensors":
-        return read_safetensors(path, "codec weights")
+        state, meta = read_safetensors(path, "codec weights")
+        if not meta.get("quality", "0").isdecimal():  # save_codec writes a level, 0 for every rate
+            raise ModelFileError(f"codec weights {path} have damaged metadata: quality {meta['quality'][:20]!r} is not "
+                                 "a whole number; export or import the file again")
+        return state, meta
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
@@ -83,6 +87,7 @@ def _build(spec: CodecSpec, quality: int, state: dict[str, Tensor], meta: dict[s
     import_compressai()
     from compressai.zoo.pretrained import load_pretrained
 
+    fix = "re-export the codec or fetch the file again"
     if meta.get("format") == "comneck-codec":
         if meta.get("codec") != spec.name:
             raise MismatchError(f"weights {path} hold codec {meta.get('codec')!r}, not {spec.name!r}; pass `codec` "
@@ -101,6 +106,13 @@ def _build(spec: CodecSpec, quality: int, state: dict[str, Tensor], meta: dict[s
                                                  for v in config.values())):
             raise ModelFileError(f"weights {path} carry a damaged codec config {raw[:60]!r} (not a JSON object of "
                                  f"sizes, whole numbers or lists of them); export or import the file again")
+        # A codec's sizes are channel counts, each the size of some weight's dimension in the file: a larger one
+        # would build (allocate) a model bigger than the file before the load finds that nothing fits.
+        widest = max((max(t.shape, default=0) for t in state.values() if t.is_floating_point()), default=0)
+        sizes = [v for value in config.values() for v in (value if isinstance(value, list) else [value])]
+        if max(sizes, default=0) > widest:
+            raise ModelFileError(f"weights {path} carry a codec config {raw[:60]!r} with a size of {max(sizes)}, but "
+                                 f"no tensor in the file is that wide (at most {widest}); {fix}")
     else:
         config = None
     try:
@@ -114,7 +126,11 @@ def _build(spec: CodecSpec, quality: int, state: dict[str, Tensor], meta: dict[s
         raise ModelFileError(
             f"weights {path} do not fit codec {spec.name} (quality {quality}): {str(exc).splitlines()[0]}"
         ) from exc
-    check_entropy_tables(model, path)
+    check_entropy_tables(model, path)  # first: its sentences say more about a damaged table than "not finite"
+    check_finite(state, path, "codec weights", fix)
+    gains = getattr(model, "Gain", None)  # variable-rate codecs: a zero gain divides y_hat by zero
+    if gains is not None and not bool((gains.detach().abs() > 0).all()):
+        raise ModelFileError(f"codec weights {path} are damaged: a rate's gain (Gain) is zero; {fix}")
     return model
 
 
@@ -195,6 +211,7 @@ def load_codec(
     if not tables_present(model):
         model.update(force=True)
     rans.bound_entropy_decoders(model)
+    rans.bound_entropy_encoders(model)
     device = torch.device(device)
     model.g_a.to(device)
     model.g_s.to(device)

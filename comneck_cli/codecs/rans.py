@@ -26,8 +26,13 @@ from comneck_cli.codecs._rans import RansError, Stream, Tables, decode_with_inde
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["RansDecoder", "RansError", "Stream", "Tables", "bound_entropy_decoders", "decode", "scale_indexes",
-           "tables_of"]
+__all__ = ["RansDecoder", "RansError", "Stream", "Tables", "bound_entropy_decoders", "bound_entropy_encoders", "decode",
+           "scale_indexes", "tables_of"]
+
+# The largest symbol magnitude the encoder is given. CompressAI's encoder doubles an escaped value in int32, and NaN or
+# an overflowing latent becomes INT_MIN when cast: its escape loop then shifts a negative number forever (a hang, not
+# an error). Real latents stay within a few thousand.
+MAX_SYMBOL = 1 << 28
 
 
 def _int32(values: Any) -> np.ndarray:
@@ -149,3 +154,43 @@ def bound_entropy_decoders(model: Any) -> None:
             if hasattr(module, "scale_table") and hasattr(module, "build_indexes"):  # a GaussianConditional
                 module.build_indexes = MethodType(scale_indexes, module)
                 module.decompress = MethodType(decompress_gaussian, module)
+
+
+def _refuse_uncodable() -> None:
+    from comneck_cli.errors import ModelFileError
+
+    raise ModelFileError(f"cannot entropy-code this input: the codec's latents are not finite or beyond what the coder "
+                         f"holds (|symbol| >= 2^{MAX_SYMBOL.bit_length() - 1}); the codec weights are damaged or unfit")
+
+
+class _BoundedEncoder:
+    """CompressAI's rANS encoder behind a check of its symbols (:data:`MAX_SYMBOL`): an error instead of a hang."""
+
+    def __init__(self, encoder: Any) -> None:
+        self._encoder = encoder
+
+    def encode_with_indexes(self, symbols: Sequence[int], *args: Any) -> bytes:
+        if len(symbols) and (max(symbols) >= MAX_SYMBOL or min(symbols) <= -MAX_SYMBOL):
+            _refuse_uncodable()
+        return self._encoder.encode_with_indexes(symbols, *args)
+
+
+def _bounded_quantize(quantize: Any) -> Any:
+    def bounded(inputs: torch.Tensor, mode: str, means: torch.Tensor | None = None) -> torch.Tensor:
+        outputs = quantize(inputs, mode, means)
+        if mode == "symbols" and bool(((outputs >= MAX_SYMBOL) | (outputs <= -MAX_SYMBOL)).any()):
+            _refuse_uncodable()
+        return outputs
+
+    return bounded
+
+
+def bound_entropy_encoders(model: Any) -> None:
+    """Check every symbol CompressAI's encoders are given (:data:`MAX_SYMBOL`), so that coding always ends: the
+    entropy models' own encoders, and the symbols the autoregressive models (mbt2018, cheng2020) quantize for the
+    ``BufferedRansEncoder`` they make themselves."""
+    for module in model.modules():
+        coder = getattr(module, "entropy_coder", None)
+        if coder is not None and hasattr(coder, "_encoder") and not isinstance(coder._encoder, _BoundedEncoder):
+            coder._encoder = _BoundedEncoder(coder._encoder)
+            module.quantize = _bounded_quantize(module.quantize)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from comneck_cli.codecs.families import rate_gain
 from comneck_cli.codecs.specs import RATE_STEPS, CodecSpec, check_rate
-from comneck_cli.errors import FormatError
+from comneck_cli.errors import FormatError, InputError
 from comneck_cli.formats import latent_grids
 
 
@@ -56,6 +56,28 @@ def run_tiled(transform: Callable[[Tensor], Tensor], x: Tensor, tile: int, halo:
                 part[..., dt : dt + rows, dl : dl + cols])
     return out
 
+def allocation_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the machine's memory running out on the CPU (Python's MemoryError, or torch's allocator
+    refusing, which is a RuntimeError); CUDA's out-of-memory is left to ``split_on_oom``, which retries smaller."""
+    return isinstance(exc, MemoryError) or (
+        isinstance(exc, RuntimeError) and not isinstance(exc, torch.cuda.OutOfMemoryError)
+        and "can't allocate memory" in str(exc))
+
+
+@contextmanager
+def memory_for(what: str, height: int, width: int) -> Iterator[None]:
+    """Turn running out of memory while the codec works on an H×W image into one sentence (a damaged record and
+    a short machine are different problems)."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not allocation_failure(exc):
+            raise
+        raise InputError(f"not enough memory to {what} a {width}×{height} image on this machine (README, "
+                         "\"Reliability\", gives what each size needs); use a machine with more memory, or lower "
+                         "`max_pixels` to refuse such images before any work", params=["max_pixels"]) from None
+
+
 @dataclass
 class Codec:
     """A loaded codec, ready to code: model with entropy tables built once at load.
@@ -72,6 +94,13 @@ class Codec:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     machine_only: bool = False  # retrained for machines only (scenario d3): its records have no image to decode
     rate: float | None = None  # variable-rate codecs: R in [1, L], what -q/--rate chose
+
+    def __repr__(self) -> str:
+        # What identifies it, on one line: the dataclass's own repr prints the whole network (~100 lines).
+        level = f"quality={self.quality}" if self.rate is None else f"rate={self.rate:g}"
+        extra = ", machine_only=True" if self.machine_only else ""
+        return (f"Codec({self.spec.name!r}, {level}, digest={self.digest.hex()!r}, device={str(self.device)!r}"
+                f"{extra}, source={Path(self.source).name!r})")
 
     @property
     def name(self) -> str:
@@ -128,9 +157,10 @@ class Codec:
         def g_a(part: Tensor) -> Tensor:
             return self.model.g_a(part.to(self.device)).float().cpu()
 
-        if height * width <= ANALYSIS_TILE**2:
-            return g_a(x)
-        return run_tiled(g_a, x, ANALYSIS_TILE, ANALYSIS_HALO, 1 / 16)
+        with memory_for("encode", height, width):
+            if height * width <= ANALYSIS_TILE**2:
+                return g_a(x)
+            return run_tiled(g_a, x, ANALYSIS_TILE, ANALYSIS_HALO, 1 / 16)
 
     @torch.inference_mode()
     def code(self, y: Tensor, gain: Tensor | None = None) -> tuple[list[bytes], Tensor]:
@@ -138,7 +168,7 @@ class Codec:
 
         Separate from g_a so a rate search codes the same y at several rates without re-running the transform.
         """
-        with one_thread():
+        with one_thread(), memory_for("entropy-code", y.shape[-2] * 16, y.shape[-1] * 16):
             return self.spec.family.compress(self.model, y, self.gain if gain is None else gain)
 
     @torch.inference_mode()
@@ -153,7 +183,7 @@ class Codec:
                 "the file is damaged or was written by another codec"
             )
         try:
-            with one_thread():
+            with one_thread(), memory_for("entropy-decode", height, width):
                 return self.spec.family.decompress(self.model, list(strings), latent_grids(height, width)[0],
                                                    self.gain if gain is None else gain)
         except (RuntimeError, ValueError, IndexError) as exc:
@@ -171,9 +201,10 @@ class Codec:
         def g_s(part: Tensor) -> Tensor:
             return self.model.g_s(part.to(self.device)).clamp_(0, 1)
 
-        if y_hat.shape[-2] * y_hat.shape[-1] <= SYNTHESIS_TILE**2:
-            return g_s(y_hat)
-        return run_tiled(g_s, y_hat, SYNTHESIS_TILE, SYNTHESIS_HALO, 16)
+        with memory_for("decode", y_hat.shape[-2] * 16, y_hat.shape[-1] * 16):
+            if y_hat.shape[-2] * y_hat.shape[-1] <= SYNTHESIS_TILE**2:
+                return g_s(y_hat)
+            return run_tiled(g_s, y_hat, SYNTHESIS_TILE, SYNTHESIS_HALO, 16)
 
 
 _ONE_THREAD_LOCK = threading.RLock()

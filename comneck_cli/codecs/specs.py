@@ -18,7 +18,7 @@ from comneck_cli.codecs._compressai import import_compressai
 from comneck_cli.codecs.families import (Autoregressive, Family, LatentCodecModel, MeanScaleHyperprior,
                                          ScaleHyperprior, VariableRate)
 from comneck_cli.defaults import CODEC_LEVELS, quality_problem, rate_problem
-from comneck_cli.errors import UsageError
+from comneck_cli.errors import FormatError, UsageError
 from comneck_cli.formats import CODEC_IDS
 
 
@@ -60,8 +60,8 @@ class CodecSpec:
         import_compressai()
         from compressai.registry import MODELS
 
-        # registers elic-comneck, which CompressAI does not have
-        from comneck_cli.codecs import elic_comneck  # noqa: F401
+        # registers elic-comneck and lapped-pca-vbr, which CompressAI does not have
+        from comneck_cli.codecs import elic_comneck, lapped  # noqa: F401
 
         return MODELS[self.name]
 
@@ -93,6 +93,10 @@ CODECS: dict[str, CodecSpec] = {
         # codec.
         CodecSpec("elic-comneck", LatentCodecModel(), zoo=False,
                   notes="the ComNeck authors' released codec (issue #18); no zoo weights"),
+        # mbt2018-mean-vbr with a lapped linear path in g_a/g_s that starts at the photos' principal components
+        # (comneck_cli.codecs.lapped, issue #34); train it with `init_pca`.
+        CodecSpec("lapped-pca-vbr", VariableRate(), zoo=False,
+                  notes="variable rate; linear path from photo PCA + residual branches (issue #34); no weights yet"),
     )
 }
 
@@ -129,6 +133,18 @@ def check_rate(spec: CodecSpec, rate: float) -> float:
     if problem is not None:
         raise problem
     return round(rate * RATE_STEPS) / RATE_STEPS
+
+
+def check_record_level(name: str, quality: int, stored_rate: int | None) -> None:
+    """Refuse, as damage (:class:`FormatError`), a record's quality or stored rate (thousandths of a level) that codec
+    ``name`` does not have: a decoder's error is about the record, not about encoder parameters it does not take."""
+    levels = CODEC_LEVELS[name]
+    rate = None if stored_rate is None else stored_rate / RATE_STEPS
+    if quality in levels and (rate is None or levels[0] <= rate <= levels[-1]):
+        return
+    stored = f"quality {quality}" if quality not in levels else f"rate {rate:g}"
+    raise FormatError(f"record holds {stored}, but codec {name} has levels {levels[0]}..{levels[-1]}; the file is "
+                      "damaged or was written by another program")
 
 
 def check_rate_options(spec: CodecSpec, rate: float | None, bpp_target: float | None) -> None:

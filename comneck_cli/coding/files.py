@@ -12,17 +12,19 @@ import io
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 
 from comneck_cli.formats import CnkError, Limits, Record, iter_records, pack
 
-from comneck_cli.coding import CodecCache, ImageEncoder, decode, split_on_oom
+from comneck_cli.coding.decoder import CodecCache, decode
+from comneck_cli.coding.device import split_on_oom
+from comneck_cli.coding.encoder import ImageEncoder
 from comneck_cli.errors import ComneckError, InputError
-from comneck_cli.io.images import encode_image_bytes, image_format_for, read_image, size_label
-from comneck_cli.io.outputs import (NO_RECORDS, STDIO, Report, decoded_name, is_dir_target, numbered, refuse_existing,
-                                    without_clashes, write_atomic, write_stdout)
+from comneck_cli.io.images import encode_image_bytes, image_format_for, read_image, read_image_stream, size_label
+from comneck_cli.io.outputs import (NO_RECORDS, STDIO, Report, decoded_name, is_dir_target, numbered, read_problem,
+                                    refuse_existing, refuse_input, without_clashes, write_atomic, write_stdout)
 
 Progress = Callable[[int, int], None]
 
@@ -32,11 +34,35 @@ def _label(name: str) -> str:
 
 
 def _read_bytes(name: str) -> bytes:
-    """The bytes of an input file, or of stdin for ``-``; an unreadable file is an InputError."""
+    """The bytes of an input file; an unreadable file is an InputError. (Stdin is read as it arrives: see
+    :func:`_stdin`.)"""
     try:
-        return sys.stdin.buffer.read() if name == STDIO else Path(name).read_bytes()
+        return Path(name).read_bytes()
     except OSError as exc:
-        raise InputError(exc.strerror or str(exc)) from None
+        raise InputError(read_problem(exc)) from None
+
+
+class Prefixed:
+    """A binary stream whose first bytes ``head`` were already read from ``stream``: they, then the rest."""
+
+    def __init__(self, head: bytes, stream: BinaryIO) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        cut = len(self.head) if size < 0 else size
+        part, self.head = self.head[:cut], self.head[cut:]
+        return part
+
+
+def _stdin() -> tuple[bytes, BinaryIO]:
+    """(stdin's first bytes, enough to tell a ``.cnk`` stream from an image; all of stdin as a stream, those bytes
+    included): stdin is parsed as it arrives, never read whole first (``decode - < /dev/zero`` stops at byte 1)."""
+    from comneck_cli.formats import MAGIC
+
+    head = sys.stdin.buffer.read(len(MAGIC))
+    return head, Prefixed(head, sys.stdin.buffer)
 
 
 def stepper(on_progress: Progress | None, total: int) -> Callable[[], None]:
@@ -79,19 +105,26 @@ def decode_record_bytes(record: Record, cache: CodecCache, fmt: str) -> bytes:
     return encode_image_bytes(decode(record, cache.for_record(record)), fmt)
 
 
-def parse_records(source: str, data: bytes, report: Report, limits: Limits | None = None
+def parse_records(source: str, data: bytes | BinaryIO, report: Report, limits: Limits | None = None
                   ) -> list[tuple[str, str, int, int, Record]]:
-    """Every record of one input as (label, source, record number, records in source, Record); a damaged or empty
-    input is reported failed and gives none."""
+    """Every good record of one input (bytes, or a stream read one record at a time) as (label, source, record
+    number, records in source, Record). A damaged record is reported failed and the others are kept; damage to the
+    framing ends the input there; an empty input is reported failed."""
+    found: list[Record | CnkError] = []  # in stream order, so that records keep their numbers
     try:
-        found = list(iter_records(io.BytesIO(data), limits))
+        found.extend(iter_records(io.BytesIO(data) if isinstance(data, bytes) else data, limits,
+                                  on_damaged=found.append))
         if not found:
             raise CnkError(NO_RECORDS)
-    except CnkError as exc:
-        report.fail(source, exc)  # a ComneckError already, its `max_pixels` kept for the flag
-        return []
-    return [(source if len(found) == 1 else f"{source} record {n}", source, n, len(found), record)
-            for n, record in enumerate(found, start=1)]
+    except CnkError as exc:  # a ComneckError already, its `max_pixels` kept for the flag
+        found.append(exc)
+    jobs = []
+    for n, record in enumerate(found, start=1):
+        if isinstance(record, CnkError):
+            report.fail(source, record)  # the message names the record and its byte offset
+        else:
+            jobs.append((source if len(found) == 1 else f"{source} record {n}", source, n, len(found), record))
+    return jobs
 
 
 def read_records(sources: Sequence[str], report: Report, limits: Limits | None = None
@@ -100,7 +133,7 @@ def read_records(sources: Sequence[str], report: Report, limits: Limits | None =
     jobs = []
     for source in sources:
         try:
-            data = _read_bytes(source)
+            data = _stdin()[1] if source == STDIO else _read_bytes(source)
         except ComneckError as exc:
             report.fail(source, exc)
             continue
@@ -135,7 +168,10 @@ def encode_files(images: Sequence[str], output: str | None, encoder: Callable[[]
     def encode_part(part: list) -> list:
         return encoder()([image for _, image in part])
 
-    images = without_clashes(images, lambda name: (_label(name), [encode_target(name, output)]), report)
+    if output not in (None, STDIO) and not is_dir_target(output):
+        refuse_input(Path(output), images)  # the one stream file must not take an input's place
+    images = without_clashes(images, lambda name: (_label(name), [encode_target(name, output)]), report,
+                             inputs=images)
     videos = [name for name in images if name != STDIO and is_video_source(name)]  # one stream per video
     images = [name for name in images if name not in videos]
     gathered: list[bytes] = []  # for a single output stream (file or stdout)
@@ -145,7 +181,8 @@ def encode_files(images: Sequence[str], output: str | None, encoder: Callable[[]
         for name in images[start : start + batch_size]:
             try:
                 refuse_existing(encode_target(name, output), force)
-                image, notes = read_image_file(sys.stdin.buffer.read() if name == STDIO else Path(name),
+                image, notes = read_image_file(read_image_stream(sys.stdin.buffer, _label(name), limits)
+                                               if name == STDIO else Path(name),
                                                _label(name), limits=limits)
                 for note in notes:
                     report.warn(note)
@@ -215,7 +252,7 @@ def decode_files(files: Sequence[str], output: str | None, cache: CodecCache, re
 
     # Every record's name is planned before the first is written: a stream's numbered outputs must not
     # replace those of another input (a.cnk's second record and a_0002.cnk, both -> OUT/a_0002.png).
-    planned = without_clashes(list(enumerate(jobs, start=1)), claim, report)
+    planned = without_clashes(list(enumerate(jobs, start=1)), claim, report, inputs=files)
     for done, (index, (label, source, record_no, count, record)) in enumerate(planned, start=1):
         try:
             target = target_for(index, source, record_no, count)
@@ -243,8 +280,10 @@ def read_inputs(sources: Sequence[str], report: Report, *, images: bool, limits:
     for source in sources:
         stem = "stdin" if source == STDIO else Path(source).stem
         try:
-            data = _read_bytes(source)
-            is_cnk = data.startswith(MAGIC)
+            data = _stdin() if source == STDIO else _read_bytes(source)
+            is_cnk = (data[0] if isinstance(data, tuple) else data).startswith(MAGIC)
+            if isinstance(data, tuple):  # stdin: a .cnk stream is parsed as it arrives, an image read with a bound
+                data = data[1] if is_cnk or not images else read_image_stream(data[1], source, limits)
             if images and is_cnk:
                 raise InputError("`via` uncompressed needs an image, not a .cnk file", params=["via"])
             if not images and not is_cnk:

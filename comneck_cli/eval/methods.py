@@ -115,13 +115,14 @@ class Context:
     def __init__(self, *, device: torch.device, codec: str, qualities: tuple[int, ...], layer: int, select: str,
                  clip_model: str, clip_tag: str, clip_weights: Path | None, weights: Spec, necks: Spec,
                  neck_weights: Spec, postprocess: Spec, adapter: str | None = None, pre_edit: str | None = None,
-                 pad_to_square: bool = False):
+                 pad_to_square: bool = False, clip_seed: int | None = None):
         self.device = device
         self.codec_name = codec
         self.qualities = qualities
         self.layer, self.select = layer, select
         self.pad_to_square = pad_to_square
         self.clip_model, self.clip_tag, self.clip_weights = clip_model, clip_tag, clip_weights
+        self.clip_seed = clip_seed  # a random tower's seed, as the neck trained against it records it
         self.weights, self.necks, self.neck_weights, self.postprocess = weights, necks, neck_weights, postprocess
         self.adapter, self.pre_edit = adapter, pre_edit  # file or name; None: the codec's registry entry
         self._codecs: dict[object, Codec] = {}
@@ -142,7 +143,8 @@ class Context:
     @property
     def clip(self) -> torch.nn.Module:
         if self._clip is None:
-            self._clip = resolve_clip(self.clip_model, self.clip_tag, self.clip_weights, device=self.device)
+            self._clip = resolve_clip(self.clip_model, self.clip_tag, self.clip_weights, device=self.device,
+                                      seed=self.clip_seed)
         return self._clip
 
     @property
@@ -241,7 +243,7 @@ class Neck(Method):
                                 "train one with `comneck train neck`", params=("neck", *exc.params)) from exc
         neck, info = load_neck(path, device=ctx.device)
         if info.codec != ctx.codec_name or info.quality not in (quality, EVERY_RATE):
-            raise MismatchError(f"neck {path} was trained for {info.codec} quality {info.quality}, not "
+            raise MismatchError(f"neck {path} was trained for {info.rates}, not "
                                 f"{ctx.codec_name} quality {quality}; pass the neck of this codec and quality")
         codec = ctx.codec(quality)
         if info.codec_digest != codec.digest.hex():

@@ -42,6 +42,9 @@ METRICS: dict[str, Metric] = {
         Metric("feature_mse", "feature MSE vs C(x)", False, "feature_mse"),
         Metric("feature_cosine", "feature cosine similarity vs C(x)", True, "feature_cosine"),
         Metric("accuracy", "zero-shot top-1 accuracy", True, "correct"),
+        # eval --mllm (eval.mllm): the MLLM's answers against its answers about the original image
+        Metric("mllm_agreement", "MLLM answer agreement with the original", True, "mllm_agreement"),
+        Metric("mllm_kl", "MLLM next-token KL vs the original (nats)", False, "mllm_kl"),
     )
 }
 

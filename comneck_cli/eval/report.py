@@ -32,7 +32,7 @@ ANCHOR = "reconstruction"
 BD_METHOD = "pchip"
 MIN_BD_POINTS = 4
 CSV_COLUMNS = ("kind", "method", "point", "quality", "image", "label", "setting", "n", "bytes", "bpp", "psnr",
-               "ms_ssim", "feature_mse", "feature_cosine", "accuracy", "correct", "predicted", "notes")
+               "ms_ssim", "feature_mse", "feature_cosine", "accuracy", "correct", "predicted", "mllm_agreement", "mllm_kl", "notes")
 
 
 # ------------------------------------------------------------------------------------------ BD-rate
@@ -136,8 +136,8 @@ def bd_rates(means: Sequence[dict], methods: Sequence[str]) -> dict[str, dict[st
             elif not rows:
                 entry = {"value": None, "reason": "no points"}
             else:
-                value, reason = bd_rate([(m["bpp"], m[metric.name]) for m in anchor_rows],
-                                        [(m["bpp"], m[metric.name]) for m in rows],
+                value, reason = bd_rate([(m["bpp"], m.get(metric.name)) for m in anchor_rows],
+                                        [(m["bpp"], m.get(metric.name)) for m in rows],
                                         higher_is_better=metric.higher_is_better, names=(ANCHOR, method),
                                         metric=metric.name)
                 entry = {"value": value, "reason": reason}
@@ -276,25 +276,34 @@ def _bjontegaard_version() -> str | None:
 
 
 _FORMATS = {"psnr": "{:.2f}", "ms_ssim": "{:.4f}", "feature_mse": "{:.4g}", "feature_cosine": "{:.4f}",
-            "accuracy": "{:.3f}"}
+            "accuracy": "{:.3f}", "mllm_agreement": "{:.3f}", "mllm_kl": "{:.4g}"}
 
 
 def _summary(header, status, skips, failures, means, bd, plots, methods) -> str:
     lines = ["# comneck eval", ""]
     classes = header.get("classes") or []
-    labels = (f"{len(classes)} classes, zero-shot prompt \"{header.get('prompt')}\"" if classes
+    labels = (f"{len(classes)} classes; zero-shot accuracy not measured, CLIP is not available (below)"
+              if classes and not header.get("clip_model") else
+              f"{len(classes)} classes, zero-shot prompt \"{header.get('prompt')}\"" if classes
               else "no class labels (flat folder): zero-shot accuracy not measured")
+    ignored = header.get("ignored") or []
     size = header.get("size")
     coded = f"short side resized to {size} (bicubic), centre crop {size} × {size}" if size else "they are (no resize)"
     weights = ", ".join(f"{k} {v}" for k, v in header.get("weights", {}).items())
     lines += [
         f"- data: `{header.get('data')}`, {header.get('images')} images; {labels}",
+        *([f"- not evaluated: {len(ignored)} image(s) directly in `{header.get('data')}`, outside the class "
+           f"folders: {', '.join(ignored)}"] if ignored else []),
         f"- images coded as: {coded}",
         f"- codec: {header.get('codec')}, qualities {', '.join(map(str, header.get('qualities', [])))}"
         + (f" (weights {weights})" if weights else ""),
         (f"- CLIP: {header.get('clip_model')} / {header.get('clip_tag')}; features: layer {header.get('layer')}, "
          f"`{header.get('select')}`, compared with C(x) of the same pixels" if header.get("clip_model") else
-         "- CLIP: not available, so feature metrics and accuracy are not measured (pixel metrics only)"),
+         "- CLIP: not available, so feature metrics and accuracy are not measured (pixel metrics only): "
+         + str(header.get("clip_unavailable") or "no tower")),
+        *([f"- MLLM: `{header['mllm']['folder']}` (tower {header['mllm']['tower']}), {len(header['mllm']['prompts'])} "
+           "prompt(s), greedy answers compared with its answers about the original image; KL(original || "
+           "compressed) of the next-token distributions along the original's answer"] if header.get("mllm") else []),
         "- rate: 8 × bytes / pixels of what each method really stores (the whole .cnk record, container included; "
         "whole image files); traditional codecs are bpp-matched to the .cnk record image by image",
         f"- BD-rate: against `{ANCHOR}`, bjontegaard {_bjontegaard_version()} `{BD_METHOD}`; negative = fewer bits "
@@ -316,8 +325,10 @@ def _summary(header, status, skips, failures, means, bd, plots, methods) -> str:
         lines += ["", "## Failures", ""] + [f"- {f}" for f in failures]
     columns = list(dict.fromkeys(m["point"] for m in means))
     for metric in METRICS.values():
+        if metric.name.startswith("mllm_") and not header.get("mllm"):
+            continue  # asked of an MLLM only with --mllm
         if not any(m[metric.name] is not None for m in means):
-            lines += ["", f"## {metric.title}", "", "Not measured" + _why_missing(metric, means) + "."]
+            lines += ["", f"## {metric.title}", "", "Not measured" + _why_missing(metric, means, header) + "."]
             continue
         lines += ["", f"## {metric.title}", "", "Each cell: mean bpp, mean value "
                   f"({'higher' if metric.higher_is_better else 'lower'} is better).", "",
@@ -354,8 +365,11 @@ def _summary(header, status, skips, failures, means, bd, plots, methods) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _why_missing(metric: Metric, means) -> str:
+def _why_missing(metric: Metric, means, header: dict) -> str:
+    """The one true reason a metric has no value anywhere: CLIP missing comes before the data's labels."""
     reasons = {note.split(" (")[0] for m in means for note in m["notes"]}
+    if metric.name in ("feature_mse", "feature_cosine", "accuracy") and not header.get("clip_model"):
+        return ": CLIP is not available (see the CLIP line above)"
     if metric.name == "accuracy":
         return ": the data has no class labels (class sub-folders)"
     if metric.name == "ms_ssim":

@@ -30,7 +30,7 @@ import torch
 from comneck_cli import coding as api
 from comneck_cli import hub
 from comneck_cli.defaults import DEFAULT_CODEC
-from comneck_cli.errors import ComneckError, InputError, MismatchError
+from comneck_cli.errors import ComneckError, InputError, MismatchError, UsageError
 from comneck_cli.features import neck_registry_name
 from comneck_cli.io.outputs import make_folder
 from comneck_cli.eval import DEFAULT_METHODS, DEFAULT_PROMPT, report
@@ -38,6 +38,7 @@ from comneck_cli.eval.data import find_images, load_image
 from comneck_cli.eval.methods import Context, Entry, Outcome, Point, Skip, file_digest, get_method, spec_for
 from comneck_cli.clip.zeroshot import ZeroShot
 from comneck_cli.eval.metrics import bits_per_pixel, feature_fidelity, ms_ssim, psnr
+from comneck_cli.mllm.tower import MLLM_TAG
 
 LOG_NAME = "points.jsonl"
 LOG_FORMAT = "comneck-eval-log"
@@ -78,6 +79,10 @@ class EvalConfig:
     resume: bool = False
     force: bool = False
     max_pixels: int | None = None
+    mllm: str | Path | None = None  # a LLaVA folder or cached hub id: answer agreement and KL (eval.mllm)
+    prompts: Path | None = None  # with mllm: one prompt a line
+    mllm_dtype: str | None = None
+    max_new_tokens: int = 32
 
 
 @dataclass
@@ -106,13 +111,24 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None, echo: Callabl
     dataset = find_images(cfg.data, limit=cfg.limit, classes_file=cfg.classes)
     make_folder(Path(cfg.output))  # before any model loads: an unwritable -o fails in a second, not minutes
     if dataset.ignored:
-        say(f"{len(dataset.ignored)} image(s) directly in {cfg.data} are not in a class folder and are not evaluated")
+        say(f"{len(dataset.ignored)} image(s) directly in {cfg.data} are not in a class folder and are not "
+            f"evaluated: {', '.join(dataset.ignored)}")
     device = api.resolve_device(cfg.device)
-    clip_model, clip_tag = _choose_clip(cfg)
+    judge = _judge(cfg, device)
+    clip_model, clip_tag, clip_seed = _choose_clip(cfg)
     ctx = Context(device=device, codec=cfg.codec, qualities=tuple(cfg.qualities), layer=cfg.layer, select=cfg.select,
-                  clip_model=clip_model, clip_tag=clip_tag, clip_weights=cfg.clip_weights, weights=cfg.weights,
+                  clip_model=clip_model, clip_tag=clip_tag, clip_seed=clip_seed, clip_weights=cfg.clip_weights,
+                  weights=cfg.weights,
                   necks=cfg.necks, neck_weights=cfg.neck_weights, postprocess=cfg.postprocess,
                   adapter=cfg.adapter, pre_edit=cfg.pre_edit, pad_to_square=cfg.pad_to_square)
+    mllm_tower = judge is not None and (clip_model, clip_tag) == judge.tower_id
+    if not mllm_tower and str(clip_tag).startswith(MLLM_TAG):  # open_clip cannot load an MLLM's tower
+        have = (f"{judge.mllm.folder}'s tower is {'/'.join(judge.tower_id)}" if judge is not None
+                else "no `mllm` is given")
+        raise MismatchError(f"the models were trained for the vision tower of an MLLM ({clip_model}/{clip_tag}), but "
+                            f"{have}; pass that checkpoint as `mllm`, with `prompts`", params=("mllm", "prompts"))
+    if mllm_tower:  # necks trained for the MLLM's tower: C and C' are that tower, which open_clip cannot load
+        ctx._clip = judge.clip()
     methods = {name: get_method(name) for name in dict.fromkeys(cfg.methods)}
     needs_codec = any(name != "uncompressed" for name in methods)
     without_clip = _clip_unavailable(ctx, methods)
@@ -135,13 +151,17 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None, echo: Callabl
         skips += skipped
     for skip in skips:
         say(f"{skip.method}{'' if skip.point is None else ' ' + skip.point} skipped: {skip.reason}")
-    zero_shot = _zero_shot(ctx, dataset.classes, cfg.prompt) if dataset.labelled and without_clip is None else None
+    if dataset.labelled and mllm_tower:
+        say("zero-shot accuracy is not measured: the MLLM's vision tower has no text tower")
+    zero_shot = (_zero_shot(ctx, dataset.classes, cfg.prompt)
+                 if dataset.labelled and without_clip is None and not mllm_tower else None)
 
     settings = {
         "codec": cfg.codec, "size": cfg.size, "layer": cfg.layer, "select": cfg.select,
         "pad_to_square": cfg.pad_to_square, "clip_model": clip_model,
         "clip_tag": clip_tag, "clip_weights": file_digest(cfg.clip_weights) if cfg.clip_weights else None,
         "prompt": cfg.prompt if dataset.labelled else None, "classes": dataset.classes,
+        "mllm": judge.settings() if judge is not None else None,
     }
     log = _Log(log_path, settings, resume=cfg.resume, force=cfg.force)
     finished = log.finished({(p.method, p.name): p.models for p in points})
@@ -160,6 +180,8 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None, echo: Callabl
             if not work:
                 continue
             ctx.new_chunk()
+            if judge is not None:
+                judge.new_chunk()
             entries = _load_chunk(cfg, chunk, work, failures, advance, say)
             if not entries:
                 continue
@@ -167,7 +189,7 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None, echo: Callabl
             for point in points:
                 todo_here = [e for e in entries.values() if (point.method, point.name, e.item.id) in work]
                 rows = _run_point(ctx, methods[point.method], point, todo_here, reference, dataset.classes,
-                                  zero_shot, failures, advance)
+                                  zero_shot, failures, advance, judge)
                 for row in rows:
                     log.append(row)
                     finished[(point.method, point.name, row["image"])] = row
@@ -179,6 +201,7 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None, echo: Callabl
     rows = [finished[key] for key in wanted if key in finished]
     header = {
         **settings, "data": str(cfg.data), "images": len(items), "qualities": list(cfg.qualities),
+        "ignored": dataset.ignored, "clip_unavailable": without_clip,
         "methods": list(methods), "device": str(device),
         "weights": {f"q{q}": ctx.codec(q).digest.hex() for q in cfg.qualities if needs_codec},
     }
@@ -186,6 +209,20 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None, echo: Callabl
     means, files = report.write_report(Path(cfg.output), header=header, methods=descriptions, points=points,
                                        rows=rows, skips=skips, failures=failures, spell=spell)
     return EvalResult(Path(cfg.output), rows, means, skips, failures, computed, len(rows) - computed, files)
+
+
+def _judge(cfg: EvalConfig, device: torch.device):
+    """The MLLM judge of ``cfg.mllm`` (``eval.mllm``), or None; prompts and model checked before anything else."""
+    if cfg.mllm is None:
+        if cfg.prompts is not None:
+            raise UsageError("`prompts` are asked of an MLLM: pass `mllm` too", params=("prompts", "mllm"))
+        return None
+    if cfg.prompts is None:
+        raise UsageError("`mllm` needs `prompts`, the questions asked about every image", params=("mllm", "prompts"))
+    from comneck_cli.eval.mllm import AnswerJudge
+
+    return AnswerJudge.load(cfg.mllm, cfg.prompts, device=device, dtype=cfg.mllm_dtype,
+                            max_new_tokens=cfg.max_new_tokens)
 
 
 def _clip_unavailable(ctx: Context, methods: dict) -> str | None:
@@ -211,13 +248,15 @@ def _zero_shot(ctx: Context, classes: list[str], prompt: str) -> ZeroShot:
                            f"({type(exc).__name__}: {exc}); evaluate a flat folder to skip accuracy") from exc
 
 
-def _choose_clip(cfg: EvalConfig) -> tuple[str, str]:
-    """``--clip``/``--clip-tag``, else the CLIP the first neck (or U-Net) was trained for, else ViT-L-14 / openai."""
+def _choose_clip(cfg: EvalConfig) -> tuple[str, str, int | None]:
+    """``--clip``/``--clip-tag``, else the CLIP the first neck (or U-Net, or decoder adapter) was trained for, else
+    ViT-L-14 / openai; and the seed of that neck's random tower, when it records one (``clip.tower.random_clip``)."""
     if cfg.clip_model is not None:
-        return cfg.clip_model, cfg.clip_tag or "openai"
+        return cfg.clip_model, cfg.clip_tag or "openai", None
     from safetensors import safe_open
 
     from comneck_cli.features import resolve_neck
+    from comneck_cli.models.adapter import AdapterInfo, adapter_registry_name
     from comneck_cli.models.neck import NeckInfo
     from comneck_cli.models.unet import PostprocessInfo, postprocess_registry_name
 
@@ -230,6 +269,9 @@ def _choose_clip(cfg: EvalConfig) -> tuple[str, str]:
         given = spec_for(cfg.postprocess, quality)
         name = given if given is not None else postprocess_registry_name(cfg.codec, quality)
         candidates.append((lambda name=name: hub.resolve(name, "postprocess"), PostprocessInfo.from_metadata))
+    for quality in cfg.qualities:  # an adapter trained for an MLLM's tower makes that tower eval's C
+        name = cfg.adapter if cfg.adapter is not None else adapter_registry_name(cfg.codec, quality)
+        candidates.append((lambda name=name: hub.resolve(name, "adapter"), AdapterInfo.from_metadata))
     for find, read in candidates:
         try:
             path = find()
@@ -237,8 +279,9 @@ def _choose_clip(cfg: EvalConfig) -> tuple[str, str]:
                 info = read(dict(f.metadata() or {}), path)
         except Exception:  # the method plans again and reports why this file cannot be used
             continue
-        return info.clip_model, cfg.clip_tag or info.clip_tag
-    return "ViT-L-14", cfg.clip_tag or "openai"
+        seed = getattr(info, "clip_seed", None) if cfg.clip_tag is None else None
+        return info.clip_model, cfg.clip_tag or info.clip_tag, seed
+    return "ViT-L-14", cfg.clip_tag or "openai", None
 
 
 def _load_chunk(cfg, chunk, work, failures, advance, say) -> dict[str, Entry]:
@@ -309,7 +352,7 @@ def _features(ctx: Context, outcomes: list[tuple[Entry, Outcome]],
 
 
 def _run_point(ctx, method, point: Point, entries: list[Entry], reference, classes, zero_shot, failures,
-               advance) -> list[dict]:
+               advance, judge=None) -> list[dict]:
     outcomes = []
     for entry in entries:
         try:
@@ -322,17 +365,23 @@ def _run_point(ctx, method, point: Point, entries: list[Entry], reference, class
     if not outcomes:
         return []
     if reference is None:  # no CLIP: pixel metrics only
-        return [_row(point, entry, outcome, None, None, None, classes, None) for entry, outcome in outcomes]
-    try:
-        features = _features(ctx, outcomes, reference)
-    except ComneckError as exc:
-        for entry, _ in outcomes:
-            failures.append(f"{point.method} {point.name} {entry.item.id}: {exc}")
-            advance()
-        return []
-    rows = []
-    for (entry, outcome), (selected, embedding) in zip(outcomes, features):
-        rows.append(_row(point, entry, outcome, selected, embedding, reference[entry.item.id][0], classes, zero_shot))
+        rows = [_row(point, entry, outcome, None, None, None, classes, None) for entry, outcome in outcomes]
+    else:
+        try:
+            features = _features(ctx, outcomes, reference)
+        except ComneckError as exc:
+            for entry, _ in outcomes:
+                failures.append(f"{point.method} {point.name} {entry.item.id}: {exc}")
+                advance()
+            return []
+        rows = [_row(point, entry, outcome, selected, embedding, reference[entry.item.id][0], classes, zero_shot)
+                for (entry, outcome), (selected, embedding) in zip(outcomes, features)]
+    if judge is not None:  # the MLLM's answers about the same outcomes
+        for (entry, outcome), row in zip(outcomes, rows):
+            scores = judge.score(ctx, method, point, entry, outcome)
+            note = scores.pop("mllm_note", None)
+            row.update(scores)
+            row["notes"] += [note] if note else []
     return rows
 
 

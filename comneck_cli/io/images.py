@@ -18,6 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from comneck_cli.formats import CnkError, Limits
 
 from comneck_cli.errors import ComneckError, InputError
+from comneck_cli.io.outputs import read_problem
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 """What a folder of images is searched for: training and evaluation sets, batch inputs, video frames."""
@@ -43,6 +44,34 @@ def check_size(height: int, width: int, subject: str, limits: Limits | None = No
         input_limits(limits).check_image(height, width, subject)
     except CnkError as exc:
         raise InputError(str(exc), params=exc.params) from None  # the container's sentence, its `max_pixels` kept
+
+
+# How the files read_image takes begin (PNG, JPEG, WebP, TIFF in both byte orders and BigTIFF, GIF, BMP): a stream
+# that starts otherwise is refused at once instead of read to its end.
+IMAGE_SIGNATURES = (b"\x89PNG", b"\xff\xd8", b"RIFF", b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+", b"GIF8", b"BM")
+# Bytes an image stream may hold per pixel of the limit: 16-bit RGBA samples stored raw take 8; headers 1 MiB more.
+STREAM_BYTES_PER_PIXEL = 8
+
+
+def read_image_stream(stream: BinaryIO, label: str, limits: Limits | None = None) -> bytes:
+    """The bytes of one image file from ``stream`` (stdin), read a chunk at a time: refused as soon as they do not
+    begin like an image, or once they exceed what an uncompressed image within ``limits`` can hold, so an endless
+    stream (``< /dev/zero``) is never read into memory whole."""
+    limits = input_limits(limits)
+    cap = limits.max_pixels * STREAM_BYTES_PER_PIXEL + (1 << 20)
+    chunks, size, checked = [], 0, False
+    while chunk := stream.read(min(1 << 20, cap + 1 - size)):
+        chunks.append(chunk)
+        size += len(chunk)
+        if not checked and size >= 8:
+            if not b"".join(chunks)[:8].startswith(IMAGE_SIGNATURES):
+                raise InputError(f"{label}: not a readable image (not PNG, JPEG, WebP or TIFF data)")
+            checked = True
+        if size > cap:
+            raise InputError(f"{label}: more than {cap} bytes, more than an image within the limit of "
+                             f"{limits.max_pixels} pixels holds; if the input is trusted, raise `max_pixels`",
+                             params=["max_pixels"])
+    return b"".join(chunks)
 
 
 def read_image(
@@ -76,8 +105,15 @@ def read_image(
             check_size(height, width, label, limits)
             if width < 1 or height < 1:
                 raise InputError(f"{label}: image has no pixels")
+            deep = img.mode in ("RGB", "RGBA") and _has_16_bit_samples(img)  # known only before load()
+            frames = getattr(img, "n_frames", 1)
+            if frames > 1 and img.format != "MPO":  # MPO: a camera's JPEG with its previews, not a sequence
+                _warn(label, f"{frames} frames or pages; only the first is encoded (for every frame, encode a "
+                             "folder of frames or a video)")
             img = ImageOps.exif_transpose(img)
             img.load()
+            if deep:
+                _warn(label, "16-bit samples reduced to 8 bits")
             rgb = _to_rgb(img, label)
     except ComneckError:
         raise
@@ -92,7 +128,7 @@ def read_image(
                            "images before decoding, or use a machine with more memory", params=["max_pixels"]) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, FileNotFoundError):
-            raise InputError(f"{label}: no such file") from exc
+            raise InputError(f"{label}: {read_problem(exc)}") from exc
         if isinstance(exc, UnidentifiedImageError):  # Pillow's text shows a path or an object's repr
             empty = source == b"" or (isinstance(source, (str, Path)) and Path(source).stat().st_size == 0)
             what = "empty input" if empty else "not PNG, JPEG, WebP or TIFF data"
@@ -102,6 +138,16 @@ def read_image(
     if array.ndim != 3 or array.shape[0] < 1 or array.shape[1] < 1:
         raise InputError(f"{label}: image has no pixels")
     return array
+
+
+def _has_16_bit_samples(img: Image.Image) -> bool:
+    """Whether an RGB(A) image's file holds 16-bit samples: Pillow opens a 16-bit RGB PNG or TIFF as 8-bit ``RGB``
+    and keeps the file's sample layout only in its tiles' raw mode (``RGB;16B``)."""
+    for tile in img.tile:
+        rawmode = tile.args if isinstance(tile.args, str) else tile.args[0] if tile.args else ""
+        if isinstance(rawmode, str) and ";16" in rawmode:
+            return True
+    return False
 
 
 def _to_rgb(img: Image.Image, label: str) -> Image.Image:
@@ -128,7 +174,8 @@ def _to_rgb(img: Image.Image, label: str) -> Image.Image:
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         alpha = np.asarray(img.getchannel("A"))
         if alpha.min(initial=255) < 255:
-            _warn(label, "transparency dropped (composited onto black)")
+            _warn(label, "transparency dropped (the alpha channel is discarded: transparent pixels keep the colour "
+                         "stored under them)")
         return img.convert("RGB")
     if mode == "CMYK":
         _warn(label, "CMYK converted to RGB without a colour profile")

@@ -19,6 +19,7 @@ from comneck_cli.errors import ComneckError
 
 STDIO = "-"
 NO_RECORDS = "no records in file (empty input)"  # decode, features and info say the same of an empty .cnk input
+NO_SUCH_FILE = "no such file"  # every command says the same of a missing input (encode, decode, features, info)
 _UMASK_LOCK = threading.Lock()
 T = TypeVar("T")
 
@@ -56,6 +57,11 @@ def make_folder(folder: Path) -> None:
         raise ComneckError(f"cannot create folder {folder}: {exc.strerror or exc}") from None
 
 
+def read_problem(exc: OSError) -> str:
+    """Why an input could not be read, in the words every command uses: :data:`NO_SUCH_FILE`, else the system's."""
+    return NO_SUCH_FILE if isinstance(exc, FileNotFoundError) else exc.strerror or str(exc)
+
+
 def refuse_terminal(what: str = "binary data") -> None:
     """Refuse to write ``what`` to stdout when it is a terminal (as gzip does): it would only garble the screen."""
     if sys.stdout.isatty():
@@ -68,9 +74,61 @@ def _exists(path: Path) -> ComneckError:
 
 
 def refuse_existing(target: Path | None, force: bool) -> None:
-    """Refuse an output that exists, unless ``force``: checked before an input is read and coded."""
-    if target is not None and not force and Path(target).exists():
+    """Refuse an output that exists, unless ``force``, and one that is not a regular file (a device, FIFO, socket or
+    folder) even with it: checked before an input is read and coded."""
+    if target is None:
+        return
+    try:
+        refuse_special(Path(target))
+        exists = Path(target).exists()
+    except OSError as exc:  # a name the system cannot even stat (ENAMETOOLONG): one line, not a traceback
+        raise ComneckError(f"cannot write {target}: {exc.strerror or exc}") from None
+    if not force and exists:
         raise _exists(Path(target))
+
+
+def refuse_special(target: Path) -> None:
+    """Refuse to replace something that is not a regular file (``/dev/sda``, a FIFO, a socket, a folder), with or
+    without ``force``: moving a file into its place would destroy a device node or a pipe, not update a file."""
+    if target.exists() and not target.is_file():
+        raise ComneckError(f"{target} exists and is not a regular file; outputs never replace a device, FIFO, "
+                           "socket or folder, with or without `force`: choose another name", params=["force"])
+
+
+def refuse_input(target: Path | None, inputs: Sequence[str | Path]) -> None:
+    """Refuse an output that is one of the run's ``inputs`` (the same path, or the same file under another name),
+    with or without ``force``: checked before any input is read."""
+    if target is not None and (found := _inputs_at([target], _input_files(inputs))) is not None:
+        raise ComneckError(f"{target} is also an input of this run ({found[1]}); an output never replaces an input, "
+                           "with or without `force`: choose another name", params=["force"])
+
+
+def _input_files(inputs: Sequence[str | Path] | Sequence[tuple[str, str | Path]]) -> dict[tuple[int, int], str]:
+    """Each readable input file's identity (device, inode) -> its label; ``-`` (stdin) has none. Identities, not
+    names, so that ``./a.png``, ``A.PNG`` on a file system that ignores case, and links all count as the input."""
+    found = {}
+    for entry in inputs:
+        label, path = entry if isinstance(entry, tuple) else (str(entry), entry)
+        if str(path) == STDIO:
+            continue
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):  # missing or unreadable: its reader says so
+            continue
+        found.setdefault((st.st_dev, st.st_ino), label)
+    return found
+
+
+def _inputs_at(targets: Sequence[Path], identities: dict[tuple[int, int], str]) -> tuple[Path, str] | None:
+    """The first of ``targets`` that already is an input, and that input's label; or None."""
+    for target in targets:
+        try:
+            st = os.stat(target)
+        except (OSError, ValueError):  # not there yet (the usual case), or a name the system cannot even stat
+            continue
+        if (st.st_dev, st.st_ino) in identities:
+            return target, identities[(st.st_dev, st.st_ino)]
+    return None
 
 
 def check_target(target: Path, force: bool) -> None:
@@ -85,8 +143,7 @@ def check_target(target: Path, force: bool) -> None:
 def write_atomic(path: Path, data: bytes, *, force: bool = False) -> None:
     """Write ``data`` to ``path`` all at once, or not at all."""
     path = Path(path)
-    if not force and path.exists():
-        raise _exists(path)
+    refuse_existing(path, force)
     folder = path.parent if str(path.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -140,7 +197,12 @@ def write_stdout(data: bytes) -> None:
 
 def is_dir_target(output: str | None) -> bool:
     """An ``-o`` value names a folder when it exists as one or ends with a path separator."""
-    return output is not None and output != STDIO and (output.endswith(("/", os.sep)) or Path(output).is_dir())
+    if output is None or output == STDIO:
+        return False
+    try:
+        return output.endswith(("/", os.sep)) or Path(output).is_dir()
+    except OSError:  # a name too long to stat (ENAMETOOLONG): not a folder; writing it says why it fails
+        return False
 
 
 def decoded_name(source: Path) -> Path:
@@ -154,19 +216,26 @@ def numbered(path: Path, index: int) -> Path:
     return path.with_name(f"{path.stem}_{index:04d}{path.suffix}")
 
 
-def clashes(claims: Sequence[tuple[str, Sequence[Path]]]) -> dict[int, str]:
+def clashes(claims: Sequence[tuple[str, Sequence[Path]]], inputs: Sequence[tuple[str, str | Path]] = ()
+            ) -> dict[int, str]:
     """Plan a run's outputs before anything is written, so that no output replaces another of the same run.
 
     ``claims`` holds, in the order the run takes its inputs, each input's label and every path it would write. An
     input that would write a path that an earlier input also writes is refused: the result maps its index to the
     reason, one sentence naming the earlier input. Paths compare as the file system sees them: absolute, and
     regardless of case in a folder whose file system ignores case. Refusing (rather than renaming) keeps every
-    name a pure function of its input, which resuming a batch relies on.
+    name a pure function of its input, which resuming a batch relies on. An input whose output would be one of the
+    run's ``inputs`` (label, path) is refused too, with or without ``force``.
     """
     owners: dict[str, str] = {}
     refused: dict[int, str] = {}
     folds: dict[Path, bool] = {}
+    identities = _input_files(inputs)
     for index, (label, paths) in enumerate(claims):
+        if identities and (found := _inputs_at(paths, identities)) is not None:
+            refused[index] = (f"its output {found[0]} is an input of this run ({found[1]}); an output never replaces "
+                              "an input: choose another output")
+            continue
         keys = [(_path_key(Path(path), folds), path) for path in paths]
         taken = next(((path, owners[key]) for key, path in keys if key in owners), None)
         if taken is not None:
@@ -177,12 +246,13 @@ def clashes(claims: Sequence[tuple[str, Sequence[Path]]]) -> dict[int, str]:
 
 
 def without_clashes(entries: Sequence[T], claim: Callable[[T], tuple[str, Sequence[Path | None]]],
-                    report: Report) -> list[T]:
+                    report: Report, inputs: Sequence[str] = ()) -> list[T]:
     """``entries`` (inputs, or decode's records) less those that would write an output that an earlier entry of
     the run writes (:func:`clashes`): each refused one is reported failed, naming the other. ``claim(entry)`` gives
-    its label and output paths (None: stdout or the one shared stream, which cannot clash)."""
+    its label and output paths (None: stdout or the one shared stream, which cannot clash). An entry whose output is
+    one of the run's ``inputs`` (file names) is refused too."""
     claims = [(label, [t for t in targets if t is not None]) for label, targets in map(claim, entries)]
-    refused = clashes(claims)
+    refused = clashes(claims, [(name, name) for name in inputs])
     for index, reason in refused.items():
         report.fail(claims[index][0], ComneckError(reason))
     return [entry for index, entry in enumerate(entries) if index not in refused]
@@ -200,7 +270,7 @@ def _ignores_case(folder: Path) -> bool:
     case (macOS and Windows by default): one whose name with its case swapped is the same folder."""
     for existing in (folder, *folder.parents):
         swapped = existing.with_name(existing.name.swapcase()) if existing.name else existing
-        if swapped == existing or not existing.exists():
+        if swapped == existing or not os.path.exists(existing):  # os.path: False for a name too long to stat
             continue  # no letters to swap, or not there yet: ask the parent
         try:
             return swapped.exists() and os.path.samefile(existing, swapped)

@@ -109,6 +109,7 @@ class AdapterInfo(ModelInfo):
     design: str = DESIGN
     semantic_strength: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
+    clip_seed: int | None = None  # clip_tag none: the seed its random tower was drawn from (clip.tower.random_clip)
 
     @classmethod
     def _json(cls, name: str) -> bool:
@@ -116,7 +117,8 @@ class AdapterInfo(ModelInfo):
 
     @classmethod
     def _decode(cls, meta: dict[str, str]) -> AdapterInfo:
-        values = {f.name: json.loads(meta[f.name]) for f in fields(cls)}
+        values = {f.name: json.loads(meta[f.name]) for f in fields(cls) if f.name != "clip_seed"}
+        values["clip_seed"] = json.loads(meta.get("clip_seed", "null"))  # files from before issue #32 have none
         values["loss_weights"] = tuple(float(v) for v in values["loss_weights"])
         if values["design"] != DESIGN:
             raise ValueError(f"design {values['design']!r} is not {DESIGN!r}")

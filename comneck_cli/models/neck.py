@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from comneck_cli.clip.tower import tag_name
 from comneck_cli.errors import MismatchError
 from comneck_cli.modelfiles import ModelInfo, load_module, save_module
 
@@ -29,6 +30,7 @@ EVERY_RATE = 0  # NeckInfo.quality of a neck trained over a variable-rate codec'
 NECK_FORMAT = "comneck-neck"
 NECK_FORMAT_VERSION = "1"
 SCENARIOS = ("d1", "d2", "d3")
+RECIPES = ("release", "paper")  # how a neck was trained: the ComNeck authors' code (their released files), or the paper
 
 
 class TransformNeck(nn.Module):
@@ -142,14 +144,31 @@ class NeckInfo(ModelInfo):
     scenario: str
     config: dict[str, Any] = field(default_factory=dict)
     targets: str = ""  # what the distillation matched, e.g. "pooled:1,layer-2/patch:1" (empty in older files)
+    clip_seed: int | None = None  # clip_tag "none": the seed its random tower was drawn from (clip.tower.random_clip)
+    recipe: str = ""  # RECIPES; empty in older files, which were trained as the paper writes C' (one ln_post)
+
+    @property
+    def ln_post_twice(self) -> bool:
+        """Whether C' must apply ``ln_post`` twice: the authors' code does, so necks of the release recipe (theirs,
+        and those trained here to reproduce them) were trained against that C' (``clip.tower.ClipTail``)."""
+        return self.recipe == "release"
+
+    @property
+    def rates(self) -> str:
+        """The codec and rates it serves, as messages say them: ``mbt2018-mean quality 3``, or for a neck of a
+        variable-rate codec ``mbt2018-mean-vbr (every rate)``, never quality 0."""
+        return f"{self.codec} (every rate)" if self.quality == EVERY_RATE else f"{self.codec} quality {self.quality}"
 
     def __post_init__(self):
+        object.__setattr__(self, "clip_tag", tag_name(self.clip_tag))  # older files wrote random weights as "None"
         digest = _hex_digest(self.codec_digest)
         if digest is None:
             raise ValueError(f"codec_digest must be 8 hex digits (4 bytes), not {self.codec_digest!r}")
         object.__setattr__(self, "codec_digest", digest)
         if self.scenario not in SCENARIOS:
             raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, not {self.scenario!r}")
+        if self.recipe not in ("", *RECIPES):
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
 
     @classmethod
     def _decode(cls, meta: dict[str, str]) -> NeckInfo:
@@ -163,6 +182,8 @@ class NeckInfo(ModelInfo):
             scenario=meta["scenario"],
             config=json.loads(meta["config"]),
             targets=meta.get("targets", ""),
+            clip_seed=json.loads(meta.get("clip_seed", "null")),
+            recipe=meta.get("recipe", ""),
         )
 
     def check_matches(
@@ -185,17 +206,17 @@ class NeckInfo(ModelInfo):
         every_rate = self.quality == EVERY_RATE and codec == self.codec
         if not every_rate and (codec, int(quality)) != (self.codec, self.quality):
             raise MismatchError(
-                f"neck {neck} was trained for codec {self.codec} quality {self.quality} but the record was coded "
+                f"neck {neck} was trained for codec {self.rates} but the record was coded "
                 f"with {codec} quality {quality}; {fix}", params=("neck",)
             )
         digest = _hex_digest(digest_hex)
         if digest != self.codec_digest:
             shown = digest or repr(digest_hex)
             raise MismatchError(
-                f"neck {neck} was trained on latents of {self.codec} quality {self.quality} weights "
+                f"neck {neck} was trained on latents of {self.rates} weights "
                 f"{self.codec_digest} but the record was coded with weights {shown}; {fix}", params=("neck",)
             )
-        if (clip_model, str(clip_tag)) != (self.clip_model, self.clip_tag):
+        if (clip_model, tag_name(clip_tag)) != (self.clip_model, self.clip_tag):
             raise MismatchError(
                 f"neck {neck} was trained for CLIP {self.clip_model}/{self.clip_tag} but features are asked of "
                 f"{clip_model}/{clip_tag}; {fix}", params=("neck",)

@@ -6,17 +6,19 @@
 
 The paper's pre-editing module refines the image with semantic information from a visual transformer at several
 scales, keeping what the LVLM needs and removing what it does not, so the codec spends fewer bits at the same rate
-parameter. P here is deliberately light (a few 3×3 convolutions at full resolution, 32 channels by default):
+parameter. Its summary gives the structure (ViT-token guidance, several scales, an edit before g_a, trained jointly
+with the codec on semantic tokens) but no layer sizes; these are ours, and deliberately light (32 channels, three
+scales; about 0.4 M parameters for ViT-L/14's two guidance layers, most of them the guidance projections):
 
 - guidance: the patch tokens of several blocks of the frozen CLIP tower C (:class:`ClipTokens`, Hugging Face
-  numbering: layer i is the output of block i), each reshaped to its ``g × g`` grid, projected by a 1×1 conv and
-  upsampled (bilinear) to the image. Early blocks say where edges and textures are, later ones what the objects are.
-- the edit: ``x_e = w_0 ⊙ x + Σ_k w_k ⊙ s_k(x)``, a per-pixel convex blend of x and smoothed copies ``s_k(x)``
-  (averages over ``k × k`` cells, upsampled back bilinearly; ``smooth`` = (4, 16) by default: texture, then
-  shading), the weights ``w`` a softmax predicted from the image features fused with the guidance. Detail is what
-  costs bits; the weights decide where dropping it costs the LVLM nothing. P can only remove (it cannot paint new
-  texture, which would cost bits), its output stays in [0, 1], and it starts as (nearly) the identity: the identity's
-  logit starts at 4 (w_0 ≈ 0.96).
+  numbering: layer i is the output of block i), each layer-normalised (ViT tokens carry a few huge channels) and
+  reshaped to its ``g × g`` grid, concatenated over the layers. Early blocks say where edges and textures are, later
+  ones what the objects are.
+- multi-scale editing: a 3×3 stem, then scales 1, 1/2, 1/4 (stride-2 convolutions). At each scale the guidance,
+  resized bilinearly to that scale and projected (1×1), modulates the image features (``h·(1 + γ_s) + β_s``) before
+  a residual 3×3 refinement; the scales are merged top-down (upsample, add the finer scale, 3×3), and a last 3×3
+  predicts a residual edit r: ``x_e = clamp(x + r, 0, 1)`` (the clamp straight-through in training). The residual's convolution starts at zero, so P starts
+  as the identity and the joint loss alone decides what it removes (or sharpens) where.
 
 P is trained jointly with the variable-rate codec (``comneck train vbr --pre-edit``) on R + λ_R·(γ·MSE + β·(L_sem +
 ρ·L_rank)), L_sem the MSE between CLIP tokens of the decoded image and of the original x at several layers and L_rank
@@ -37,11 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from comneck_cli.errors import ComneckError, MismatchError
+from comneck_cli.errors import ComneckError, MismatchError, ModelFileError
 from comneck_cli.modelfiles import ModelInfo, load_module, save_module
 
 PREEDIT_FORMAT = "comneck-preedit"
-PREEDIT_FORMAT_VERSION = "1"
+PREEDIT_FORMAT_VERSION = "2"
+# Format 1 held the former P, a convex blend of x with two smoothed copies; measured worse (README), not kept.
+FORMER_VERSIONS = {"1": "a convex blend of the image with smoothed copies"}
 PREEDIT_KIND = "preedit"  # its weights-registry kind
 
 
@@ -89,31 +93,47 @@ class ClipTokens(nn.Module):
 
 
 class PreEditor(nn.Module):
-    """P: (x, token grids) -> x_e, same size, in [0, 1]; see the module docstring."""
+    """P: (x, token grids) -> x_e = clamp(x + r, 0, 1), same size; see the module docstring.
 
-    def __init__(self, clip_width: int, layers: Sequence[int], channels: int = 32, smooth: Sequence[int] = (4, 16)):
+    ``clip_width``: C's token width; ``layers``: the guiding layers (one grid each, in this order); ``channels``:
+    feature width; ``scales``: image scales 1, 1/2, ... (each guided by the tokens)."""
+
+    def __init__(self, clip_width: int, layers: Sequence[int], channels: int = 32, scales: int = 3):
         super().__init__()
+        if scales < 1 or channels < 1 or not layers:
+            raise ValueError(f"P needs a scale, a channel and a guidance layer (scales={scales}, "
+                             f"channels={channels}, layers={list(layers)})")
         self.config = {"clip_width": int(clip_width), "layers": [int(layer) for layer in layers],
-                       "channels": int(channels), "smooth": [int(k) for k in smooth]}
-        self.smooth = tuple(int(k) for k in smooth)
-        self.image = nn.Conv2d(3, channels, 3, padding=1)
-        self.guides = nn.ModuleList(nn.Conv2d(clip_width, channels, 1) for _ in layers)
-        self.body = nn.Sequential(nn.Conv2d(2 * channels, channels, 3, padding=1), nn.GELU(),
-                                  nn.Conv2d(channels, channels, 3, padding=1), nn.GELU())
-        self.out = nn.Conv2d(channels, 1 + len(self.smooth), 3, padding=1)  # logits of x, s_k(x)...
-        nn.init.zeros_(self.out.weight)
-        with torch.no_grad():
-            self.out.bias.copy_(torch.tensor([4.0] + [0.0] * len(self.smooth)))
+                       "channels": int(channels), "scales": int(scales)}
+        conv = lambda n_in, n_out, **kw: nn.Conv2d(n_in, n_out, 3, padding=1, **kw)  # noqa: E731
+        self.stem = conv(3, channels)
+        self.down = nn.ModuleList(conv(channels, channels, stride=2) for _ in range(scales - 1))
+        self.guides = nn.ModuleList(nn.Conv2d(clip_width * len(layers), 2 * channels, 1) for _ in range(scales))
+        self.refine = nn.ModuleList(conv(channels, channels) for _ in range(scales))
+        self.merge = nn.ModuleList(conv(channels, channels) for _ in range(scales - 1))
+        self.out = conv(channels, 3)
+        nn.init.zeros_(self.out.weight)  # r = 0: P starts as the identity
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, x: Tensor, grids: Sequence[Tensor]) -> Tensor:
-        height, width = x.shape[-2:]
-        guide = sum(F.interpolate(conv(g.to(x.dtype)), size=(height, width), mode="bilinear", align_corners=False)
-                    for conv, g in zip(self.guides, grids))
-        features = self.body(torch.cat([F.gelu(self.image(x)), guide], dim=1))
-        candidates = [x] + [F.interpolate(F.avg_pool2d(x, k, ceil_mode=True), size=(height, width), mode="bilinear",
-                                          align_corners=False) for k in self.smooth]
-        weights = torch.softmax(self.out(features), dim=1)
-        return sum(weights[:, i : i + 1] * c for i, c in enumerate(candidates))  # convex: stays in [0, 1]
+        guide = torch.cat([F.layer_norm(g.to(x.dtype).movedim(1, -1), g.shape[1:2]).movedim(-1, 1) for g in grids],
+                          dim=1)
+        h = F.gelu(self.stem(x))
+        levels = []
+        for s, (project, refine) in enumerate(zip(self.guides, self.refine)):
+            if s:
+                h = F.gelu(self.down[s - 1](h))
+            gamma, beta = project(F.interpolate(guide, size=h.shape[-2:], mode="bilinear",
+                                                align_corners=False)).chunk(2, dim=1)
+            h = h + F.gelu(refine(h * (1 + gamma) + beta))  # the tokens decide what each scale keeps
+            levels.append(h)
+        for s in reversed(range(len(levels) - 1)):  # top-down: coarse semantics into finer scales
+            h = F.gelu(self.merge[s](levels[s] + F.interpolate(h, size=levels[s].shape[-2:], mode="bilinear",
+                                                              align_corners=False)))
+        edited = x + self.out(h)
+        # Clamped to [0, 1] going forward, the identity going back: a hard clamp's zero gradient would trap pixels
+        # pushed out of range (a P trained fast collapsed to a black image that way).
+        return edited + (edited.clamp(0, 1) - edited).detach()
 
 
 @dataclass(frozen=True)
@@ -133,11 +153,22 @@ class PreEditInfo(ModelInfo):
     clip_model: str
     clip_tag: str
     config: dict[str, Any] = field(default_factory=dict)
+    clip_seed: int | None = None  # clip_tag none: the seed its random tower was drawn from (clip.tower.random_clip)
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str], path: Path | str) -> PreEditInfo:
+        former = FORMER_VERSIONS.get(meta.get("format_version", "")) if meta.get("format") == cls.format else None
+        if former:
+            raise ModelFileError(f"pre-editing module {path} is of format version {meta['format_version']} "
+                                 f"({former}), which this comneck no longer runs; train a new one with `pre_edit`",
+                                 params=("pre_edit",))
+        return super().from_metadata(meta, path)
 
     @classmethod
     def _decode(cls, meta: dict[str, str]) -> PreEditInfo:
         return cls(codec=meta["codec"], codec_digest=meta["codec_digest"], clip_model=meta["clip_model"],
-                   clip_tag=meta["clip_tag"], config=json.loads(meta["config"]))
+                   clip_tag=meta["clip_tag"], config=json.loads(meta["config"]),
+                   clip_seed=json.loads(meta.get("clip_seed", "null")))
 
 
 def save_preedit(editor: PreEditor, path: Path | str, info: PreEditInfo) -> None:
@@ -200,6 +231,6 @@ def load_pre_edit(given: str | Path | None, codec: Any, *, clip_weights: Path | 
             f"pre-editing module {path} was trained with {info.codec} weights {info.codec_digest}, not {codec.name} "
             f"weights {codec.digest.hex()} ({codec.source}); pass the codec it was trained with (`weights`)",
             params=("weights",))
-    clip = resolve_clip(info.clip_model, None if info.clip_tag == "None" else info.clip_tag, clip_weights,
-                        device=device).requires_grad_(False)
+    clip = resolve_clip(info.clip_model, info.clip_tag, clip_weights, device=device, seed=info.clip_seed,
+                        owner=f"pre-editing module {path}").requires_grad_(False)
     return PreEdit(editor, ClipTokens(clip, info.config["layers"]).to(device), info, path, torch.device(device))

@@ -32,6 +32,7 @@ from comneck_cli.codecs.elic_comneck import (read_checkpoint, release_codec_stat
                                              write_release_codec)
 from comneck_cli.errors import ModelFileError, UsageError
 from comneck_cli.hub.download import RELEASE_FILES, DownloadError, Progress, download, mirrored, release_url
+from comneck_cli.modelfiles import check_finite
 from comneck_cli.models.neck import NeckInfo, TransformNeck, save_neck
 
 CODEC = "elic-comneck"
@@ -39,6 +40,10 @@ CODEC = "elic-comneck"
 RELEASE_NECK_CONFIG = {"latent_channels": 320, "width": 1024, "heads": 16, "grid": (16, 16), "mlp_ratio": 4.0}
 RELEASE_CLIP = ("ViT-L-14", "openai")  # open_clip's name and tag of the CLIP the necks feed
 RELEASE_K = 2  # the neck's tokens enter block k+1
+# The most a download may hold (hub.download's max_bytes): a released checkpoint (codec, neck and the authors'
+# training state) is a few hundred MB, CompressAI's largest zoo file about 100 MB.
+RELEASE_MAX_BYTES = 2 << 30
+ZOO_MAX_BYTES = 512 << 20
 RELEASE_TARGETS = "pooled:1"  # their distillation target, the projected class embedding, in NeckInfo.targets' form
 
 _NECK_NAMES = (  # the authors' Linear_Encoder -> comneck's TransformNeck (same modules, other names)
@@ -75,6 +80,9 @@ def read_release(path: Path | str) -> tuple[dict[str, Tensor], TransformNeck]:
     """One released ``d{S}_{Q}.pth.tar`` -> (codec state for :class:`~comneck_cli.codecs.elic_comneck.ElicComneck`,
     the neck), both checked against the architectures; a wrong file is one :class:`ModelFileError`."""
     checkpoint = read_checkpoint(path)
+    for part in ("state_dict", "adapter"):  # NaN weights would import, then hang the encoder or give NaN features
+        check_finite({k: v for k, v in checkpoint[part].items() if isinstance(v, Tensor)}, path,
+                     f"release file ({part!r})", "download it again")
     return (release_codec_state(checkpoint["state_dict"], str(path)),
             release_neck(checkpoint["adapter"], str(path)))
 
@@ -139,7 +147,8 @@ def _import_one(path: Path, scenario: str, quality: int, source: str) -> Importe
         digest = codec_entry.sha256[:8]
         clip_model, clip_tag = RELEASE_CLIP
         info = NeckInfo(codec=CODEC, quality=quality, codec_digest=digest, clip_model=clip_model, clip_tag=clip_tag,
-                        k=RELEASE_K, scenario=scenario, config=dict(neck.config), targets=RELEASE_TARGETS)
+                        k=RELEASE_K, scenario=scenario, config=dict(neck.config), targets=RELEASE_TARGETS,
+                        recipe="release")  # trained against their C', which applies ln_post twice
         neck_file = Path(folder) / f"{neck_name}.safetensors"
         save_neck(neck, neck_file, info)
         neck_entry = registry.import_file(
@@ -164,15 +173,28 @@ def fetch_release(names: Sequence[str] = RELEASE_FILES, *,
     for name in names:
         url = release_url(name)
         target = downloads_dir() / name
-        if not target.is_file():  # else complete from a run that stopped at a later file; the import checks it
-            download(url, target, progress=progress(name),
+        if target.is_file():  # complete from a run that stopped at a later file, if it still reads as one
+            try:
+                read_release(target)
+            except ModelFileError:
+                target.unlink()
+        if not target.is_file():  # checked as a release file before it is named complete, so never reused damaged
+            download(url, target, progress=progress(name), max_bytes=RELEASE_MAX_BYTES, check=read_release,
                      fix=f"run `comneck weights import-comneck {name}` (the other release files are beside it)")
         paths.append(target)
         sources[str(target)] = url
     imported = import_releases(paths, sources=sources, done=done)
     for path in paths:
         path.unlink(missing_ok=True)
+    _remove_if_empty(downloads_dir())
     return imported
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # holds another download's part (or is gone): it stays
+        pass
 
 
 def fetch_zoo(name: str, *, progress: Progress | None = None) -> registry.Entry:
@@ -195,7 +217,7 @@ def fetch_zoo(name: str, *, progress: Progress | None = None) -> registry.Entry:
     filename = url.rsplit("/", 1)[-1]
     target = downloads_dir() / filename
     fix = f"run `comneck weights import {name} {filename}`"
-    digest = download(url, target, progress=progress, fix=fix)
+    digest = download(url, target, progress=progress, fix=fix, max_bytes=ZOO_MAX_BYTES)
     prefix = filename.rsplit("-", 1)[-1].split(".")[0]  # zoo file names end in their sha256's first 8 hex digits
     if not digest.startswith(prefix):
         target.unlink(missing_ok=True)
@@ -207,3 +229,4 @@ def fetch_zoo(name: str, *, progress: Progress | None = None) -> registry.Entry:
                                     move=True)
     finally:
         target.unlink(missing_ok=True)
+        _remove_if_empty(downloads_dir())

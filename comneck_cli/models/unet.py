@@ -91,11 +91,13 @@ class PostprocessInfo(ModelInfo):
     clip_model: str
     clip_tag: str
     config: dict[str, Any] = field(default_factory=dict)
+    clip_seed: int | None = None  # clip_tag none: the seed its random tower was drawn from (clip.tower.random_clip)
 
     @classmethod
     def _decode(cls, meta: dict[str, str]) -> PostprocessInfo:
         return cls(codec=meta["codec"], quality=int(meta["quality"]), codec_digest=meta["codec_digest"].lower(),
-                   clip_model=meta["clip_model"], clip_tag=meta["clip_tag"], config=json.loads(meta["config"]))
+                   clip_model=meta["clip_model"], clip_tag=meta["clip_tag"], config=json.loads(meta["config"]),
+                   clip_seed=json.loads(meta.get("clip_seed", "null")))
 
 
 def postprocess_registry_name(codec: str, quality: int) -> str:

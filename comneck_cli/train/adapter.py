@@ -16,9 +16,16 @@ layer1`` with ``layer1 = 0.1`` and ``weights = masks.token_mask(mask, ...)`` (th
 the token grid, divided by its maximum, a class-token weight of 1 prepended), ``clip_feature_distill`` is
 ``F.mse_loss(student.image_features, teacher.image_features)``; ``select_loss_names(mode="low_then_low_high",
 warmup_epochs=5)`` gives the shallow term alone for ``epoch < warmup_epochs``, then both; the config
-(``configs/cotam_elic_clip_adapter.yaml``) trains at lr 5e-4, batch 8, 384-px images for ViT-L/14@336. Where comneck
-differs, and why: the importance map is the unquantised CLIP map instead of CoTAM's random training masks (their
-``ClipGuidedMaskProvider`` is a placeholder, and comneck's codec is trained with one gain per image); their common
+(``configs/cotam_elic_clip_adapter.yaml``) trains at lr 5e-4, batch 8, 384-px images for ViT-L/14@336. Random quality masks,
+as CoTAM's ``train_adapter.run_batch`` (``mask = mask_provider(images)`` once per batch, the codec run at it, the same
+mask the loss's token weights): a share ``gain_maps`` of the steps (default every step; half with
+``semantic_strength``, whose semantic records, weighted by the CLIP map, fill the rest) draws one mask for the
+whole batch (:func:`gainmaps.quality_mask`, CoTAM's uniform / patch / gradient modes over 10 levels) and a strength S
+~ U[0, ``gain_map_strength``]; every image is coded at the gain map a ``--semantic`` record carries for that mask
+(``semantic.quantise`` and ``gain_map``: g = g_R·2^(S·(m − m̄)) around the step's rate R, so the mask's uniform
+level is R), and the quantised mask is the token weights. Where comneck differs, and why: the mask lives on the
+record map's cells (2×2 latent positions) instead of single positions, since records carry no finer map; a uniform
+mask weighs every token 1 (CoTAM's ``token_mask`` weighs level 0 patches 0); their common
 factor ``total = 11.52`` is left out (with Adam a constant factor on the whole loss changes nothing but ε's weight);
 and their published ``train_loop`` passes ``epoch=0`` to every batch, so it never leaves the warm-up; here the
 schedule is applied. ``all_layer_tokens[0]`` is the layer-0 tokens if their ``CLIP_modify`` (not in the repository)
@@ -27,10 +34,12 @@ keeps ComNeck's ``Transformer.forward`` (``out = [x]``, the block input, first):
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -38,12 +47,16 @@ from torch import Tensor
 from comneck_cli.clip.preprocess import ClipPreprocess
 from comneck_cli.errors import UsageError
 from comneck_cli.train import checkpoint as ckpt
+from comneck_cli.train import gainmaps
 from comneck_cli.train.config import RunConfig, resolve_run, setting
 from comneck_cli.train.export import publish
 from comneck_cli.train.latents import rate_for_step
 from comneck_cli.train.loop import Runtime, check_finite, crop_batches, default_run_dir, run_length
-from comneck_cli.train.neck import clip_tag, load_frozen_codec, load_training_clip
+from comneck_cli.train.neck import clip_record, load_frozen_codec, load_training_clip
 from comneck_cli.train.trainer import Progress, Run, TrainResult, train
+
+
+_MASK_STREAM = 0x3C7  # keeps the masks' draws apart from the rate's (same seed and step)
 
 
 @dataclass(kw_only=True)
@@ -53,8 +66,10 @@ class AdapterTrainConfig(RunConfig):
     ``rates``: (low, high) range R is drawn from per step for a variable-rate codec (a fixed-rate codec codes at
     ``quality``). ``shallow_layer``: the hidden state of the importance-weighted term (HF numbering). ``loss_weights``:
     (shallow, final embedding). ``warmup_epochs``: epochs (fractions allowed) trained on the shallow term alone.
-    ``semantic_strength`` > 0 trains on semantic records guided by the same CLIP. ``crop`` defaults to 16 × CLIP's
-    token grid, so y_hat's grid is CLIP's (ViT-L/14: 256). ``clip_tag`` ``"none"`` builds a random CLIP (tests).
+    ``semantic_strength`` > 0 trains on semantic records guided by the same CLIP. ``gain_maps``: the share of steps
+    coded at a random CoTAM quality mask (default 1, or 0.5 with ``semantic_strength``; 0 for fixed-rate codecs),
+    ``gain_map_strength`` its largest S. ``crop`` defaults to 16 × CLIP's token grid, so y_hat's grid is CLIP's
+    (ViT-L/14: 256). ``clip_tag`` ``"none"`` builds a random CLIP (tests).
     """
 
     codec: str | None = setting()
@@ -68,6 +83,8 @@ class AdapterTrainConfig(RunConfig):
     loss_weights: tuple[float, float] | None = setting((0.1, 1.0))
     warmup_epochs: float | None = setting(5.0)
     semantic_strength: float | None = setting(0.0)
+    gain_maps: float | None = setting()  # resolved in _resolve: it depends on the codec and semantic_strength
+    gain_map_strength: float | None = setting(gainmaps.DEFAULT_MAX_STRENGTH)
     crop: int | None = setting()  # default_crop(clip_model), filled before the run resolves
     steps: int | None = setting(trajectory=False)
     epochs: int | None = setting(trajectory=False)
@@ -98,6 +115,10 @@ def _resolve(cfg: AdapterTrainConfig) -> tuple[dict[str, Any] | None, bool]:
     if cfg.resume is None and cfg.crop is None:
         cfg.crop = default_crop(cfg.clip_model or "ViT-L-14")
     state = resolve_run(cfg, "adapter", "train adapter")
+    variable = get_spec(cfg.codec).variable_rate  # a resumed run names its codec only now
+    if cfg.gain_maps is None:  # CoTAM: a random mask every batch; semantic records need steps of their own
+        resumed_without = state is not None and "gain_maps" not in state["config"]  # a run from before the masks
+        cfg.gain_maps = 0.0 if resumed_without or not variable else 0.5 if cfg.semantic_strength else 1.0
     check_quality(get_spec(cfg.codec), cfg.quality)
     for name, count in (("rates", 2), ("loss_weights", 2)):
         value = tuple(getattr(cfg, name))
@@ -114,6 +135,7 @@ def _resolve(cfg: AdapterTrainConfig) -> tuple[dict[str, Any] | None, bool]:
     if cfg.semantic_strength and not variable:
         raise UsageError(f"`semantic_strength` needs a variable-rate codec, not {cfg.codec}",
                          params=("semantic_strength",))
+    gainmaps.check_settings(cfg.gain_maps, cfg.gain_map_strength, "random", variable, True)
     return state, variable
 
 
@@ -124,21 +146,29 @@ def train_adapter(cfg: AdapterTrainConfig, on_progress: Progress | None = None) 
 
 
 @torch.no_grad()
-def reconstruct(codec, x: Tensor, rate: float | None, guide, strength: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+def reconstruct(codec, x: Tensor, rate: float | None, guide, strength: float = 0.0,
+                mask: tuple[np.ndarray, float] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(x_hat, y_hat, importance) of x coded at ``rate``, on x's device: x_hat as ``decode`` writes it (8-bit),
     y_hat as the decoder recovers it, and the guide's importance map of each image on the y grid (B, h, w), which
-    also steers the bits when ``strength`` > 0 (semantic records). Each image is entropy-coded on its own, as
-    ``encode`` codes it, so A learns from the decoder's real latents and reconstructions."""
-    from comneck_cli.coding.semantic import gain_map, quantise
+    also steers the bits when ``strength`` > 0 (semantic records). With ``mask`` (a quality mask on the y grid in
+    [0, 1] and its strength S) every image is coded at that mask's gain map instead, and the importance returned is
+    the mask as the record quantises it. Each image is entropy-coded on its own, as ``encode`` codes it, so A learns
+    from the decoder's real latents and reconstructions."""
+    from comneck_cli.coding.semantic import gain_map, levels_on_grid, quantise
 
     at = codec if rate is None else codec.at_rate(rate)
     y = at.analyze(x)
     y_hats, maps = [], []
     for i in range(y.shape[0]):
         image = x[i].mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
-        importance = guide.importance(image)
         gain = None
-        if strength:
+        if mask is not None:
+            imap = quantise(mask[0], *image.shape[:2], mask[1])
+            gain = gain_map(at.model, at.rate, imap, tuple(y.shape[-2:]))
+            importance = levels_on_grid(imap, tuple(y.shape[-2:]))
+        else:
+            importance = guide.importance(image)
+        if strength and mask is None:
             imap = quantise(importance, *image.shape[:2], strength)
             gain = gain_map(at.model, at.rate, imap, tuple(y.shape[-2:]))
         y_hats.append(at.code(y[i : i + 1], gain=gain)[1])
@@ -238,12 +268,28 @@ class AdapterRun(Run):
     def describe(self, step: int) -> dict[str, Any]:
         return {"warmup": step < self.warmup, "lr": self.cfg.lr}
 
+    def quality_mask(self, step: int, height: int, width: int) -> tuple[str, np.ndarray, float] | None:
+        """The step's random quality mask, one for the whole batch as CoTAM draws it: (mode, mask on the y grid in
+        [0, 1], strength S), or None for a step without one. A function of (seed, step): a resume draws the same."""
+        from comneck_cli.coding.semantic import MAP_BLOCK, Y_STRIDE
+        from comneck_cli.formats import ImportanceMap
+
+        draw = random.Random((self.cfg.seed * 1_000_003 + step) * _MASK_STREAM)
+        if not self.cfg.gain_maps or draw.random() >= self.cfg.gain_maps:
+            return None
+        cells = ImportanceMap.grid(height, width, MAP_BLOCK)
+        mode, mask = gainmaps.quality_mask(torch.Generator().manual_seed(draw.getrandbits(62)), cells)
+        on_y = mask.repeat(MAP_BLOCK, axis=0).repeat(MAP_BLOCK, axis=1)[: height // Y_STRIDE, : width // Y_STRIDE]
+        return mode, on_y, draw.uniform(0, self.cfg.gain_map_strength)
+
     def step(self, step: int, x: Tensor, labels: Tensor) -> dict[str, float]:
         from comneck_cli.models.adapter import latent_view
 
         cfg, adapter = self.cfg, self.adapter
         rate = rate_for_step(cfg.seed, step, *cfg.rates) if self.variable else None
-        x_hat, y_hat, importance = reconstruct(self.codec, x, rate, self.guide, cfg.semantic_strength)
+        drawn = self.quality_mask(step, x.shape[-2], x.shape[-1]) if self.variable else None
+        mask = None if drawn is None else drawn[1:]
+        x_hat, y_hat, importance = reconstruct(self.codec, x, rate, self.guide, cfg.semantic_strength, mask)
         y_hat = latent_view(y_hat, x.shape[-2], x.shape[-1], adapter.grid)
         with torch.no_grad(), self.runtime.autocast():
             teacher = self.loss.teacher(x)
@@ -255,22 +301,28 @@ class AdapterRun(Run):
         terms["loss"].backward()
         self.runtime.average_gradients(adapter.parameters())
         self.optimizer.step()
-        return {key: terms[key].item() for key in ("loss", "shallow", "final")}
+        # gain_map: 1 for a step coded at a random quality mask; mask_mode: its index in gainmaps.MASK_MODES (-1
+        # without); mask_spread: the spread of its quantised levels (0 for a uniform mask).
+        return {**{key: terms[key].item() for key in ("loss", "shallow", "final")},
+                "gain_map": float(drawn is not None),
+                "mask_mode": -1.0 if drawn is None else float(gainmaps.MASK_MODES.index(drawn[0])),
+                "mask_spread": 0.0 if drawn is None else float(importance.max() - importance.min())}
 
     def export(self, final: dict[str, float]) -> tuple[Path | None, str | None, dict[str, Any]]:
         from comneck_cli.models.adapter import DESIGN, AdapterInfo, save_adapter
 
         cfg, adapter, codec = self.cfg, self.adapter, self.codec
-        tag = str(clip_tag(cfg))
-        info = AdapterInfo(codec=cfg.codec, codec_digest=codec.digest.hex(), clip_model=cfg.clip_model, clip_tag=tag,
+        tower = clip_record(cfg)
+        info = AdapterInfo(codec=cfg.codec, codec_digest=codec.digest.hex(), **tower,
                            shallow_layer=int(cfg.shallow_layer), loss_weights=tuple(cfg.loss_weights),
                            warmup_epochs=float(cfg.warmup_epochs), semantic_strength=float(cfg.semantic_strength),
                            config=dict(adapter.config))
         registry_info = {"codec": cfg.codec, "codec_digest": info.codec_digest, "codec_weights": str(codec.source),
-                         "clip_model": cfg.clip_model, "clip_tag": tag, "design": DESIGN,
+                         **tower, "design": DESIGN,
                          "shallow_layer": info.shallow_layer, "loss_weights": list(cfg.loss_weights),
                          "warmup_epochs": info.warmup_epochs, "rates": list(cfg.rates),
-                         "semantic_strength": cfg.semantic_strength, "config": dict(adapter.config),
+                         "semantic_strength": cfg.semantic_strength, "gain_maps": cfg.gain_maps,
+                         "gain_map_strength": cfg.gain_map_strength, "config": dict(adapter.config),
                          "trained_for": "decoder adapter: E(x_hat) + A(y_hat) -> CLIP blocks 1..L (CoTAM)",
                          "data": str(Path(cfg.data).resolve()), "steps": self.total, "final_losses": final}
         output, entry = publish(lambda path: save_adapter(adapter.eval(), path, info), ".safetensors", cfg.output,

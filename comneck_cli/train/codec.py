@@ -44,7 +44,9 @@ class CodecTrainConfig(RunConfig):
     """What ``train_codec`` does; None means the setting's default (λ from ``losses.LAMBDAS``).
 
     ``config`` overrides the codec's constructor arguments (tiny models for tests); ``init`` starts from a
-    codec file (its own constructor arguments then apply). ``warmup``: variable-rate codecs' single-rate steps.
+    codec file (its own constructor arguments then apply); ``init_pca``, a folder of photos, starts
+    ``lapped-pca-vbr``'s linear paths at their blocks' principal components (``codecs.lapped``). ``warmup``:
+    variable-rate codecs' single-rate steps.
     ``gain_maps``: the share of variable-rate steps coded at a spatially varying gain (``gainmaps``; default
     ``gainmaps.DEFAULT_FRACTION`` for variable-rate codecs, else 0), of strength up to ``gain_map_strength``;
     ``gain_map_source``: ``random`` only, as this run loads no CLIP.
@@ -60,6 +62,7 @@ class CodecTrainConfig(RunConfig):
     lmbda: float | None = setting()
     config: dict[str, Any] | None = setting()
     init: Path | None = setting()
+    init_pca: Path | None = setting()
     warmup: int | None = setting()
     gain_maps: float | None = setting()
     gain_map_strength: float | None = setting(gainmaps.DEFAULT_MAX_STRENGTH)
@@ -68,7 +71,7 @@ class CodecTrainConfig(RunConfig):
 
 
 def build_codec(spec: CodecSpec, quality: int, config: dict[str, Any] | None,
-                init: Path | None) -> tuple[nn.Module, dict[str, Any]]:
+                init: Path | None, init_pca: Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A trainable CompressAI model (float32, CPU) and its constructor arguments.
 
     From ``init`` (a codec file, or a CompressAI zoo checkpoint) or freshly initialised from the quality
@@ -79,10 +82,16 @@ def build_codec(spec: CodecSpec, quality: int, config: dict[str, Any] | None,
     if init is None:
         kwargs = {**_accepted(spec, spec.qualities[quality or max(spec.qualities)]), **(config or {})}
         try:
-            return spec.constructor()(**kwargs), kwargs
+            model = spec.constructor()(**kwargs)
         except TypeError as exc:
             raise ComneckError(f"`config` {json.dumps(config)} does not fit {spec.name}: {exc}",
                                params=("config",)) from exc
+        if init_pca is not None:
+            _initialise_pca(model, Path(init_pca))
+        return model, kwargs
+    if init_pca is not None:
+        raise ComneckError("`init_pca` starts a new codec; `init` continues a trained one: give one of them",
+                           params=("init_pca", "init"))
     from comneck_cli.codecs import load_codec
 
     loaded = load_codec(spec.name, quality or max(spec.qualities), weights=Path(init))
@@ -97,6 +106,22 @@ def build_codec(spec: CodecSpec, quality: int, config: dict[str, Any] | None,
                            f"({json.dumps(kwargs)}); drop `config`, or give only a larger M to widen it",
                            params=("config", "init"))
     return model, kwargs
+
+
+def _initialise_pca(model: nn.Module, folder: Path) -> None:
+    """``lapped-pca-vbr``'s linear paths from the principal components of the photos in ``folder``."""
+    from comneck_cli.codecs.lapped import LappedPcaVbr, initialise_pca
+    from comneck_cli.io.images import IMAGE_SUFFIXES, read_image
+
+    if not isinstance(model, LappedPcaVbr):
+        raise ComneckError("`init_pca` applies to lapped-pca-vbr only, whose g_a and g_s have a linear path",
+                           params=("init_pca",))
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    images = [torch.from_numpy(read_image(p).copy()).permute(2, 0, 1).float().div(255)[None] for p in files]
+    try:
+        initialise_pca(model, images)
+    except ValueError as exc:  # no photos, or too few blocks for M components
+        raise ComneckError(f"`init_pca` {folder}: {exc}", params=("init_pca",)) from None
 
 
 def constructor_config(loaded: Codec) -> dict[str, Any]:
@@ -176,7 +201,8 @@ class CodecRun(Run):
         self.total = run_length(cfg, state, self.batches.per_epoch)
 
         ckpt.seed_everything(cfg.seed)
-        self.model, self.model_config = build_codec(spec, cfg.quality, cfg.config, cfg.init)
+        pca = cfg.init_pca if state is None else None  # a resumed run loads its weights: no photos needed
+        self.model, self.model_config = build_codec(spec, cfg.quality, cfg.config, cfg.init, pca)
         self.model.to(runtime.device).train()
         runtime.broadcast(self.model)
         self.net_params, aux_params = split_parameters(self.model)
@@ -230,6 +256,7 @@ class CodecRun(Run):
             "lmbda": list(model.lmbda) if variable_rate else cfg.lmbda, "data": str(Path(cfg.data).resolve()),
             "steps": self.total, "final_losses": final, "config": self.model_config,
             "init": None if cfg.init is None else str(cfg.init), "machine_only": False,
+            "init_pca": None if cfg.init_pca is None else str(cfg.init_pca),
             "gain_maps": cfg.gain_maps, "gain_map_strength": cfg.gain_map_strength,
             "gain_map_source": cfg.gain_map_source,
         }

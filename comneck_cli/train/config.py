@@ -57,6 +57,7 @@ class RunConfig:
     resume: Path | None = None
     run_dir: Path | None = None
     checkpoint_every: int = 500
+    minutes: float | None = None  # stop, checkpoint and export after this much wall time (a lent GPU's minutes)
     log_every: int = 10
     workers: int = 0
     quiet: bool = False  # the command line's: a library run prints nothing either way

@@ -6,7 +6,9 @@ a ``classes`` file, else open_clip's ImageNet class names when every folder is a
 serves the stages without cross-entropy (``comneck train codec``, distillation-only stages).
 
 Crops: random squares at native resolution (CompressAI's codec training), or with ``resize`` the ComNeck authors'
-protocol, training and evaluation alike: the short side resized to the crop size (bicubic), then the centre square.
+protocol, training and evaluation alike: the short side resized to the crop size, then the centre square. Their code
+resizes with torchvision's default filter, bilinear (``resize="bilinear"``, what ``train neck``'s release recipe
+uses); ``"bicubic"`` is the paper recipe's.
 
 Reproducibility: the order of every epoch is a seeded permutation (``DistributedSampler`` with the run's
 seed, sharded across torchrun ranks) and every crop position is drawn from a generator seeded with
@@ -44,17 +46,21 @@ class ImageFolderCrops(Dataset):
 
     Images smaller than the crop are padded as coding pads them (centred, edge pixels repeated). Items are
     addressed by ``(index, seed)`` pairs from :class:`EpochSampler`; the seed fixes the crop position. With
-    ``resize`` every image is resized (short side = crop) and centre-cropped instead (``resize_centre_crop``).
-    ``class_source`` says where the class names came from.
+    ``resize`` (True or a filter of :data:`RESIZE_FILTERS`; True is bicubic) every image is resized (short side =
+    crop) and centre-cropped instead (``resize_centre_crop``). ``class_source`` says where the class names came from.
     """
 
     def __init__(self, root: Path, crop: int, *, classes_file: Path | None = None, labelled: bool = True,
-                 resize: bool = False):
+                 resize: bool | str = False):
         root = Path(root)
         if not root.is_dir():
             raise InputError(f"training data folder {root} does not exist; pass an ImageFolder-style directory")
         if crop < 1:
             raise ComneckError(f"`crop` {crop} is not positive; use a multiple of 64 such as 256", params=("crop",))
+        if resize is True:
+            resize = "bicubic"
+        if resize and resize not in RESIZE_FILTERS:
+            raise ValueError(f"resize filter {resize!r} is not one of {', '.join(RESIZE_FILTERS)}")
         self.root, self.crop, self.resize = root, crop, resize
         folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         self.samples: list[tuple[Path, int]] = []
@@ -91,19 +97,25 @@ class ImageFolderCrops(Dataset):
             warnings.simplefilter("ignore", ImageConversionWarning)
             image = read_image(path)
         if self.resize:
-            return resize_centre_crop(image, self.crop), label
+            return resize_centre_crop(image, self.crop, self.resize), label
         return random_crop(image, self.crop, np.random.default_rng(seed)), label
 
 
-def resize_centre_crop(image: np.ndarray, size: int) -> Tensor:
-    """uint8 H×W×3 -> (3, size, size) float in [0, 1]: the short side resized to ``size`` (bicubic, as torchvision's
-    ``Resize`` on a PIL image), then the centre square (torchvision's ``CenterCrop`` rounding)."""
+RESIZE_FILTERS = ("bilinear", "bicubic")
+
+
+def resize_centre_crop(image: np.ndarray, size: int, resize_filter: str = "bicubic") -> Tensor:
+    """uint8 H×W×3 -> (3, size, size) float in [0, 1]: torchvision's ``Resize(size, filter)`` then ``CenterCrop(size)``
+    on a PIL image, pixel for pixel: the short side resized to ``size`` with Pillow's (antialiased) ``resize_filter``
+    (:data:`RESIZE_FILTERS`), the long side to ``int(size · long / short)``, then the centre square."""
     from PIL import Image
 
     height, width = image.shape[:2]
-    scale = size / min(height, width)
-    new = (max(size, round(width * scale)), max(size, round(height * scale)))  # (W, H)
-    resized = np.asarray(Image.fromarray(image).resize(new, Image.BICUBIC))
+    short, long = min(height, width), max(height, width)
+    long = int(size * long / short)  # torchvision truncates (``_compute_resized_output_size``)
+    new = (size, long) if width <= height else (long, size)  # (W, H)
+    pil_filter = Image.BILINEAR if resize_filter == "bilinear" else Image.BICUBIC
+    resized = np.asarray(Image.fromarray(image).resize(new, pil_filter))
     top, left = round((new[1] - size) / 2), round((new[0] - size) / 2)
     return to_tensor(resized[top : top + size, left : left + size], size)[0]
 

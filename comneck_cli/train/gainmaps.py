@@ -85,6 +85,28 @@ def smooth_field(generator: torch.Generator, grid: tuple[int, int]) -> np.ndarra
     return ((field - low) / (high - low)).numpy() if high > low else np.zeros(grid)
 
 
+MASK_MODES = ("uniform", "patch", "gradient")  # CoTAM's RandomMaskProvider modes, drawn uniformly
+MASK_LEVELS = 10  # CoTAM's quality levels 0..9
+
+
+def quality_mask(generator: torch.Generator, grid: tuple[int, int]) -> tuple[str, np.ndarray]:
+    """CoTAM's random quality mask (``masks.RandomMaskProvider``, jmliu206/CoTAM) on ``grid``: (mode, levels / 9 in
+    [0, 1]). ``uniform``: one level everywhere; ``patch``: independent levels on squares of 1, 2 or 4 cells;
+    ``gradient``: a ramp over all levels along x, y or one of two diagonals."""
+    pick = lambda n: int(torch.randint(n, (1,), generator=generator))  # noqa: E731
+    mode, (rows, cols), top = MASK_MODES[pick(len(MASK_MODES))], grid, MASK_LEVELS - 1
+    if mode == "uniform":
+        levels = np.full(grid, pick(MASK_LEVELS))
+    elif mode == "patch":
+        size = (1, 2, 4)[pick(3)]
+        coarse = torch.randint(MASK_LEVELS, (-(-rows // size), -(-cols // size)), generator=generator).numpy()
+        levels = coarse.repeat(size, axis=0).repeat(size, axis=1)[:rows, :cols]
+    else:
+        ramp_y, ramp_x = np.meshgrid(np.linspace(0, 1, rows), np.linspace(0, 1, cols), indexing="ij")
+        levels = np.rint((ramp_x, ramp_y, (ramp_x + ramp_y) / 2, (1 - ramp_x + ramp_y) / 2)[pick(4)] * top)
+    return mode, levels.astype(np.float64) / top
+
+
 class GainMaps:
     """Draws, for a training step, the gain maps (B, 1, h, w) of its images, or None for a step at one gain.
 

@@ -166,20 +166,30 @@ class Metrics:
         self.path, self.enabled = Path(path), enabled
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("", encoding="utf-8")
-        elif self.path.exists():
-            keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-            os.replace(tmp, self.path)
+        try:  # the run's first write: a run folder that cannot be written fails here, before any step
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is None:
+                self.path.write_text("", encoding="utf-8")
+            elif self.path.exists():
+                keep = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                        if line.strip() and json.loads(line)["step"] <= resume_step]
+                tmp = self.path.with_name(f".{self.path.name}.tmp")
+                tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+                os.replace(tmp, self.path)
+        except OSError as exc:
+            self._refuse(exc)
+
+    def _refuse(self, exc: OSError) -> None:
+        raise ComneckError(f"cannot write {self.path}: {exc.strerror or exc}; pass a writable `run_dir`",
+                           params=("run_dir",)) from None
 
     def log(self, row: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as exc:
+                self._refuse(exc)
 
 
 class Means:
@@ -235,9 +245,9 @@ def codec_step(runtime: Runtime, model: nn.Module, params: list[nn.Parameter], o
     return aux_loss.item()
 
 
-def crop_batches(cfg: Any, runtime: Runtime, labelled: bool = False, resize: bool = False) -> Batches:
+def crop_batches(cfg: Any, runtime: Runtime, labelled: bool = False, resize: bool | str = False) -> Batches:
     """This rank's batches of crops of ``cfg.data`` (labelled: with class indices): random ones, or with ``resize``
-    the resized centre square of each image (``data.resize_centre_crop``)."""
+    (True, or the filter) the resized centre square of each image (``data.resize_centre_crop``)."""
     dataset = ImageFolderCrops(cfg.data, cfg.crop, classes_file=cfg.classes, labelled=labelled, resize=resize)
     return Batches(dataset, cfg.batch_size, cfg.seed, runtime.rank, runtime.world, cfg.workers,
                    pin_memory=runtime.device.type == "cuda")

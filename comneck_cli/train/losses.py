@@ -5,7 +5,9 @@
 - ``distillation``: L_dist = MSE(C'(T(y_hat)), C(x)) (paper eq. 1) on the CLIP output the neck targets;
   ``weighted_distillation``: Σ_i w_i · MSE over several outputs i (one neck for several MLLM families).
 - ``zero_shot_cross_entropy``: softmax over logit_scale × cosine(image embedding, class text embeddings)
-  against the true class (§3.4, the warm-up loss).
+  against the true class (§3.4, the warm-up loss; form ``cosine``), or, as the authors' code computes it (their
+  ``ClipClsloss``; form ``dot``), over the raw dot product of the unnormalised image embedding with the unit class
+  weights, without a logit scale.
 - The joint objective of (d2)/(d3) (Table 1), R + λ(γ·d_recon + β·L_dist), with d_recon = MSE(x, x̂)
   on [0, 1] pixels. Default γ = 255² makes β = 0 the codec's own RD loss (same λ); β = γ/60 is the paper's
   γ:β = 60:1. (d3) has no reconstruction: γ = 0, the same β, so R + λ·β·L_dist. The paper writes (d3) as
@@ -78,11 +80,20 @@ def weighted_distillation(students: Sequence[Tensor], teachers: Sequence[Tensor]
     return total, parts
 
 
+CE_FORMS = ("cosine", "dot")
+
+
 def zero_shot_cross_entropy(image_embedding: Tensor, text_embeddings: Tensor, logit_scale: Tensor | float,
-                            labels: Tensor) -> Tensor:
-    """CLIP zero-shot classification loss: logits = scale · cos(image, class text), cross-entropy vs labels."""
-    image = F.normalize(image_embedding.float(), dim=-1)
+                            labels: Tensor, form: str = "cosine") -> Tensor:
+    """CLIP zero-shot classification loss against ``labels``: logits = scale · cos(image, class text) (``cosine``),
+    or image · class text with the image embedding as it is and no scale (``dot``, the authors' code; the class
+    weights are unit rows either way)."""
+    if form not in CE_FORMS:
+        raise ValueError(f"cross-entropy form {form!r} is not one of {', '.join(CE_FORMS)}")
     text = F.normalize(text_embeddings.float(), dim=-1)
+    if form == "dot":
+        return F.cross_entropy(image_embedding.float() @ text.T, labels)
+    image = F.normalize(image_embedding.float(), dim=-1)
     return F.cross_entropy(torch.as_tensor(logit_scale, dtype=torch.float32) * image @ text.T, labels)
 
 

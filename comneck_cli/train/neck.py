@@ -21,8 +21,9 @@ the projected image embedding, as the authors' code does). ``target`` ``layer-2/
 output; ``targets`` ``"pooled:1,layer-2/patch:1,llama-adapter:0.5"`` a weighted list, so one neck serves several
 MLLM families (a family name stands for what ``presets.PRESETS`` says it reads). The teacher C(x) runs once per
 batch, keeping every state the targets need; it sees the crop resized to the CLIP's image size (bicubic) and
-normalised with its mean and std. The cross-entropy is CLIP zero-shot classification: logit_scale ×
-cosine(image embedding of C'(T(y_hat)), class-name text embeddings from the prompt templates), against the
+normalised with its mean and std. The cross-entropy is CLIP zero-shot classification: logits from the image
+embedding of C'(T(y_hat)) and the class-name text embeddings from the prompt templates (by ``recipe``: their raw dot
+product, or logit_scale × cosine), against the
 folder's class; the class names are open_clip's ImageNet names for WordNet-id folders (``data.imagenet_class_names``)
 and the prompts by default its 80 OpenAI ImageNet templates for them (``default_templates``), as the authors' code.
 
@@ -32,6 +33,15 @@ its 20 epochs per stage are 66,720 steps at ``batch_size`` 32.
 
 The neck's optimizer is Adam, betas (0.9, 0.999), eps 1e-8, no weight decay, kept across stages (the
 learning rate steps at stage boundaries).
+
+Recipes (``recipe``): where the authors' code (NYCU-MAPL/BridgingCompressionMLLM, ``examples/train.py``) and the paper
+differ, ``release`` (the default) does what their code does, which reproduces their released files, and ``paper``
+what the paper writes (:data:`RECIPES`): the cross-entropy's logits (raw dot product of the unnormalised embedding
+with the unit class weights, vs. logit_scale × cosine), ``ln_post`` applied twice in C' and the teacher (their
+``CLIP_modify``) or once, the data's resize filter (torchvision's default bilinear vs. bicubic), the teacher's
+resized input unclamped or clamped to [0, 1], and d1's loss weights (11.52 × (100·CE; CE + 100·L_dist;
+100·L_dist) vs. CE; CE + 100·L_dist; L_dist). The neck file records its recipe, and ``features`` runs the C' it
+names (``NeckInfo.ln_post_twice``). Both recipes batch 32 images by default, as the authors do.
 """
 
 from __future__ import annotations
@@ -66,6 +76,33 @@ ADAM = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """Where the authors' code and the paper differ, which one a run follows (module docstring, "Recipes").
+
+    ``ce_form``: ``losses.zero_shot_cross_entropy``'s form; ``ln_post_twice``: C' and the teacher apply ``ln_post``
+    twice; ``resize``: the data's filter (``data.resize_centre_crop``); ``clamp_teacher``: the teacher's resized input
+    is clamped to [0, 1]; d1's stage weights: ``ce`` (stage 1), ``dist`` (stage 3), all three times ``scale``.
+    """
+
+    name: str
+    ce_form: str
+    ln_post_twice: bool
+    resize: str
+    clamp_teacher: bool
+    ce: float
+    dist: float
+    scale: float
+
+
+RECIPES = {r.name: r for r in (
+    Recipe("release", ce_form="dot", ln_post_twice=True, resize="bilinear", clamp_teacher=False,
+           ce=100.0, dist=100.0, scale=11.52),
+    Recipe("paper", ce_form="cosine", ln_post_twice=False, resize="bicubic", clamp_teacher=True,
+           ce=1.0, dist=1.0, scale=1.0),
+)}
+
+
+@dataclass(frozen=True)
 class Stage:
     """One training stage: its learning rate, loss weights, and whether the codec trains (joint R-D loss)."""
 
@@ -76,11 +113,15 @@ class Stage:
     joint: bool = False
 
 
-def default_stages(scenario: str, ce_dist: tuple[float, float] = (1.0, 100.0)) -> tuple[Stage, ...]:
-    """The paper's three stages for a scenario (learning rates of d2/d3 are not published: ours)."""
+def default_stages(scenario: str, ce_dist: tuple[float, float] = (1.0, 100.0),
+                   recipe: str = "paper") -> tuple[Stage, ...]:
+    """The three stages for a scenario; d1's loss weights by ``recipe`` (:data:`RECIPES`; the authors' code only
+    trains d1, and the learning rates of d2/d3 are not published: ours)."""
     if scenario == "d1":
-        return (Stage("ce", 1e-4, ce=1.0, dist=0.0), Stage("ce+dist", 1e-5, ce=ce_dist[0], dist=ce_dist[1]),
-                Stage("dist", 1e-5))
+        r = RECIPES[recipe]
+        return (Stage("ce", 1e-4, ce=r.scale * r.ce, dist=0.0),
+                Stage("ce+dist", 1e-5, ce=r.scale * ce_dist[0], dist=r.scale * ce_dist[1]),
+                Stage("dist", 1e-5, dist=r.scale * r.dist))
     return (Stage("dist", 1e-4), Stage("joint", 1e-4, joint=True), Stage("dist", 1e-5))
 
 
@@ -174,6 +215,8 @@ class NeckTrainConfig(ClipRunConfig):
     targets: str | None = setting()
     templates: tuple[str, ...] | None = setting()
     crops: str | None = setting("resize")
+    recipe: str | None = setting("release")
+    batch_size: int | None = setting(32)  # the authors' batch
     steps: tuple[int, ...] | None = setting(trajectory=False)
     epochs: tuple[int, ...] | None = setting(trajectory=False)
     lr: tuple[float, ...] | None = setting()
@@ -186,6 +229,7 @@ class NeckTrainConfig(ClipRunConfig):
     neck_width: int | None = setting()
     neck_heads: int | None = setting()
     neck_init: Path | None = setting()
+    clip_from_mllm: str | None = setting()  # a LLaVA folder or cached hub id whose tower is the frozen CLIP
     register: str | None = "{codec}-q{quality}-neck{suffix}"
     codec_output: Path | None = None
     codec_register: str | None = "{codec}-q{quality}-{scenario}"
@@ -251,11 +295,18 @@ def refuse_unused(cfg: NeckTrainConfig, scenario: str) -> None:
 def _resolve(cfg: NeckTrainConfig) -> dict[str, Any] | None:
     if cfg.resume is None:  # a resumed run's stored settings are its own, defaults included
         refuse_unused(cfg, cfg.scenario or defaults(cfg)["scenario"])
+    if cfg.clip_from_mllm is not None:
+        _from_mllm(cfg)
     state = resolve_run(cfg, "neck", "train neck")
     if cfg.scenario not in ("d1", "d2", "d3"):
         raise ComneckError(f"unknown `scenario` {cfg.scenario!r}; use d1, d2 or d3", params=("scenario",))
     if state is not None and "crops" not in state["config"]:
         cfg.crops = "random"  # a run from before `crops` took random crops
+    if state is not None and "recipe" not in state["config"]:
+        cfg.recipe = "paper"  # a run from before `recipe` followed the paper's forms
+    if cfg.recipe not in RECIPES:
+        raise ComneckError(f"unknown `recipe` {cfg.recipe!r}; use release (the authors' code, which made their "
+                           "released necks) or paper", params=("recipe",))
     if cfg.crops not in CROPS:
         raise ComneckError(f"unknown `crops` {cfg.crops!r}; use resize (the authors' protocol) or random",
                            params=("crops",))
@@ -270,6 +321,30 @@ def _resolve(cfg: NeckTrainConfig) -> dict[str, Any] | None:
     if not spec.variable_rate:  # a variable-rate codec's neck serves every rate: no level to check
         check_quality(spec, cfg.quality)
     return state
+
+
+def _from_mllm(cfg: NeckTrainConfig) -> None:
+    """``clip_from_mllm``: the frozen tower is the LLaVA checkpoint's own (no text tower, so distillation only), the
+    neck records that tower as ``comneck ask`` identifies it, and by default distils what the model reads."""
+    from comneck_cli.mllm.model import training_tower
+
+    if cfg.clip_weights is not None:
+        raise ComneckError("`clip_from_mllm` takes the tower from the MLLM; drop `clip_weights`",
+                           params=("clip_weights",))
+    for name in ("classes", "templates"):
+        if getattr(cfg, name) is not None:
+            raise ComneckError(f"`clip_from_mllm` trains by distillation alone (the MLLM has no CLIP text tower): "
+                               f"drop `{name}`", params=(name,))
+    if cfg.resume is None and (cfg.scenario or "d1") == "d1":
+        lengths = per_stage(cfg.steps, "steps") or per_stage(cfg.epochs, "epochs")
+        if lengths is None or lengths[0] or lengths[1]:
+            raise ComneckError("`clip_from_mllm` trains by distillation alone: the MLLM has no CLIP text tower for "
+                               "the cross-entropy of d1's stages 1 and 2; give them no steps (`steps` 0,0,N)",
+                               params=("clip_from_mllm", "steps"))
+    tower = training_tower(cfg.clip_from_mllm)
+    cfg.clip_model, cfg.clip_tag = tower.clip_model, tower.clip_tag
+    if cfg.target is None and cfg.targets is None:
+        cfg.target = tower.target
 
 
 def targets_of(cfg: NeckTrainConfig) -> tuple[WeightedTarget, ...]:
@@ -287,7 +362,9 @@ def targets_of(cfg: NeckTrainConfig) -> tuple[WeightedTarget, ...]:
 
 def stages_of(cfg: Any, scenario: str) -> tuple[Stage, ...]:
     """The scenario's three stages (:func:`default_stages`), with ``cfg.lr`` where given."""
-    stages = default_stages(scenario, cfg.ce_dist)
+    stages = default_stages(scenario, cfg.ce_dist, getattr(cfg, "recipe", None) or "paper")
+    if getattr(cfg, "clip_from_mllm", None) is not None:  # no text tower: d1's cross-entropy stages have no steps
+        stages = tuple(Stage(s.name, s.lr, 0.0, s.dist, s.joint) for s in stages)
     if cfg.lr is not None:
         stages = tuple(Stage(s.name, lr, s.ce, s.dist, s.joint) for s, lr in zip(stages, cfg.lr))
     return stages
@@ -298,10 +375,26 @@ def train_neck(cfg: NeckTrainConfig, on_progress: Progress | None = None) -> Tra
 
     ``on_progress(done, total)`` follows the steps of all three stages.
     """
+    given = cfg.recipe
     state = _resolve(cfg)
     if state is None and cfg.neck_init is None and cfg.scenario != "d1":
         cfg.neck_init = d1_neck(cfg)
+    if state is None and cfg.neck_init is not None:
+        cfg.recipe = init_recipe(cfg.neck_init, given)
     return train(cfg, lambda runtime: NeckRun(cfg, runtime, state), on_progress)
+
+
+def init_recipe(neck_init: Path, given: str | None) -> str:
+    """The recipe of a run that starts from ``neck_init``: the neck's own (a file without one was trained with the
+    paper's forms), since its tokens were learnt for that C'; ``given`` must agree with it."""
+    from comneck_cli.models.neck import load_neck
+
+    recipe = load_neck(neck_init)[1].recipe or "paper"
+    if given is not None and given != recipe:
+        raise MismatchError(f"neck {neck_init} was trained with the {recipe} recipe (its C' applies ln_post "
+                            f"{'twice' if recipe == 'release' else 'once'}), not {given}; drop `recipe` to go on with "
+                            f"{recipe}, or start from a neck of the {given} recipe", params=("recipe", "neck_init"))
+    return recipe
 
 
 def d1_neck(cfg: NeckTrainConfig) -> Path:
@@ -325,13 +418,41 @@ def load_training_clip(cfg: Any, device: torch.device) -> nn.Module:
     entry of the model and tag, else open_clip's cache or download."""
     from comneck_cli.clip.tower import resolve_clip
 
-    clip = resolve_clip(cfg.clip_model, clip_tag(cfg), cfg.clip_weights, device=device)
+    if getattr(cfg, "clip_from_mllm", None) is not None:
+        from comneck_cli.mllm.model import training_tower
+
+        return training_tower(cfg.clip_from_mllm).open_clip_model().to(device).eval().requires_grad_(False)
+    # A random tower is drawn from the run's seed alone (not from wherever the run's random state has got to), so
+    # that the seed its model files record (clip_record) rebuilds it.
+    clip = resolve_clip(cfg.clip_model, clip_tag(cfg), cfg.clip_weights, device=device, seed=random_clip_seed(cfg))
     return clip.eval().requires_grad_(False)
 
 
 def clip_tag(cfg: Any) -> str | None:
     """The open_clip weights tag, None for random weights (``clip_tag`` ``none``)."""
-    return None if cfg.clip_tag is None or cfg.clip_tag.lower() == "none" else cfg.clip_tag
+    from comneck_cli.clip.tower import open_clip_tag
+
+    return open_clip_tag(cfg.clip_tag)
+
+
+def random_clip_seed(cfg: Any) -> int | None:
+    """``cfg.seed`` when the frozen tower has random weights from no file (``clip_tag`` none, no ``clip_weights``,
+    no registry entry): :func:`load_training_clip` draws the tower from it (``clip.tower.random_clip``), so a model
+    file that records it gets the same tower back where it is used; else None."""
+    from comneck_cli import hub
+    from comneck_cli.clip.tower import weights_entry_name
+
+    if clip_tag(cfg) is not None or cfg.clip_weights is not None:
+        return None
+    return None if hub.find(weights_entry_name(cfg.clip_model, None), "clip") is not None else cfg.seed
+
+
+def clip_record(cfg: Any) -> dict[str, Any]:
+    """The frozen tower as every trained model file records it: ``clip_model``, ``clip_tag`` (``none`` for random
+    weights, never "None") and ``clip_seed`` (:func:`random_clip_seed`), from which its user rebuilds the tower."""
+    from comneck_cli.clip.tower import tag_name
+
+    return {"clip_model": cfg.clip_model, "clip_tag": tag_name(cfg.clip_tag), "clip_seed": random_clip_seed(cfg)}
 
 
 def default_templates(dataset: Any) -> tuple[str, ...]:
@@ -358,11 +479,13 @@ class NeckRun(StagedRun):
             cfg.register = neck_registry_name(cfg.codec, EVERY_RATE)  # where `features` looks for any rate's records
         self.register = None if cfg.register is None else cfg.register.format(**_names(cfg))
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg.output, self.register or name)
+        self.recipe = RECIPES[cfg.recipe]
         self.stages = stages_of(cfg, cfg.scenario)
         self.terms = targets_of(cfg)
         self.targets = [t.target for t in self.terms]
         needs_labels = any(s.ce > 0 for s in self.stages)
-        self.batches = crop_batches(cfg, runtime, labelled=needs_labels, resize=cfg.crops == "resize")
+        self.batches = crop_batches(cfg, runtime, labelled=needs_labels,
+                                    resize=self.recipe.resize if cfg.crops == "resize" else False)
         if cfg.templates is None:
             cfg.templates = default_templates(self.batches.dataset)
         self.prompts = (f"class names from {self.batches.dataset.class_source}, {len(cfg.templates)} prompt "
@@ -381,8 +504,9 @@ class NeckRun(StagedRun):
 
         ckpt.seed_everything(cfg.seed)
         clip = load_training_clip(cfg, device)
-        head, self.tail = split_clip(clip, cfg.k)
-        self.teacher = Teacher(clip, head, self.tail, self.targets).to(device)
+        # one C' for student and teacher, as in the authors' code (their target has ln_post twice too)
+        head, self.tail = split_clip(clip, cfg.k, ln_post_twice=self.recipe.ln_post_twice)
+        self.teacher = Teacher(clip, head, self.tail, self.targets, clamp=self.recipe.clamp_teacher).to(device)
         grid = (cfg.crop // 16, cfg.crop // 16)
         for term in self.terms:
             if term.target.hidden:  # a state inside C, or past the tower's end: say so before training starts
@@ -406,7 +530,7 @@ class NeckRun(StagedRun):
         runtime.broadcast(self.neck)
         self.classes = (class_weights(clip, cfg.clip_model, self.batches.dataset.classes, cfg.templates,
                                       device=device) if needs_labels else None)
-        self.logit_scale = clip.logit_scale.exp().float().item()
+        self.logit_scale = clip.logit_scale.exp().float().item() if needs_labels else None
 
         # d3 leaves g_s out of training: it is not in the loss and stays as it was.
         self.trainable = [m for n, m in self.model.named_children() if not (cfg.scenario == "d3" and n == "g_s")]
@@ -478,7 +602,8 @@ class NeckRun(StagedRun):
             features = self.tail(self.neck(y_hat), **self.student_request)
         loss = torch.zeros((), device=runtime.device)
         if stage.ce > 0:
-            ce = zero_shot_cross_entropy(features.embedding, self.classes, self.logit_scale, labels)
+            ce = zero_shot_cross_entropy(features.embedding, self.classes, self.logit_scale, labels,
+                                         self.recipe.ce_form)
             loss = loss + stage.ce * ce
             values["ce"] = ce.item()
         if teacher_out is not None:
@@ -518,7 +643,7 @@ class NeckRun(StagedRun):
         machine_only = cfg.scenario == "d3"
         common = {"codec": cfg.codec, "quality": cfg.quality, "scenario": cfg.scenario, "lmbda": cfg.lmbda,
                   "data": str(Path(cfg.data).resolve()), "stage_steps": list(self.lengths), "final_losses": final,
-                  "machine_only": machine_only, "crops": cfg.crops, "prompts": self.prompts}
+                  "machine_only": machine_only, "crops": cfg.crops, "prompts": self.prompts, "recipe": cfg.recipe}
         codec_file, codec_entry, digest = None, None, codec.digest.hex()
         if cfg.scenario != "d1":
             model = codec.model.eval()
@@ -536,12 +661,11 @@ class NeckRun(StagedRun):
                 "codec", info)
             digest = (codec_entry.sha256 if codec_entry else registry.file_sha256(codec_file))[:8]
 
-        tag = str(clip_tag(cfg))
-        neck_info = NeckInfo(codec=cfg.codec, quality=cfg.quality or EVERY_RATE, codec_digest=digest,
-                             clip_model=cfg.clip_model, clip_tag=tag, k=cfg.k, scenario=cfg.scenario,
-                             config=dict(neck.config),
-                             targets=",".join(f"{t.target}:{t.weight:g}" for t in self.terms))
-        info = {**common, "codec_digest": digest, "clip_model": cfg.clip_model, "clip_tag": tag, "k": cfg.k,
+        tower = clip_record(cfg)
+        neck_info = NeckInfo(codec=cfg.codec, quality=cfg.quality or EVERY_RATE, codec_digest=digest, **tower,
+                             k=cfg.k, scenario=cfg.scenario, config=dict(neck.config),
+                             targets=",".join(f"{t.target}:{t.weight:g}" for t in self.terms), recipe=cfg.recipe)
+        info = {**common, "codec_digest": digest, **tower, "k": cfg.k,
                 "targets": [{"target": str(t.target), "weight": t.weight, "family": t.family} for t in self.terms],
                 "trained_for": f"scenario {cfg.scenario}",
                 "codec_weights": codec_entry.name if codec_entry else str(codec_file or codec.source)}

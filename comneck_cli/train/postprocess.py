@@ -39,7 +39,7 @@ from comneck_cli.train.export import publish
 from comneck_cli.train.latents import frozen_latents
 from comneck_cli.train.loop import Runtime, check_finite, check_length, crop_batches, default_run_dir
 from comneck_cli.train.losses import distillation, zero_shot_cross_entropy
-from comneck_cli.train.neck import (ADAM, clip_tag, load_frozen_codec, load_training_clip, per_stage, stage_lengths,
+from comneck_cli.train.neck import (ADAM, clip_record, load_frozen_codec, load_training_clip, per_stage, stage_lengths,
                                     stages_of)
 from comneck_cli.train.trainer import Progress, StagedRun, TrainResult, train
 
@@ -187,12 +187,12 @@ class PostprocessRun(StagedRun):
         from comneck_cli.models.unet import PostprocessInfo, save_postprocess
 
         cfg, unet = self.cfg, self.unet
-        tag = str(clip_tag(cfg))
+        tower = clip_record(cfg)
         digest = self.codec.digest.hex()
-        post_info = PostprocessInfo(codec=cfg.codec, quality=cfg.quality, codec_digest=digest,
-                                    clip_model=cfg.clip_model, clip_tag=tag, config=dict(unet.config))
+        post_info = PostprocessInfo(codec=cfg.codec, quality=cfg.quality, codec_digest=digest, **tower,
+                                    config=dict(unet.config))
         info = {"codec": cfg.codec, "quality": cfg.quality, "codec_digest": digest,
-                "codec_weights": str(self.codec.source), "clip_model": cfg.clip_model, "clip_tag": tag,
+                "codec_weights": str(self.codec.source), **tower,
                 "target": str(self.target), "config": dict(unet.config),
                 "trained_for": "post-processing: x_hat -> U-Net -> C, the paper's baseline (§4.1)",
                 "data": str(Path(cfg.data).resolve()), "stage_steps": list(self.lengths), "final_losses": final}

@@ -12,6 +12,7 @@ rest, the same for all of them::
         values = run.step(step, x, labels)     # {"loss": ..., "bpp": ...}
         metrics.jsonl every ``log_every`` steps and at run.bounds; checkpoint.pt every ``checkpoint_every``
         on_progress(done, total)
+        stop early once ``cfg.minutes`` of wall time have passed
     checkpoint.pt at the end; run.export(final) on rank 0; TrainResult
 
 A checkpoint holds ``kind``, ``config`` (the config dataclass), ``step``, ``total``, ``rng`` (per rank),
@@ -21,6 +22,7 @@ A checkpoint holds ``kind``, ``config`` (the config dataclass), ``step``, ``tota
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -146,22 +148,30 @@ def fit(run: Run, on_progress: Progress | None = None) -> TrainResult:
     if on_progress is not None:
         on_progress(start, total)
     device = runtime.device
+    deadline = None if cfg.minutes is None else time.monotonic() + 60 * cfg.minutes
+    end = total
     for step, x, labels in run.batches.iterate(start, total):
         values = run.step(step, x.to(device, non_blocking=True), labels.to(device, non_blocking=True))
         means.add(values)
         done = step + 1
-        if done % cfg.log_every == 0 or done == total or done in run.bounds:
-            final = means.take()
+        # rank 0's clock decides for every rank, so all stop after the same step
+        out_of_time = deadline is not None and done < total and runtime.gather(time.monotonic() >= deadline)[0]
+        if done % cfg.log_every == 0 or done == total or done in run.bounds or out_of_time:
+            final = means.take() or final
             metrics.log({"step": done, **run.describe(step), **final, "seconds": round(clock.seconds(), 3)})
-        if done % cfg.checkpoint_every == 0 and done < total:
+        if done % cfg.checkpoint_every == 0 and done < total and not out_of_time:
             save_checkpoint(done)
         if on_progress is not None:
             on_progress(done, total)
-    save_checkpoint(total)
+        if out_of_time:
+            end = done
+            break
+    save_checkpoint(end)  # its "total" stays the planned length: `resume` goes on to it
+    run.total = end  # a run stopped by `minutes` exports what it has learnt, saying how many steps that was
 
     output, registered, extra = None, None, {}
     if runtime.main:
         output, registered, extra = run.export(final)
     runtime.barrier()
-    return TrainResult(output=output, registered=registered, run_dir=run.run_dir, steps=total, final=final,
+    return TrainResult(output=output, registered=registered, run_dir=run.run_dir, steps=end, final=final,
                        extra=extra)

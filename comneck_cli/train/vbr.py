@@ -50,7 +50,7 @@ from comneck_cli.train.export import publish, write_codec
 from comneck_cli.train.latents import rate_bpp, rate_for_step, variable_rate_path
 from comneck_cli.train.loop import Runtime, check_finite, codec_step, crop_batches, default_run_dir, run_length
 from comneck_cli.train.losses import BETA, GAMMA, joint_loss, rank_loss, token_entropy, weighted_mse
-from comneck_cli.train.neck import clip_tag, load_training_clip
+from comneck_cli.train.neck import clip_record, load_training_clip
 from comneck_cli.train.trainer import Progress, Run, TrainResult, train
 
 GUIDE_FRACTIONS = (0.25, 0.5)  # P's guidance: blocks at 1/4 and 1/2 of the tower (ViT-L/14: 6, 12)
@@ -259,11 +259,11 @@ def _export(cfg: VbrTrainConfig, model: nn.Module, model_config: dict[str, Any],
     from comneck_cli.models.preedit import PREEDIT_KIND, PreEditInfo, save_preedit
 
     model.eval()
+    tower = clip_record(cfg)
     common = {"codec": cfg.codec, "data": str(Path(cfg.data).resolve()), "steps": total, "final_losses": final,
               "beta": cfg.beta, "gamma": cfg.gamma, "rank_weight": cfg.rank_weight, "gain_maps": cfg.gain_maps,
               "gain_map_strength": cfg.gain_map_strength, "gain_map_source": cfg.gain_map_source,
-              "token_layers": list(cfg.token_layers),
-              "clip_model": cfg.clip_model, "clip_tag": str(clip_tag(cfg))}
+              "token_layers": list(cfg.token_layers), **tower}
     info = {**common, "quality": 0, "trained_for": "LVLMs: R + λ_R(γ·MSE + β(L_sem + ρ·L_rank)) over every rate",
             "lmbda": list(model.lmbda), "config": model_config, "init": None if cfg.init is None else str(cfg.init),
             "machine_only": False, "pre_edit": editor is not None}
@@ -272,8 +272,7 @@ def _export(cfg: VbrTrainConfig, model: nn.Module, model_config: dict[str, Any],
     if editor is None:
         return output, entry, None, None
     digest = (entry.sha256 if entry else registry.file_sha256(output))[:8]
-    pre_edit_info = PreEditInfo(codec=cfg.codec, codec_digest=digest, clip_model=cfg.clip_model,
-                                clip_tag=str(clip_tag(cfg)), config=dict(editor.config))
+    pre_edit_info = PreEditInfo(codec=cfg.codec, codec_digest=digest, **tower, config=dict(editor.config))
     target = cfg.pre_edit_output
     if target is None and cfg.output is not None:
         target = Path(cfg.output).with_name(f"{Path(cfg.output).stem}.preedit.safetensors")
