@@ -48,14 +48,15 @@ def neck_registry_name(codec: str, quality: int) -> str:
     return f"{codec}-neck" if spec is not None and spec.variable_rate else f"{codec}-q{quality}-neck"
 
 
-def resolve_neck(neck: str | Path | None, record: Record | None = None) -> Path:
+def resolve_neck(neck: str | Path | None, record: Record | None = None, *, tower: str | None = None) -> Path:
     """``neck`` by :func:`comneck_cli.hub.resolve`'s rule (a file, else a registered name), else the registry's neck
-    for the record's codec."""
+    for the record's codec. ``tower``: the MLLM checkpoint the neck must feed, for the training command the error
+    names when none is registered (a neck of open_clip's ViT-L-14 would not fit it)."""
     trained = neck is None and record is not None and record.codec_name is not None
-    return hub.resolve(neck, "neck", default=_trained_neck(record) if trained else None)
+    return hub.resolve(neck, "neck", default=_trained_neck(record, tower) if trained else None)
 
 
-def _trained_neck(record: Record) -> str:
+def _trained_neck(record: Record, tower: str | None = None) -> str:
     """The registered neck trained on the record's codec weights, found by the digest its entry records (a d2/d3
     codec has its own neck); the codec's default name when it is one of them or none records the digest."""
     digest = record.weights_digest.hex()
@@ -66,7 +67,7 @@ def _trained_neck(record: Record) -> str:
         return name if name in trained else trained[0]
     if registry.lookup(name) is not None:
         return name  # a neck of other weights: FeatureExtractor.check says which weights it needs
-    if record.codec_name == "elic-comneck":  # the authors' released models: the file of the record's scenario
+    if record.codec_name == "elic-comneck" and tower is None:  # the authors' release: the file of its scenario
         scenario = next((e.info.get("scenario") for e in entries
                          if e.kind == "codec" and e.sha256.startswith(digest)), None) or "d{S}"
         how = f"import its release file with `comneck weights import-comneck {scenario}_{record.quality}.pth.tar`"
@@ -76,6 +77,10 @@ def _trained_neck(record: Record) -> str:
     what = f"{record.codec_name} records (one neck serves every rate)" if variable else (
         f"{record.codec_name} quality {record.quality} records")
     train = f"comneck train neck --codec {record.codec_name}" + ("" if variable else f" -q {record.quality}")
+    if tower is not None:
+        raise RegistryError(f"no neck for {what} of codec weights {digest}: the registry has none trained on them and "
+                            f"no {name}; pass `neck` FILE trained for {tower}'s tower, or train one with `{train} "
+                            f"--clip-from-mllm {tower} --steps 0,0,N`", params=("neck",))
     raise RegistryError(
         f"no neck for {what} of codec weights {digest}: the registry has none trained on them and no {name}; pass "
         f"`neck` FILE, or train one with `{train}`, which distils CLIP ViT-L-14's openai weights (offline: import "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -199,3 +201,20 @@ def test_codec_sizes_come_from_compressai_and_the_file():
         signature = inspect.signature(MODELS[name]).parameters
         assert CODECS[name].qualities[1] == {"N": signature["N"].default, "M": signature["M"].default}
     assert file_config(get_spec("mbt2018-mean-vbr"), 3) == ({"N": 128, "M": 192}, "registered file mbt2018-mean-vbr")
+
+
+def test_the_same_codec_saves_to_the_same_bytes_in_any_process(tmp_path):
+    """A codec file's digest names it in every record: safetensors alone orders its header from a per-process hash
+    map, so two processes exporting the same weights would write files of different digests."""
+    import subprocess
+    import sys
+
+    script = ("import sys, torch; from compressai.registry import MODELS; from comneck_cli.codecs import save_codec, "
+              "half_codec_file; torch.manual_seed(0); m = MODELS['mbt2018-mean'](N=8, M=12).eval(); "
+              "save_codec(m, sys.argv[1], 'mbt2018-mean', 1, {'N': 8, 'M': 12}); "
+              "half_codec_file(sys.argv[1], sys.argv[1] + '.half')")
+    outs = [tmp_path / f"c{i}.safetensors" for i in range(3)]
+    for out in outs:
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True, capture_output=True, timeout=300)
+    assert len({out.read_bytes() for out in outs}) == 1
+    assert len({Path(f"{out}.half").read_bytes() for out in outs}) == 1

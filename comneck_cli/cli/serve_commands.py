@@ -15,8 +15,8 @@ STOPPED = "stopped; every request in flight was answered"
 @click.command()
 @click.option("--mllm", default=None, help="LLaVA checkpoint folder or cached hub id that answers POST /v1/ask "
                                            "(without it /v1/ask answers 501).")
-@click.option("--neck", default=None, help="Neck file or registry name for /v1/features (default: the registry's "
-                                           "neck of each record's codec).")
+@click.option("--neck", default=None, help="Neck file or registry name for /v1/features and /v1/ask?via=neck "
+                                           "(default: the registry's neck of each record's codec).")
 @click.option("--adapter", default=None, help="Decoder adapter for via=adapter (default: the registry's).")
 @click.option("--weights", default=None, help="Codec weights file or registry name for decoding the records "
                                               "(every endpoint, /v1/ask included; checked by digest).")
@@ -70,6 +70,12 @@ def serve(mllm: str | None, neck: str | None, adapter: str | None, weights: str 
         if problem is not None:
             raise problem
         quiet_imports()
+        if mllm is not None:  # the model loads at the first /v1/ask: a wrong --mllm is refused now, not then
+            from comneck_cli.cli.mllm_commands import quiet_transformers
+            from comneck_cli.mllm.model import checkpoint_config
+
+            checkpoint_config(mllm)
+            quiet_transformers()  # its weight-loading bar at the first /v1/ask stays off the server's log
         config = ServeConfig(neck=neck, adapter=adapter, weights=weights, clip_model=clip_model, clip_tag=clip_tag,
                              clip_weights=clip_weights, clip_config=clip_config, mllm=mllm, device=device,
                              max_pixels=max_pixels, max_body=max_body, max_queue=max_queue, max_batch=batch_size,

@@ -29,7 +29,6 @@ and ``--weights dS_Q.pth.tar`` share (so both give the same digest). The neck ('
 from __future__ import annotations
 
 import collections
-import json
 import re
 import tempfile
 from contextlib import contextmanager
@@ -377,17 +376,6 @@ def write_release_codec(codec_state: dict[str, Tensor], target: Path, quality: i
     model = ElicComneck(**RELEASE_CONFIG)
     model.load_state_dict(codec_state, strict=True)
     save_codec(model, Path(target), "elic-comneck", quality, dict(RELEASE_CONFIG), machine_only=scenario == "d3")
-    _sort_header(Path(target))
-
-
-def _sort_header(path: Path) -> None:
-    """Rewrite a safetensors file's JSON header with sorted keys: safetensors writes its metadata from a hash map,
-    in an order that changes from one save to the next, and the file's digest must not."""
-    data = path.read_bytes()
-    size = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # safetensors aligns the tensor data to 8 bytes
-    path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + size :])
 
 
 @contextmanager

@@ -32,14 +32,15 @@ def save_codec(
     Storing the tables makes encoder and decoder share bit-identical CDFs instead of each
     rebuilding them with float arithmetic.
     """
-    from safetensors.torch import save_file
+    from comneck_cli.io.outputs import write_atomic
+    from comneck_cli.modelfiles import safetensors_bytes
 
     model.update(force=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "comneck-codec", "codec": codec, "quality": str(quality), "config": json.dumps(config)}
     if machine_only:
         meta["machine_only"] = "true"
-    save_file(tensors, str(path), metadata=meta)
+    write_atomic(Path(path), safetensors_bytes(tensors, meta), force=True)  # the same weights, the same digest
 
 
 HALF_PREFIXES = ("g_a.", "g_s.", "h_a.", "h_s.")  # the bulk of the parameters; entropy models stay float32
@@ -51,7 +52,8 @@ def half_codec_file(source: Path, target: Path) -> None:
     The entropy models (bottleneck quantiles and tables, the Gaussian scale table) keep float32, so the
     coding tables stay exactly those the codec was exported with. Loading casts back to float32.
     """
-    from safetensors.torch import save_file
+    from comneck_cli.io.outputs import write_atomic
+    from comneck_cli.modelfiles import safetensors_bytes
 
     state, meta = _read_state(Path(source))
     if meta.get("format") != "comneck-codec":
@@ -59,7 +61,7 @@ def half_codec_file(source: Path, target: Path) -> None:
                              "`half` needs one", params=("half",))
     halved = {k: v.half() if k.startswith(HALF_PREFIXES) and v.dtype == torch.float32 else v
               for k, v in state.items()}
-    save_file(halved, str(target), metadata={**meta, "dtype": "float16"})
+    write_atomic(Path(target), safetensors_bytes(halved, {**meta, "dtype": "float16"}), force=True)
 
 
 def _read_state(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

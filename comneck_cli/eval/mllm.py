@@ -82,7 +82,14 @@ class AnswerJudge:
         if max_new_tokens < 1:
             raise UsageError(f"`max_new_tokens` must be 1 or more, not {max_new_tokens}", params=("max_new_tokens",))
         texts = read_prompts(prompts)
-        return cls(load_mllm(model, device=str(device), dtype=dtype), texts, max_new_tokens=max_new_tokens)
+        mllm = load_mllm(model, device=str(device), dtype=dtype)
+        for number, text in enumerate(texts, 1):  # before any point: a bad prompt would fail every one of them
+            try:
+                mllm.prompt_text(text)
+            except UsageError as exc:  # it names `prompt`, which on eval's command line is the zero-shot prompt
+                raise UsageError(f"{prompts}, prompt {number}: {str(exc).replace('`prompt`', 'prompt')}",
+                                 params=("prompts",)) from None
+        return cls(mllm, texts, max_new_tokens=max_new_tokens)
 
     def settings(self) -> dict[str, Any]:
         """What decides what the numbers mean, for the eval log and report."""

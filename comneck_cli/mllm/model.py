@@ -55,6 +55,11 @@ def model_folder(model: str | Path) -> Path:
     """A checkpoint folder, or a hub id's snapshot in the Hugging Face cache; never downloads."""
     if Path(model).is_dir():
         return Path(model)
+    text = str(model)
+    if Path(model).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1:  # a path, not a hub id
+        what = "is not a folder" if Path(model).exists() else "does not exist"
+        raise ModelFileError(f"MLLM folder {model} {what}; pass the folder a LLaVA checkpoint was saved in, or a hub "
+                             "id already in the Hugging Face cache", params=("model",))
     from huggingface_hub import constants, snapshot_download
 
     try:
@@ -85,19 +90,47 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 def load_mllm(model: str | Path, *, device: str = "cpu", dtype: str | None = None) -> "MLLM":
     """Load a LLaVA checkpoint (a folder or a cached hub id, offline) and its processor once, in ``dtype``."""
-    require_transformers()
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    folder, _ = checkpoint_config(model)
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from comneck_cli.coding import resolve_device
 
-    folder = model_folder(model)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    check_supported(config, folder)
     where = resolve_device(device)
-    weights = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True,
-                                                            dtype=resolve_dtype(dtype, where))
-    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    with checkpoint_errors(folder):
+        weights = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True,
+                                                                dtype=resolve_dtype(dtype, where))
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     return MLLM(weights.to(where).eval(), processor, folder, where)
+
+
+def checkpoint_config(model: str | Path) -> tuple[Path, Any]:
+    """(folder, config) of a LLaVA checkpoint with a CLIP tower (a folder or a cached hub id, offline), refused in
+    one sentence otherwise; reads only its config, so ``serve`` checks ``mllm`` before it starts."""
+    require_transformers()
+    from transformers import AutoConfig
+
+    folder = model_folder(model)
+    with checkpoint_errors(folder):
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    check_supported(config, folder)
+    return folder, config
+
+
+@contextmanager
+def checkpoint_errors(folder: Path) -> Iterator[None]:
+    """A checkpoint folder that transformers or safetensors cannot read (no config.json or no model_type in it, no
+    weights, no processor files, a damaged weights file) as one :class:`ModelFileError` naming the folder, instead
+    of their tracebacks."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except ComneckError:
+        raise
+    except (OSError, ValueError, SafetensorError) as exc:
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelFileError(f"{folder} is not a usable LLaVA checkpoint folder ({cause}); {SUPPORTED}, saved with "
+                             "save_pretrained (config, weights and processor files)") from exc
 
 
 @dataclass
@@ -118,26 +151,24 @@ class TrainingTower:
         from comneck_cli.mllm.convert import open_clip_model
         from comneck_cli.mllm.tower import load_vision_tower
 
-        config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
-        processor = AutoImageProcessor.from_pretrained(self.folder, local_files_only=True)
-        vision = load_vision_tower(self.folder, config.vision_config)
+        with checkpoint_errors(self.folder):
+            config = AutoConfig.from_pretrained(self.folder, local_files_only=True)
+            processor = AutoImageProcessor.from_pretrained(self.folder, local_files_only=True)
+            vision = load_vision_tower(self.folder, config.vision_config)
         return open_clip_model(vision, config.vision_config, processor)
 
 
 def training_tower(model: str | Path) -> TrainingTower:
     """The vision tower of a LLaVA checkpoint (a folder or a cached hub id, offline) for ``train neck``, checked as
     :func:`load_mllm` checks it."""
-    require_transformers()
-    from transformers import AutoConfig
-
-    folder = model_folder(model)
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    check_supported(config, folder)
+    folder, config = checkpoint_config(model)
+    with checkpoint_errors(folder):
+        digest = tower_digest(folder)
     layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
     if not isinstance(layer, int) or strategy not in ("default", "full"):
         raise ModelFileError(f"{folder} reads vision_feature_layer {layer} with strategy {strategy!r}; comneck "
                              "trains necks for LLaVA models that read one layer (LLaVA-1.5)")
-    return TrainingTower(tower_name(config.vision_config), f"{MLLM_TAG}{tower_digest(folder)}",
+    return TrainingTower(tower_name(config.vision_config), f"{MLLM_TAG}{digest}",
                          f"layer{layer}/{'patch' if strategy == 'default' else 'all'}", folder)
 
 
@@ -371,7 +402,7 @@ class MLLM:
         from comneck_cli.features import FeatureExtractor, resolve_neck
         from comneck_cli.models.neck import load_neck
 
-        path = resolve_neck(neck, record)
+        path = resolve_neck(neck, record, tower=str(self.folder))
         necks = self.runner().necks
         if path not in necks:
             module, info = load_neck(path, device=self.device)
