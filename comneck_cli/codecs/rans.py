@@ -163,34 +163,26 @@ def _refuse_uncodable() -> None:
                          f"holds (|symbol| >= 2^{MAX_SYMBOL.bit_length() - 1}); the codec weights are damaged or unfit")
 
 
-class _BoundedEncoder:
-    """CompressAI's rANS encoder behind a check of its symbols (:data:`MAX_SYMBOL`): an error instead of a hang."""
-
-    def __init__(self, encoder: Any) -> None:
-        self._encoder = encoder
-
-    def encode_with_indexes(self, symbols: Sequence[int], *args: Any) -> bytes:
-        if len(symbols) and (max(symbols) >= MAX_SYMBOL or min(symbols) <= -MAX_SYMBOL):
-            _refuse_uncodable()
-        return self._encoder.encode_with_indexes(symbols, *args)
-
-
 def _bounded_quantize(quantize: Any) -> Any:
-    def bounded(inputs: torch.Tensor, mode: str, means: torch.Tensor | None = None) -> torch.Tensor:
-        outputs = quantize(inputs, mode, means)
+    def bounded(inputs: torch.Tensor, mode: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        outputs = quantize(inputs, mode, *args, **kwargs)
         if mode == "symbols" and bool(((outputs >= MAX_SYMBOL) | (outputs <= -MAX_SYMBOL)).any()):
             _refuse_uncodable()
         return outputs
 
+    bounded.comneck_bounded = True
     return bounded
 
 
 def bound_entropy_encoders(model: Any) -> None:
-    """Check every symbol CompressAI's encoders are given (:data:`MAX_SYMBOL`), so that coding always ends: the
-    entropy models' own encoders, and the symbols the autoregressive models (mbt2018, cheng2020) quantize for the
-    ``BufferedRansEncoder`` they make themselves."""
+    """Check every symbol CompressAI's encoders are given (:data:`MAX_SYMBOL`), so that coding always ends. Every
+    encoder's symbols come from an entropy model's ``quantize(..., "symbols")`` (``quantize_variable`` for CompressAI's
+    variable-rate models given ``qs``; the autoregressive models quantize for the ``BufferedRansEncoder`` they make
+    themselves the same way), so the check runs once, on the tensor, before any symbol list is built."""
     for module in model.modules():
-        coder = getattr(module, "entropy_coder", None)
-        if coder is not None and hasattr(coder, "_encoder") and not isinstance(coder._encoder, _BoundedEncoder):
-            coder._encoder = _BoundedEncoder(coder._encoder)
-            module.quantize = _bounded_quantize(module.quantize)
+        if getattr(module, "entropy_coder", None) is None:
+            continue
+        for name in ("quantize", "quantize_variable"):
+            method = getattr(module, name, None)
+            if method is not None and not getattr(method, "comneck_bounded", False):
+                setattr(module, name, _bounded_quantize(method))
