@@ -1,9 +1,13 @@
-"""Issues #10 and #19: how good is the codec shipped in weights/ on photos it never saw? Against Pillow JPEG, WebP, AVIF.
+"""Issues #10 and #19: how good is a learned codec on photos it never saw? Against Pillow JPEG, WebP, AVIF.
 
 The photos are the unseen evaluation set (``benchmarks/evalset/photos.json``, assembled by ``benchmarks/evalset.py``):
 photographs from packages that were never used to train or tune comneck's codecs. Each is fed at its own size, as
 ``comneck encode`` reads it (8-bit RGB, EXIF orientation applied; nothing is scaled or cropped), and every method
 codes it whole.
+
+The codec is the shipped default (``mbt2018-mean-vbr``, its file in ``weights/``) unless ``--codec`` names another
+variable-rate codec (``lapped-pca-vbr``); ``--weights FILE`` measures that file, and the codec its metadata names when
+``--codec`` is left out (a file of another codec than ``--codec`` is refused).
 
 For each method the script sweeps its setting per photo: the learned codec's rate R at its eight levels (1, ..., 8),
 and Pillow's quality 2, 8, ..., 98 for JPEG (libjpeg-turbo, 4:2:0), WebP (``method=6``, its slowest and best) and AVIF
@@ -15,11 +19,20 @@ the photos at each setting. BD-rate (``bjontegaard`` pchip, as ``comneck eval``)
 for the same quality), and for each of the codec's rates the JSON and the card say whether the anchor gives more
 quality at the codec's bpp ("rates where JPEG is better").
 
-    python benchmarks/default_codec.py [--weights NAME|FILE] [--evalset DIR] [-o benchmarks/results/default_codec.json]
+    python benchmarks/default_codec.py [--codec NAME] [--weights NAME|FILE] [--evalset DIR]
+        [-o benchmarks/results/default_codec.json] [--anchors-from RESULTS.json]
         [--plot weights/mbt2018-mean-vbr.png] [--card weights/mbt2018-mean-vbr.md] [--jobs N] [--tiny]
 
 A stopped run resumes: each finished (method, photo) sweep is kept in ``OUTPUT.partial.jsonl`` until the JSON is
-written. ``--jobs N`` sweeps in N processes of one torch thread each (results are the same).
+written. Its codec rows are kept while the codec, its weights' sha256 and the rates are the same; its anchor rows
+while the qualities, each anchor's Pillow and library versions (and options) and the evaluation set's listing are
+the same, whatever the codec. ``--jobs N`` sweeps in N processes of one torch thread each (results are the same).
+
+The anchors (about 3/4 of a full run) do not depend on the codec: ``--anchors-from RESULTS.json`` takes their rows
+from an earlier results JSON of this script (e.g. ``benchmarks/results/default_codec.json``) when its qualities,
+evaluation-set listing, photo names and anchor versions are this run's, and stops with one line saying which differs
+otherwise. The JSON's ``anchors_from`` (and the card) say which file the anchor rows came from and when they were
+measured.
 
 ``--card`` rewrites the model card's results block (between ``CARD_BEGIN`` and ``CARD_END``) from this run, so the
 card quotes exactly what was measured. ``--tiny`` (the smoke test) runs a few settings of JPEG and WebP on two small
@@ -40,14 +53,17 @@ from pathlib import Path
 
 import numpy as np
 
+from comneck_cli.defaults import DEFAULT_CODEC, VARIABLE_RATE_CODECS
+
 import evalset  # benchmarks/evalset.py, beside this script
 
-CODEC = "mbt2018-mean-vbr"
+CODEC = DEFAULT_CODEC  # the shipped codec, measured unless --codec names another
 RATES = tuple(float(r) for r in range(1, 9))  # the eight trained levels
 PIL_QUALITIES = tuple(range(2, 101, 6))
 BPP_RANGE = (0.1, 2.0)
 METRICS = {"psnr": "PSNR (dB, RGB)", "ms_ssim": "MS-SSIM"}
 ANCHORS = ("jpeg", "webp", "avif")
+LIBRARIES = {"jpeg": "libjpeg_turbo", "webp": "webp", "avif": "avif"}  # Pillow's feature name of each anchor's library
 TINY_PHOTOS = ("astronaut.png", "chelsea.png")
 
 
@@ -57,6 +73,22 @@ def pillow_codecs():
 
     return {"jpeg": TRADITIONAL["jpeg"], "webp": dataclasses.replace(TRADITIONAL["webp"], options={"method": 6}),
             "avif": TRADITIONAL["avif"]}
+
+
+def anchor_descriptions(anchors) -> dict[str, str]:
+    """Each anchor in words: Pillow's version, its library's version and its options (what its rows depend on)."""
+    import PIL
+    from PIL import features
+
+    codecs = pillow_codecs()
+    return {a: f"Pillow {PIL.__version__} {codecs[a].title} ({LIBRARIES[a]} {features.version(LIBRARIES[a]) or '?'}"
+               f"{''.join(f', {k}={v}' for k, v in codecs[a].options.items())})" for a in anchors}
+
+
+def unavailable(anchors) -> dict[str, str]:
+    """The anchors this Pillow cannot encode, with why."""
+    codecs = pillow_codecs()
+    return {a: codecs[a].unavailable() for a in anchors if codecs[a].unavailable()}
 
 
 def tiny_images() -> dict[str, np.ndarray]:
@@ -82,22 +114,20 @@ def quality(image: np.ndarray, decoded: np.ndarray) -> dict[str, float | None]:
     return {"psnr": psnr(image, decoded), "ms_ssim": ms_ssim(image, decoded)[0]}
 
 
-def sweep_codec(images: dict[str, np.ndarray], weights: str | None, rates, codec=None) -> list[dict]:
-    """The learned codec's rows; ``codec`` is the loaded model when the caller has it (else ``weights`` is loaded)."""
+def sweep_codec(images: dict[str, np.ndarray], codec, rates) -> list[dict]:
+    """The rows of ``codec`` (a loaded variable-rate codec) at ``rates``, labelled with its name."""
     from comneck_cli import coding as api
-    from comneck_cli.codecs import load_codec
     from comneck_cli.formats import pack
 
-    codec = load_codec(CODEC, 1, weights=weights) if codec is None else codec
     rows = []
     for name, image in images.items():
-        print(f"{CODEC}: {name}", file=sys.stderr, flush=True)
+        print(f"{codec.spec.name}: {name}", file=sys.stderr, flush=True)
         y = codec.analyze(api.to_tensor(image, 64))  # g_a once per image; each rate only re-codes y
         for rate in rates:
             at = codec.at_rate(rate)
             strings, _ = at.code(y)
             record = api.record_from_strings(image, at, strings, None)
-            rows.append({"method": CODEC, "setting": rate, "image": name,
+            rows.append({"method": codec.spec.name, "setting": rate, "image": name,
                          "bpp": 8 * len(pack(record)) / (image.shape[0] * image.shape[1]),
                          **quality(image, api.decode(record, at))})
     return rows
@@ -158,82 +188,93 @@ def anchor_better(points: list[dict], anchor: list[tuple[float, float | None]]) 
 _WORKER: dict = {}
 
 
-def _start_worker(images: dict[str, np.ndarray], weights: str | None, rates, qualities) -> None:
+def _start_worker(images: dict[str, np.ndarray], weights: str | None, rates, qualities, codec_name: str) -> None:
     import torch
 
     torch.set_num_threads(1)  # one process per core: torch's own threads would only contend
-    _WORKER.update(images=images, weights=weights, rates=rates, qualities=qualities)
+    _WORKER.update(images=images, weights=weights, rates=rates, qualities=qualities, codec_name=codec_name)
 
 
 def _sweep_one(key: tuple[str, str]) -> tuple[tuple[str, str], list[dict]]:
     """One (method, photo) sweep in a worker process; the worker loads the codec once, on its first codec sweep."""
     method, name = key
     image = {name: _WORKER["images"][name]}
-    if method != CODEC:
+    if method in ANCHORS:
         return key, sweep_pillow(image, method, _WORKER["qualities"])
     if "codec" not in _WORKER:
         from comneck_cli.codecs import load_codec
 
-        _WORKER["codec"] = load_codec(CODEC, 1, weights=_WORKER["weights"])
-    return key, sweep_codec(image, _WORKER["weights"], _WORKER["rates"], _WORKER["codec"])
+        _WORKER["codec"] = load_codec(_WORKER["codec_name"], 1, weights=_WORKER["weights"])
+    return key, sweep_codec(image, _WORKER["codec"], _WORKER["rates"])
+
+
+def _resume(done: Path, header: dict) -> dict[tuple[str, str], list[dict]]:
+    """The sweeps ``done`` keeps for a run with ``header``: the codec's while ``header["codec"]`` is the file's, the
+    anchors' while ``header["anchors"]`` is; ``done`` is rewritten with this header and what it kept."""
+    from comneck_cli.io.outputs import write_atomic
+
+    lines = [json.loads(line) for line in done.read_text().splitlines() if line.strip()] if done.exists() else []
+    old = lines[0] if lines else {}
+    kept = [e for e in lines[1:] if old.get("anchors" if e["method"] in ANCHORS else "codec")
+            == header["anchors" if e["method"] in ANCHORS else "codec"]]
+    done.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(done, "".join(json.dumps(line) + "\n" for line in (header, *kept)).encode(), force=True)
+    return {(e["method"], e["image"]): e["rows"] for e in kept}
 
 
 def measure(images: dict[str, np.ndarray], weights: str | None, rates, qualities, anchors,
-            done: Path | None = None, jobs: int = 1) -> dict:
+            done: Path | None = None, jobs: int = 1, *, codec_name: str = CODEC, listing_sha256: str | None = None,
+            reused: dict[tuple[str, str], list[dict]] | None = None) -> dict:
     """Every row, the mean curves, BD-rates and anchor-better rates of one run (the JSON's measured part).
 
     ``done`` (a JSON-lines file) keeps each finished (method, photo) sweep, so a run that is stopped resumes
-    where it was; its first line names the weights' sha256 and the settings, and a file made for others is
-    started afresh. ``jobs`` > 1 runs the sweeps in that many processes of one torch thread each.
+    where it was: its first line says what the codec's rows depend on (codec, weights' sha256, rates, the evaluation
+    set's ``listing_sha256``) and what the anchors' do (qualities, versions, listing), and only the rows whose part
+    still holds are kept. ``reused`` holds (anchor, photo) sweeps taken from an earlier report: they are not run.
+    ``jobs`` > 1 runs the sweeps in that many processes of one torch thread each.
     """
     from comneck_cli.codecs import load_codec
     from comneck_cli.eval.report import bd_rate
     from comneck_cli.weights import file_sha256
 
-    codec = load_codec(CODEC, 1, weights=weights)
-    header = {"sha256": file_sha256(Path(codec.source)), "rates": list(rates), "qualities": list(qualities)}
-    finished: dict[tuple[str, str], list[dict]] = {}
-    if done is not None and done.exists():
-        lines = [json.loads(line) for line in done.read_text().splitlines() if line.strip()]
-        if lines and lines[0] == header:
-            finished = {(e["method"], e["image"]): e["rows"] for e in lines[1:]}
-    if done is not None and not finished:
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text(json.dumps(header) + "\n")
-    skipped = {}
-    for method in anchors:
-        why = pillow_codecs()[method].unavailable()
-        if why:
-            skipped[method] = why
+    codec = load_codec(codec_name, 1, weights=weights)
+    header = {"codec": {"codec": codec_name, "sha256": file_sha256(Path(codec.source)), "rates": list(rates),
+                        "evalset_listing_sha256": listing_sha256},
+              "anchors": {"qualities": list(qualities), "versions": anchor_descriptions(anchors),
+                          "evalset_listing_sha256": listing_sha256}}
+    finished = {} if done is None else _resume(done, header)
+    finished.update(reused or {})
+    skipped = unavailable(anchors)
     anchors = [a for a in anchors if a not in skipped]
-    keys = [(method, name) for method in (CODEC, *anchors) for name in images]
+    keys = [(method, name) for method in (codec_name, *anchors) for name in images]
     pending = [key for key in keys if key not in finished]
     if jobs > 1 and pending:
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")  # never fork a process that has started torch's threads
-        with context.Pool(jobs, _start_worker, (images, weights, rates, qualities)) as pool:
+        with context.Pool(jobs, _start_worker, (images, weights, rates, qualities, codec_name)) as pool:
             results = pool.imap_unordered(_sweep_one, pending)
             for key, rows in results:
                 finished[key] = rows
                 _record(done, key, rows)
     else:
-        _WORKER.update(images=images, weights=weights, rates=rates, qualities=qualities, codec=codec)
+        _WORKER.update(images=images, weights=weights, rates=rates, qualities=qualities, codec_name=codec_name,
+                       codec=codec)
         for key in pending:
             finished[key] = _sweep_one(key)[1]
             _record(done, key, finished[key])
     rows = [row for key in keys for row in finished[key]]
-    methods = (CODEC, *anchors)
+    methods = (codec_name, *anchors)
     curves = {metric: {m: mean_curve([r for r in rows if r["method"] == m], metric) for m in methods}
               for metric in METRICS}
     bd, better = {}, {}
     for anchor in anchors:
         bd[anchor], better[anchor] = {}, {}
         for metric, label in METRICS.items():
-            value, note = bd_rate(in_range(curves[metric][anchor]), in_range(curves[metric][CODEC]),
-                                  names=(anchor, CODEC), metric=label.split(" ")[0])
+            value, note = bd_rate(in_range(curves[metric][anchor]), in_range(curves[metric][codec_name]),
+                                  names=(anchor, codec_name), metric=label.split(" ")[0])
             bd[anchor][metric] = {"bd_rate_percent": value, "note": note}
-            points = mean_points([r for r in rows if r["method"] == CODEC], metric)
+            points = mean_points([r for r in rows if r["method"] == codec_name], metric)
             better[anchor][metric] = anchor_better(points, curves[metric][anchor])
     return {"rows": rows, "curves": curves, "bd_rate": bd, "anchor_better": better, "skipped": skipped}
 
@@ -259,14 +300,17 @@ def card_results(report: dict) -> str:
     curves, n = report["curves"], len(report["held_out"])
     sizes = report.get("sizes", {})
     pixels = sorted(h * w for h, w in sizes.values()) if sizes else []
+    source = report.get("anchors_from")  # None, or absent in reports from before --anchors-from
+    reused = f" Anchor rows from `{source['file']}` (measured {source['date']})." if source else ""
     fed = (f", each coded whole at its own size ({pixels[0] / 1e6:.2f}–{pixels[-1] / 1e6:.2f} Mpixel)"
            if pixels else "")
     lines = [CARD_BEGIN, "",
-             f"Measured {report['date']} with `benchmarks/default_codec.py` on {n} photos of {report['photo_set']}"
+             f"`{report['codec']}` measured {report['date']} with `benchmarks/default_codec.py` on {n} photos of "
+             f"{report['photo_set']}"
              f"{fed} ({report['machine']['cpus']} CPUs, {report['seconds']:.0f} s). BD-rate over "
              f"{report['bpp_range'][0]}–{report['bpp_range'][1]} bpp (pchip), whole-file bits; negative means fewer "
              "bits than the anchor for the same quality. Anchors: "
-             + "; ".join(report["anchors"].values()) + ".", ""]
+             + "; ".join(report["anchors"].values()) + "." + reused, ""]
     lines += ["| anchor | BD-rate, PSNR | BD-rate, MS-SSIM | rates R where the anchor is better at equal bpp (PSNR) |",
               "|---|---|---|---|"]
     notes = []
@@ -338,12 +382,68 @@ def plot(curves: dict[str, dict[str, list]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+class DefaultCodecError(Exception):
+    """A run this script refuses, with the one line that says why."""
+
+
+def codec_and_weights(codec: str | None, weights: str | None) -> tuple[str, Path]:
+    """The codec to measure and its weights file. ``weights`` (a file or registry name; None: the registry's file of
+    the codec) holds the codec its metadata names, which is measured when ``codec`` is None; a ``codec`` it does
+    not hold is refused, and so is a codec without variable rates."""
+    from comneck_cli.codecs import get_spec, resolve_weights, weights_info
+
+    path = resolve_weights(get_spec(codec or CODEC), 1, weights)
+    held = weights_info(path).get("codec")
+    if codec is not None and held is not None and held != codec:
+        raise DefaultCodecError(f"--weights {weights} holds codec {held}, not {codec}; pass --codec {held} or leave "
+                                "--codec out")
+    name = codec or held or CODEC
+    if name not in VARIABLE_RATE_CODECS:
+        raise DefaultCodecError(f"--weights {weights} holds codec {name}, which has no variable rate; this script "
+                                f"sweeps R = 1..8 of {' or '.join(VARIABLE_RATE_CODECS)}")
+    return name, path
+
+
+def earlier_anchors(path: Path, images: dict[str, np.ndarray], qualities, anchors,
+                    listing_sha256: str | None) -> tuple[dict[tuple[str, str], list[dict]], dict[str, str]]:
+    """The (anchor, photo) sweeps of an earlier results JSON of this script, and where they came from (``file``, and
+    ``date``: when they were measured). Refused, saying what differs, unless its qualities, evaluation-set listing,
+    photo names and the version of each anchor this run codes are this run's."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DefaultCodecError(f"--anchors-from {path}: cannot read it ({exc})") from exc
+    if not isinstance(earlier, dict) or any(key not in earlier for key in ("qualities", "evalset_listing_sha256",
+                                                                            "held_out", "anchors", "rows", "date")):
+        raise DefaultCodecError(f"--anchors-from {path} is not a results JSON of benchmarks/default_codec.py")
+    here = anchor_descriptions([a for a in anchors if a not in unavailable(anchors)])
+    differs = [f"its {what} ({theirs}) and this run's ({mine}) differ" for what, theirs, mine in (
+        ("qualities", earlier["qualities"], list(qualities)),
+        ("evaluation-set listing sha256", earlier["evalset_listing_sha256"], listing_sha256)) if theirs != mine]
+    if set(earlier["held_out"]) != set(images):
+        differs.append(f"photos in only one of them: {', '.join(sorted(set(earlier['held_out']) ^ set(images)))}")
+    differs += [f"its {a} anchor ({earlier['anchors'].get(a, 'not measured')}) and this run's ({version}) differ"
+                for a, version in here.items() if earlier["anchors"].get(a) != version]
+    if differs:
+        raise DefaultCodecError(f"--anchors-from {path}: {'; '.join(differs)}; leave --anchors-from out to measure "
+                                "the anchors afresh")
+    rows: dict[tuple[str, str], list[dict]] = {}
+    for row in earlier["rows"]:
+        if row["method"] in here:
+            rows.setdefault((row["method"], row["image"]), []).append(row)
+    return rows, {"file": _repo_relative(Path(path)), "date": (earlier.get("anchors_from") or earlier)["date"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--codec", choices=VARIABLE_RATE_CODECS, default=None,
+                        help=f"the codec to measure (default: the one --weights FILE holds, else {CODEC})")
     parser.add_argument("--weights", default=None, help="codec FILE or registry NAME (default: the registry's)")
     parser.add_argument("--evalset", type=Path, default=None,
                         help=f"the assembled evaluation set (default ${evalset.ENV} or ~/.cache/comneck/evalset)")
     parser.add_argument("-o", "--output", type=Path, default=Path("benchmarks/results/default_codec.json"))
+    parser.add_argument("--anchors-from", type=Path, default=None,
+                        help="take the anchors' rows from this earlier results JSON (same qualities, photos, versions)")
     parser.add_argument("--plot", type=Path, default=None, help="also write the rate-quality plot here (PNG)")
     parser.add_argument("--card", type=Path, default=None, help="rewrite this model card's results block")
     parser.add_argument("--jobs", type=int, default=1, help="sweep in this many processes (one torch thread each)")
@@ -351,22 +451,27 @@ def main() -> None:
                         help="smoke test: two small scikit-image crops, few settings, JPEG and WebP only")
     args = parser.parse_args()
 
-    import PIL
-    from PIL import features
+    from comneck_cli.errors import ComneckError
+    from comneck_cli.weights import file_sha256
 
     started = time.time()
-    if args.tiny:
-        images, photo_set = tiny_images(), "scikit-image (smoke test only: these photos tuned the codec)"
-        rates, qualities, anchors = RATES[::7], PIL_QUALITIES[::6], ANCHORS[:2]
-    else:
-        try:
+    try:
+        codec_name, source = codec_and_weights(args.codec, args.weights)
+        if args.tiny:
+            images, photo_set = tiny_images(), "scikit-image (smoke test only: these photos tuned the codec)"
+            rates, qualities, anchors = RATES[::7], PIL_QUALITIES[::6], ANCHORS[:2]
+        else:
             images = evalset.load_photos(args.evalset)
-        except evalset.EvalsetError as exc:
-            sys.exit(f"default_codec: {exc}")
-        photo_set = "the unseen evaluation set (`benchmarks/evalset/`)"
-        rates, qualities, anchors = RATES, PIL_QUALITIES, ANCHORS
+            photo_set = "the unseen evaluation set (`benchmarks/evalset/`)"
+            rates, qualities, anchors = RATES, PIL_QUALITIES, ANCHORS
+        listing = None if args.tiny else file_sha256(evalset.LISTING)
+        reused, anchors_from = ({}, None) if args.anchors_from is None else earlier_anchors(
+            args.anchors_from, images, qualities, anchors, listing)
+    except (ComneckError, DefaultCodecError, evalset.EvalsetError) as exc:
+        sys.exit(f"default_codec: {exc}")
     done = None if args.tiny else args.output.with_suffix(".partial.jsonl")
-    result = measure(images, args.weights, rates, qualities, anchors, done, args.jobs)
+    result = measure(images, str(source), rates, qualities, anchors, done, args.jobs, codec_name=codec_name,
+                     listing_sha256=listing, reused=reused)
     curves, bd = result["curves"], result["bd_rate"]
 
     print(f"{len(images)} photos, bpp range {BPP_RANGE[0]}-{BPP_RANGE[1]} for BD-rate")
@@ -375,30 +480,24 @@ def main() -> None:
         print(f"{method:18} {len(in_range(curve)):>3} points in range  (bpp, PSNR dB): {shown}")
     for anchor, by_metric in bd.items():
         for metric, entry in by_metric.items():
-            print(f"BD-rate of {CODEC} vs {anchor}, {metric}: {_percent(entry)}"
+            print(f"BD-rate of {codec_name} vs {anchor}, {metric}: {_percent(entry)}"
                   f"{'' if not entry['note'] else '  (' + entry['note'] + ')'}")
         print(f"rates where {anchor} is better at equal bpp (PSNR): {result['anchor_better'][anchor]['psnr']}")
     for anchor, why in result["skipped"].items():
         print(f"{anchor} skipped: {why}")
+    if anchors_from:
+        print(f"anchor rows from {anchors_from['file']} (measured {anchors_from['date']})")
 
-    from comneck_cli.codecs import load_codec
-    from comneck_cli.weights import file_sha256
-
-    source = load_codec(CODEC, 1, weights=args.weights).source
-    codecs = pillow_codecs()
-    libraries = {"jpeg": "libjpeg_turbo", "webp": "webp", "avif": "avif"}
     report = {
-        "codec": CODEC, "weights": _repo_relative(Path(source)), "sha256": file_sha256(Path(source)),
+        "codec": codec_name, "weights": _repo_relative(source), "sha256": file_sha256(source),
         "photo_set": photo_set, "held_out": list(images),
         "sizes": {name: list(image.shape[:2]) for name, image in images.items()},
         "fed": "each photo whole at its own size, 8-bit RGB as comneck encode reads it; nothing scaled or cropped"
                if not args.tiny else "96x128 crops",
-        "evalset_listing_sha256": None if args.tiny else file_sha256(evalset.LISTING),
+        "evalset_listing_sha256": listing,
         "bpp_range": BPP_RANGE, "rates": list(rates), "qualities": list(qualities),
-        "anchors": {a: f"Pillow {PIL.__version__} {codecs[a].title} ({libraries[a]} "
-                       f"{features.version(libraries[a]) or '?'}"
-                       f"{', ' + ', '.join(f'{k}={v}' for k, v in codecs[a].options.items()) if codecs[a].options else ''})"
-                    for a in anchors if a not in result["skipped"]},
+        "anchors": anchor_descriptions([a for a in anchors if a not in result["skipped"]]),
+        "anchors_from": anchors_from,
         **result,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "seconds": round(time.time() - started, 1), "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -408,7 +507,8 @@ def main() -> None:
     if done is not None:
         done.unlink()  # the JSON holds every row now
     if args.plot:
-        plot(curves, args.plot, f"{CODEC} (shipped) vs Pillow, {len(images)} photos of {photo_set}".replace("`", ""))
+        plot(curves, args.plot, f"{codec_name} ({source.name}) vs Pillow, {len(images)} photos of {photo_set}"
+             .replace("`", ""))
     if args.card:
         write_card(args.card, card_results(report))
     print(f"wrote {args.output}" + "".join(f" and {p}" for p in (args.plot, args.card) if p))

@@ -66,7 +66,8 @@ def train(args: argparse.Namespace) -> dict:
     else:
         cfg = CodecTrainConfig(codec=args.codec, init=args.init, init_pca=args.init_pca, config=args.config,
                                crop=args.crop,
-                               batch_size=args.batch_size, lr=args.lr, seed=args.seed, **common)
+                               batch_size=args.batch_size, lr=args.lr, aux_lr=args.aux_lr, seed=args.seed,
+                               freeze=args.freeze or None, **common)
     start = time.perf_counter()
     before = torch.load(checkpoint, map_location="cpu", weights_only=True)["step"] if resumed else 0
     result = train_codec(cfg)
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--aux-lr", type=float, default=1e-3, help="learning rate of the bottleneck quantiles")
+    parser.add_argument("--freeze", action="append", default=[], metavar="PREFIX",
+                        help="hold these parameters fixed (repeatable), as `train codec --freeze`")
     parser.add_argument("--seed", type=int, default=34)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from comneck_cli import weights as registry
 from comneck_cli.cli import main
 from comneck_cli.defaults import DEFAULT_CODEC
 from comneck_cli.io.images import read_image
+from tests.conftest import skimage_photo
 
 SHIPPED = Path(registry.__file__).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,3 +153,125 @@ def test_shipped_codec_decodes_the_encoders_y_hat_whatever_the_thread_count(phot
     finally:
         torch.set_num_threads(before)
     assert torch.equal(decoded, y_hat)
+
+
+@pytest.fixture(scope="module")
+def lapped_file(tmp_path_factory) -> Path:
+    """A tiny lapped-pca-vbr codec file (two steps from its PCA start): another codec than the shipped one."""
+    import shutil
+
+    import torch
+
+    from comneck_cli.train.codec import CodecTrainConfig, train_codec
+
+    data = tmp_path_factory.mktemp("lapped-data")
+    for name in ("chelsea.png", "coffee.png"):
+        shutil.copy(skimage_photo(name), data / name)
+    out = tmp_path_factory.mktemp("lapped") / "lapped.safetensors"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train_codec(CodecTrainConfig(codec="lapped-pca-vbr", config={"N": 8, "M": 24}, init_pca=data, data=data,
+                                     steps=2, crop=64, batch_size=2, output=out, register=None, quiet=True,
+                                     run_dir=out.parent / "run", device="cpu", workers=0))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _run(monkeypatch, *args: str) -> dict:
+    """benchmarks/default_codec.py's main with these arguments, in this process; the JSON it wrote."""
+    import default_codec
+
+    monkeypatch.setattr(sys, "argv", ["default_codec.py", *args])
+    default_codec.main()
+    return json.loads(Path(args[args.index("-o") + 1]).read_text())
+
+
+def _no_anchor_sweeps(monkeypatch) -> None:
+    import default_codec
+
+    def swept(images, method, qualities):
+        raise AssertionError(f"{method} was swept again")
+
+    monkeypatch.setattr(default_codec, "sweep_pillow", swept)
+
+
+def test_the_codec_is_the_one_the_weights_file_holds_and_another_is_refused(lapped_file, tmp_path, monkeypatch):
+    import default_codec
+
+    card = tmp_path / "card.md"
+    report = _run(monkeypatch, "--tiny", "--weights", str(lapped_file), "-o", str(tmp_path / "a.json"),
+                  "--card", str(card))
+    assert report["codec"] == "lapped-pca-vbr" and report["sha256"] == registry.file_sha256(lapped_file)
+    assert {r["method"] for r in report["rows"]} == {"lapped-pca-vbr", "jpeg", "webp"}
+    assert set(report["curves"]["psnr"]) == {"lapped-pca-vbr", "jpeg", "webp"} and set(report["bd_rate"]) == {
+        "jpeg", "webp"}
+    assert sorted({r["setting"] for r in report["rows"] if r["method"] == "lapped-pca-vbr"}) == [1.0, 8.0]
+    assert report["anchors_from"] is None
+    assert card.read_text().count("`lapped-pca-vbr` measured ") == 1
+
+    _no_anchor_sweeps(monkeypatch)  # refused before anything is measured
+    with pytest.raises(SystemExit) as stop:
+        _run(monkeypatch, "--tiny", "--codec", DEFAULT_CODEC, "--weights", str(lapped_file), "-o",
+             str(tmp_path / "b.json"))
+    assert stop.value.code == (f"default_codec: --weights {lapped_file} holds codec lapped-pca-vbr, not "
+                               f"{DEFAULT_CODEC}; pass --codec lapped-pca-vbr or leave --codec out")
+    assert not (tmp_path / "b.json").exists()
+    assert default_codec.codec_and_weights("lapped-pca-vbr", str(lapped_file)) == ("lapped-pca-vbr", lapped_file)
+
+
+def test_anchors_from_an_earlier_results_json_are_not_measured_again(lapped_file, tmp_path, monkeypatch):
+    first = _run(monkeypatch, "--tiny", "-o", str(tmp_path / "shipped.json"))  # the shipped codec
+    assert first["codec"] == DEFAULT_CODEC
+    _no_anchor_sweeps(monkeypatch)
+    card = tmp_path / "card.md"
+    second = _run(monkeypatch, "--tiny", "--weights", str(lapped_file), "--anchors-from",
+                  str(tmp_path / "shipped.json"), "-o", str(tmp_path / "lapped.json"), "--card", str(card))
+    assert [r for r in second["rows"] if r["method"] != "lapped-pca-vbr"] == [
+        r for r in first["rows"] if r["method"] != DEFAULT_CODEC]
+    assert {r["method"] for r in second["rows"]} == {"lapped-pca-vbr", "jpeg", "webp"}
+    assert second["anchors_from"] == {"file": str(tmp_path / "shipped.json"), "date": first["date"]}
+    assert f"Anchor rows from `{tmp_path / 'shipped.json'}` (measured {first['date']})." in card.read_text()
+    assert second["curves"]["psnr"]["jpeg"] == first["curves"]["psnr"]["jpeg"]
+    assert second["bd_rate"].keys() == {"jpeg", "webp"}
+
+    # results measured with other qualities and another libjpeg: refused, saying both, before anything is measured
+    changed = {**first, "qualities": [50], "anchors": {**first["anchors"], "jpeg": "Pillow 1.0 JPEG (libjpeg_turbo 1)"}}
+    (tmp_path / "old.json").write_text(json.dumps(changed))
+    with pytest.raises(SystemExit) as stop:
+        _run(monkeypatch, "--tiny", "--anchors-from", str(tmp_path / "old.json"), "-o", str(tmp_path / "c.json"))
+    message = stop.value.code
+    assert message.startswith(f"default_codec: --anchors-from {tmp_path / 'old.json'}: its qualities ([50]) and "
+                              f"this run's ({first['qualities']}) differ; its jpeg anchor (Pillow 1.0 JPEG "
+                              f"(libjpeg_turbo 1)) and this run's ({first['anchors']['jpeg']}) differ; ")
+    assert "webp" not in message and "\n" not in message and not (tmp_path / "c.json").exists()
+
+
+def test_a_stopped_run_keeps_the_anchor_rows_when_only_the_codec_changes(lapped_file, tmp_path, monkeypatch):
+    """OUTPUT.partial.jsonl: the anchors' rows hold while what they depend on holds, the codec's while its do."""
+    import default_codec
+
+    images = default_codec.tiny_images()
+    done = tmp_path / "out.partial.jsonl"
+    first = default_codec.measure(images, None, (1.0, 8.0), (20, 80), ("jpeg", "webp"), done)
+    _no_anchor_sweeps(monkeypatch)
+    second = default_codec.measure(images, str(lapped_file), (1.0, 8.0), (20, 80), ("jpeg", "webp"), done,
+                                   codec_name="lapped-pca-vbr")
+    assert [r for r in second["rows"] if r["method"] != "lapped-pca-vbr"] == [
+        r for r in first["rows"] if r["method"] != DEFAULT_CODEC]
+    assert {r["method"] for r in second["rows"]} == {"lapped-pca-vbr", "jpeg", "webp"}
+
+    # other qualities: the anchors are swept again, the lapped codec's rows (same file, same rates) are kept
+    swept = []
+    monkeypatch.setattr(default_codec, "sweep_pillow", lambda images, method, qualities: swept.append(method) or [])
+
+    def coded(images, codec, rates):
+        raise AssertionError("the codec was swept again")
+
+    monkeypatch.setattr(default_codec, "sweep_codec", coded)
+    third = default_codec.measure(images, str(lapped_file), (1.0, 8.0), (50,), ("jpeg", "webp"), done,
+                                  codec_name="lapped-pca-vbr")
+    assert sorted(swept) == ["jpeg", "jpeg", "webp", "webp"]  # one sweep per (anchor, photo)
+    assert [r for r in third["rows"] if r["method"] == "lapped-pca-vbr"] == [
+        r for r in second["rows"] if r["method"] == "lapped-pca-vbr"]

@@ -79,3 +79,19 @@ def test_script_legs_add_up(data, tmp_path):
     second = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert (second["resumed_from_step"], second["step"]) == (2, 3)
     assert (tmp_path / "o" / "codec.safetensors").is_file() and second["sha256"] != first["sha256"]
+
+
+def test_script_freeze_holds_across_legs(data, tmp_path):
+    """A staged leg (``--freeze g_a``): the resumed leg takes the freeze from the checkpoint, so g_a is the same in
+    both legs' files while the entropy model moved."""
+    from safetensors.torch import load_file
+
+    args = ["--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu", "--workers", "0", "--threads", "1",
+            "--config", json.dumps(TINY_CODECS["mbt2018-mean-vbr"]), "--crop", "64", "--batch-size", "2",
+            "--minutes", "5", "--lr", "1e-2"]
+    assert gpu_train.main([*args, "--steps", "1", "--freeze", "g_a"]) == 0
+    first = load_file(tmp_path / "o" / "codec.safetensors")
+    assert gpu_train.main([*args, "--steps", "2"]) == 0
+    second = load_file(tmp_path / "o" / "codec.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first if k.startswith("g_a."))
+    assert not torch.equal(first["h_s.4.weight"], second["h_s.4.weight"])

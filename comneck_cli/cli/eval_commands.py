@@ -16,6 +16,7 @@ from comneck_cli.cli.options import CODEC_CHOICE, family_options, max_pixels_opt
 from comneck_cli.cli.plumbing import apply_preset, guard, progress, quiet_imports, spell_params
 from comneck_cli.defaults import DEFAULT_CODEC, quality_problem
 from comneck_cli.eval import DEFAULT_METHODS, DEFAULT_PROMPT, METHOD_NAMES
+from comneck_cli.mllm import MAX_NEW_TOKENS
 
 _FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
 
@@ -112,7 +113,7 @@ def _methods(ctx, param, value: str | None) -> tuple[str, ...] | None:
                    "against its answers about the original image.")
 @click.option("--prompts", type=_FILE, default=None,
               help="With --mllm: a text file of prompts, one a line (blank lines skipped).")
-@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(1, MAX_NEW_TOKENS), default=32, show_default=True,
               help="With --mllm: longest greedy answer, in tokens.")
 @click.option("--dtype", "mllm_dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               show_default="bf16 on CUDA, fp32 on the CPU", help="With --mllm: the MLLM's weights and activations.")

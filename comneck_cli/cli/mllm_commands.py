@@ -11,6 +11,7 @@ import click
 from comneck_cli.cli.options import common_options
 from comneck_cli.cli.plumbing import Run, quiet_imports
 from comneck_cli.errors import ComneckError, UsageError
+from comneck_cli.mllm import MAX_NEW_TOKENS
 
 VIAS = ("neck", "adapter", "reconstruction", "uncompressed")  # comneck_cli.mllm.VIAS, without importing torch here
 
@@ -32,7 +33,7 @@ VIAS = ("neck", "adapter", "reconstruction", "uncompressed")  # comneck_cli.mllm
 @click.option("--weights", default=None,
               help="Codec weights file or registry name for decoding the records (checked by digest). Default: "
                    "the registered file of each record's weights digest, else the codec's default.")
-@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=64, show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(1, MAX_NEW_TOKENS), default=64, show_default=True,
               help="Longest answer, in tokens (greedy decoding).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
               show_default="bf16 on CUDA, fp32 on the CPU", help="The model's weights and activations.")

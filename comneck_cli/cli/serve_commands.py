@@ -8,6 +8,7 @@ import click
 
 from comneck_cli.cli.options import clip_options, max_pixels_option
 from comneck_cli.cli.plumbing import guard, quiet_imports
+from comneck_cli.mllm import MAX_NEW_TOKENS
 
 STOPPED = "stopped; every request in flight was answered"
 
@@ -39,7 +40,7 @@ STOPPED = "stopped; every request in flight was answered"
               help="Most requests that share one forward pass.")
 @click.option("--batch-wait", type=click.FloatRange(0, 10000), default=5.0, show_default=True,
               help="Milliseconds a request waits for others to share its forward pass.")
-@click.option("--max-new-tokens", type=click.IntRange(1, 1024), default=64, show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(1, MAX_NEW_TOKENS), default=64, show_default=True,
               help="/v1/ask's answer length when the request does not say.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: uvicorn in this process; ray: Ray Serve replicas of the same app (RAY_ADDRESS picks "

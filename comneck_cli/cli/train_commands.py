@@ -240,6 +240,9 @@ def _gain_map_options(default_fraction: str, default_source: str, sources: tuple
               help="Variable-rate codecs: train the first N steps single-rate at the top level's λ (Kamisli et "
                    "al.'s stage 1), then every level.  [default: 0]")
 @_gain_map_options("0.5 (variable-rate codecs)", "random", ("random",))
+@click.option("--freeze", multiple=True, metavar="PREFIX",
+              help="Hold the parameters under this name fixed (repeatable), e.g. g_a and g_s to train the entropy "
+                   "model alone, or g_a.linear and g_s.linear to keep lapped-pca-vbr's linear paths.")
 @click.option("-o", "--output", type=_OUT, default=None, help="Write the trained codec (.safetensors) here.")
 @click.option("--register", default="{codec}-q{quality}", show_default=True,
               help="Registry name for the trained codec (encode/decode find CODEC-qQUALITY; a variable-rate "
@@ -248,7 +251,8 @@ def _gain_map_options(default_fraction: str, default_source: str, sources: tuple
 @_run_options
 @_guarded
 def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm, lmbda, config_json, init, init_pca,
-                        warmup, gain_maps, gain_map_strength, gain_map_source, output, register, no_register, debug,
+                        warmup, gain_maps, gain_map_strength, gain_map_source, freeze, output, register, no_register,
+                        debug,
                         **run) -> None:
     """Rate-distortion training for human perception: R + λ·255²·MSE, CompressAI style.
 
@@ -263,7 +267,8 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
                            clip_max_norm=clip_max_norm, lmbda=lmbda, config=_json_config(config_json), init=init,
                            init_pca=init_pca, warmup=warmup,
                            gain_maps=gain_maps, gain_map_strength=gain_map_strength, gain_map_source=gain_map_source,
-                           output=output, register=None if no_register else register, **run)
+                           freeze=list(freeze) or None, output=output, register=None if no_register else register,
+                           **run)
     result = _trained(train_codec, cfg)
     _summary(run["quiet"], _rates(cfg.codec, cfg.quality), result)
 
@@ -279,8 +284,8 @@ def train_codec_command(codec, quality, steps, epochs, lr, aux_lr, clip_max_norm
 @_clip_options("open_clip model name of the CLIP tower.")
 @click.option("--clip-from-mllm", default=None, metavar="DIR|HUB_ID",
               help="Train for a LLaVA checkpoint's own vision tower (folder or cached hub id, as `comneck ask "
-                   "--mllm`), so `ask --via neck` takes the neck: distillation only (d1: --steps 0,0,N), target "
-                   "by default what the model reads.")
+                   "--mllm`), so `ask --via neck` takes the neck: distillation only (d1: one --steps or --epochs "
+                   "value N is stage 3's, 0,0,N), target by default what the model reads.")
 @click.option("-k", "--k", "k", type=click.IntRange(0), default=None, show_default="2",
               help="The neck's tokens enter CLIP block k+1.")
 @click.option("--target", default=None, show_default="pooled",

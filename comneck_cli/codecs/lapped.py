@@ -10,7 +10,11 @@ g_a and g_s are each a *linear path* plus CompressAI's nonlinear transform as a 
 offset is exact), in the centre 16×16 of each kernel, and zeroes the last layer of each residual branch: the codec
 then computes the best linear block transform of its width, whose unquantised PSNR is far above what this project's
 CPU-trained transforms reach (model card: 37.0 dB at M = 192 against 33.8), and every training step refines it.
-The entropy model (hyperprior h_a/h_s, gains, offsets) is CompressAI's ``MeanScaleHyperpriorVbr``, unchanged.
+The entropy model (hyperprior h_a/h_s, gains, offsets) is CompressAI's ``MeanScaleHyperpriorVbr``, unchanged, but
+:func:`initialise_pca` also starts it where statistics already are: h_s's last layer has zero weights and, as bias,
+each latent channel's standard deviation and mean over the photos' blocks, so the prior starts as the best
+stationary Gaussian per channel (from the PCA eigenvalues) instead of a random function of z, and training only has
+to learn what varies over the image. Its reconstruction offsets (QuantABCD) start at zero.
 """
 
 from __future__ import annotations
@@ -77,7 +81,9 @@ def initialise_pca(model: LappedPcaVbr, images: Sequence[Tensor]) -> None:
     if len(data) < m:
         raise ValueError(f"{len(data)} blocks of 16×16 cannot give {m} principal components; give more photos")
     _, vectors = np.linalg.eigh(data.T @ data / len(data))
-    basis = torch.from_numpy(np.ascontiguousarray(vectors[:, ::-1][:, :m].T)).float()  # (M, 768), largest first
+    top = np.ascontiguousarray(vectors[:, ::-1][:, :m].T)  # (M, 768), largest first
+    y = PCA_SCALE * data @ top.T  # each block's latent vector, as the linear path computes it
+    basis = torch.from_numpy(top).float()
     kernel = basis.reshape(m, 3, STRIDE, STRIDE)
     lo, hi = (KERNEL - STRIDE) // 2, (KERNEL + STRIDE) // 2
     with torch.no_grad():
@@ -92,3 +98,11 @@ def initialise_pca(model: LappedPcaVbr, images: Sequence[Tensor]) -> None:
             last = branch[-1]
             last.weight.zero_()
             last.bias.zero_()
+        prior = model.h_s[-1]  # (scales, means) = chunk(h_s(z_hat), 2): constant per channel to begin with
+        prior.weight.zero_()
+        prior.bias.copy_(torch.from_numpy(np.concatenate([y.std(axis=0), y.mean(axis=0)])).float())
+        # Reconstruction offsets start at 0 (plain rounding): a random QuantABCD fed these channels' large
+        # deviations would move every nonzero y_hat by whole steps.
+        offsets = model.QuantABCD[-1]
+        offsets.weight.zero_()
+        offsets.bias.zero_()

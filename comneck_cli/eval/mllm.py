@@ -77,10 +77,9 @@ class AnswerJudge:
     def load(cls, model: str | Path, prompts: Path, *, device: torch.device | str, dtype: str | None = None,
              max_new_tokens: int = 32) -> "AnswerJudge":
         """The prompts read, then the model loaded (so a bad prompts file fails before any model loads)."""
-        from comneck_cli.mllm import load_mllm
+        from comneck_cli.mllm import check_max_new_tokens, load_mllm
 
-        if max_new_tokens < 1:
-            raise UsageError(f"`max_new_tokens` must be 1 or more, not {max_new_tokens}", params=("max_new_tokens",))
+        check_max_new_tokens(max_new_tokens)
         texts = read_prompts(prompts)
         mllm = load_mllm(model, device=str(device), dtype=dtype)
         for number, text in enumerate(texts, 1):  # before any point: a bad prompt would fail every one of them

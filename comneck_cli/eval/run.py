@@ -20,10 +20,10 @@ import math
 import os
 import time
 import warnings
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -34,7 +34,7 @@ from comneck_cli.errors import ComneckError, InputError, MismatchError, UsageErr
 from comneck_cli.features import neck_registry_name
 from comneck_cli.io.outputs import make_folder
 from comneck_cli.eval import DEFAULT_METHODS, DEFAULT_PROMPT, report
-from comneck_cli.eval.data import find_images, load_image
+from comneck_cli.eval.data import Dataset, find_images, load_image
 from comneck_cli.eval.methods import Context, Entry, Outcome, Point, Skip, file_digest, get_method, spec_for
 from comneck_cli.clip.zeroshot import ZeroShot
 from comneck_cli.eval.metrics import bits_per_pixel, feature_fidelity, ms_ssim, psnr
@@ -109,7 +109,30 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None, echo: Callabl
     if log_path.exists() and not (cfg.resume or cfg.force):
         raise _taken(Path(cfg.output), LOG_NAME)
     dataset = find_images(cfg.data, limit=cfg.limit, classes_file=cfg.classes)
-    make_folder(Path(cfg.output))  # before any model loads: an unwritable -o fails in a second, not minutes
+    with _run_folder(Path(cfg.output)):  # before any model loads: an unwritable -o fails in a second, not minutes
+        return _evaluate(cfg, dataset, progress, say, spell)
+
+
+@contextmanager
+def _run_folder(folder: Path) -> Iterator[None]:
+    """``folder`` made, with its missing parents, for the run; those the run made are removed again when it fails
+    before writing into them (bad prompts, a model that does not load), so a refused run leaves no empty folder."""
+    made = [path for path in (folder, *folder.parents) if not path.exists()]
+    make_folder(folder)
+    try:
+        yield
+    except BaseException:
+        for path in made:  # the deepest first; one that holds anything stops the removal
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _evaluate(cfg: EvalConfig, dataset: Dataset, progress: Progress | None, say: Callable[[str], None],
+              spell: Callable[[str], str] | None) -> EvalResult:
+    """:func:`run_eval` once ``cfg.output`` exists."""
     if dataset.ignored:
         say(f"{len(dataset.ignored)} image(s) directly in {cfg.data} are not in a class folder and are not "
             f"evaluated: {', '.join(dataset.ignored)}")
@@ -163,7 +186,7 @@ def run_eval(cfg: EvalConfig, *, progress: Progress | None = None, echo: Callabl
         "prompt": cfg.prompt if dataset.labelled else None, "classes": dataset.classes,
         "mllm": judge.settings() if judge is not None else None,
     }
-    log = _Log(log_path, settings, resume=cfg.resume, force=cfg.force)
+    log = _Log(Path(cfg.output) / LOG_NAME, settings, resume=cfg.resume, force=cfg.force)
     finished = log.finished({(p.method, p.name): p.models for p in points})
     if log.stale:
         say(f"{log.stale} logged point(s) were made with other model files and are computed again")

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from comneck_cli.errors import ComneckError, InputError, MismatchError, ModelFileError, UsageError
 from comneck_cli.io.outputs import read_problem
+from comneck_cli.mllm import check_max_new_tokens
 from comneck_cli.mllm.tower import MLLM_TAG, LlavaTower, tower_digest, tower_name
 
 VIAS = ("neck", "adapter", "reconstruction", "uncompressed")
@@ -104,16 +105,49 @@ def load_mllm(model: str | Path, *, device: str = "cpu", dtype: str | None = Non
 
 
 def checkpoint_config(model: str | Path) -> tuple[Path, Any]:
-    """(folder, config) of a LLaVA checkpoint with a CLIP tower (a folder or a cached hub id, offline), refused in
-    one sentence otherwise; reads only its config, so ``serve`` checks ``mllm`` before it starts."""
+    """(folder, config) of a LLaVA checkpoint with a CLIP tower and its weight files (a folder or a cached hub id,
+    offline), refused in one sentence otherwise; reads only its config and weights index, so ``serve`` checks
+    ``mllm`` before it starts."""
     require_transformers()
     from transformers import AutoConfig
 
     folder = model_folder(model)
     with checkpoint_errors(folder):
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    check_supported(config, folder)
+        check_supported(config, folder)
+        _check_weight_files(folder)
     return folder, config
+
+
+def _check_weight_files(folder: Path) -> None:
+    """Refuse a checkpoint ``folder`` without the weights ``from_pretrained`` reads (one file, or every shard its
+    index names), which would otherwise fail only when the model loads (``serve``: at the first ``/v1/ask``)."""
+    import json
+
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    for single, index in ((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
+        if (folder / single).is_file():
+            return
+        if (folder / index).is_file():
+            stored = json.loads((folder / index).read_text(encoding="utf-8"))
+            weight_map = stored.get("weight_map") if isinstance(stored, dict) else None
+            shards = sorted({str(name) for name in weight_map.values()}) if isinstance(weight_map, dict) else []
+            if not shards:
+                raise _unusable(folder, f"its {index} names no weight files")
+            missing = [name for name in shards if not (folder / name).is_file()]
+            if missing:
+                raise _unusable(folder, f"{len(missing)} of the {len(shards)} weight files its {index} names are "
+                                        f"missing, e.g. {missing[0]}")
+            return
+    raise _unusable(folder, f"no weights: none of {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME}, {WEIGHTS_NAME} "
+                            f"or {WEIGHTS_INDEX_NAME} is in it")
+
+
+def _unusable(folder: Path, cause: str) -> ModelFileError:
+    """The one sentence for a checkpoint ``folder`` that cannot be used, and why."""
+    return ModelFileError(f"{folder} is not a usable LLaVA checkpoint folder ({cause}); {SUPPORTED}, saved with "
+                          "save_pretrained (config, weights and processor files)")
 
 
 @contextmanager
@@ -129,8 +163,7 @@ def checkpoint_errors(folder: Path) -> Iterator[None]:
         raise
     except (OSError, ValueError, SafetensorError) as exc:
         cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelFileError(f"{folder} is not a usable LLaVA checkpoint folder ({cause}); {SUPPORTED}, saved with "
-                             "save_pretrained (config, weights and processor files)") from exc
+        raise _unusable(folder, cause) from exc
 
 
 @dataclass
@@ -296,6 +329,7 @@ class MLLM:
         Raises :class:`ComneckError` for the first input that cannot be answered."""
         if via not in VIAS:
             raise UsageError(f"unknown `via` {via!r}; use one of {', '.join(VIAS)}", params=("via",))
+        check_max_new_tokens(max_new_tokens)
         if neck is not None and via != "neck":
             raise UsageError(f"`neck` applies to `via` neck only, not {via}", params=("neck", "via"))
         if adapter is not None and via != "adapter":

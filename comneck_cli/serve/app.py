@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import re
 import time
 import traceback
-from typing import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
@@ -58,14 +60,37 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 
 
-def _sentence(exc: BaseException) -> str:
+# An absolute path (POSIX, or after a Windows drive letter) standing alone in a sentence; not a URL's or a fraction's.
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~:/\\-])(?:/|[A-Za-z]:[\\/])[^\s'\"`,;()<>]+")
+ROUTES = ("/v1/", "/healthz", "/metrics")  # the app's own paths, which its sentences may name
+
+
+def _sentence(exc: BaseException, server_files: Sequence[str]) -> str:
     """The error's one sentence for a client: parameters it can change by their query name, the server's own by
-    name ("the server's max_pixels")."""
+    name ("the server's max_pixels"), and every file of the server by its base name (where the server keeps its
+    files is none of a client's business): the ``server_files`` it was started with as written, any absolute path."""
     if isinstance(exc, ComneckError):
         text = exc.render(lambda p: p if p in QUERY_NAMES else f"the server's {p}")
     else:
         text = str(exc)
+    for path in server_files:
+        text = text.replace(path, _base_name(path))
+    text = ABSOLUTE_PATH.sub(lambda m: m.group() if m.group().startswith(ROUTES) else _base_name(m.group()), text)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _base_name(path: str) -> str:
+    return re.split(r"[\\/]", path.rstrip("\\/"))[-1] or path
+
+
+def _server_files(config: ServeConfig) -> tuple[str, ...]:
+    """The files and folders ``config`` names by a path with folders in it (not a registry name or hub id), as
+    written, since relative ones are not caught as absolute paths; longest first, so that a path is replaced before a
+    shorter one inside it."""
+    given = (config.weights, config.neck, config.adapter, config.clip_weights, config.clip_config, config.mllm)
+    paths = {str(value) for value in given
+             if value is not None and re.search(r"[\\/]", str(value)) and Path(value).exists()}
+    return tuple(sorted(paths, key=len, reverse=True))
 
 
 def _status(exc: ComneckError) -> tuple[int, str]:
@@ -107,6 +132,7 @@ def build_app(config: ServeConfig) -> Starlette:
                       max_queue=config.max_queue, on_batch=metrics.batch_size.observe,
                       on_depth=metrics.queue_depth.set)
     token = config.token.encode() if config.token is not None else None
+    server_files = _server_files(config)
 
     def authorise(request: Request) -> None:
         if token is None:
@@ -132,7 +158,7 @@ def build_app(config: ServeConfig) -> Starlette:
                 status, kind = _status(exc)
                 headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else {}
                 metrics.errors.labels(kind).inc()
-                response = JSONResponse({"error": _sentence(exc)}, status, headers=headers)
+                response = JSONResponse({"error": _sentence(exc, server_files)}, status, headers=headers)
             except ClientDisconnect:
                 metrics.errors.labels("disconnected").inc()
                 response = Response(status_code=400)  # nobody is left to read it
@@ -159,7 +185,7 @@ def build_app(config: ServeConfig) -> Starlette:
         return Response(await batcher.submit(Job("decode", records)), media_type="image/png")
 
     async def ask(request: Request) -> Response:
-        from comneck_cli.mllm import VIAS
+        from comneck_cli.mllm import VIAS, check_max_new_tokens
 
         query = dict(request.query_params)
         unknown = sorted(set(query) - {"prompt", "via", "max_new_tokens"})
@@ -170,14 +196,12 @@ def build_app(config: ServeConfig) -> Starlette:
             raise UsageError("prompt is required: /v1/ask?prompt=TEXT")
         if via not in VIAS or via == "uncompressed":
             raise UsageError(f"via must be one of {', '.join(v for v in VIAS if v != 'uncompressed')}, not {via!r}")
-        tokens = query.get("max_new_tokens", str(config.max_new_tokens))
-        if not tokens.isdigit() or not 1 <= int(tokens) <= 1024:
-            raise UsageError(f"max_new_tokens must be an integer from 1 to 1024, not {tokens!r}")
+        tokens = check_max_new_tokens(query.get("max_new_tokens", config.max_new_tokens))
         if config.mllm is None:
             raise HTTPFailure(501, "no_mllm", "this server has no MLLM to answer with; it was started without one")
         body = await read_body(request, config.max_body)
         records = service.parse(body, one=True)
-        return JSONResponse(await batcher.submit(Job("ask", records, body, (prompt, via, int(tokens)))))
+        return JSONResponse(await batcher.submit(Job("ask", records, body, (prompt, via, tokens))))
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

@@ -50,6 +50,8 @@ class CodecTrainConfig(RunConfig):
     ``gain_maps``: the share of variable-rate steps coded at a spatially varying gain (``gainmaps``; default
     ``gainmaps.DEFAULT_FRACTION`` for variable-rate codecs, else 0), of strength up to ``gain_map_strength``;
     ``gain_map_source``: ``random`` only, as this run loads no CLIP.
+    ``freeze``: parameter-name prefixes held fixed (``g_a``, ``g_s.linear``, …), for staged training: e.g. the
+    entropy model first on ``lapped-pca-vbr``'s PCA transforms, then the residual branches on a fixed linear path.
     """
 
     codec: str | None = setting()
@@ -67,6 +69,7 @@ class CodecTrainConfig(RunConfig):
     gain_maps: float | None = setting()
     gain_map_strength: float | None = setting(gainmaps.DEFAULT_MAX_STRENGTH)
     gain_map_source: str | None = setting("random")
+    freeze: list[str] | None = setting()
     register: str | None = DEFAULT_REGISTER
 
 
@@ -144,6 +147,19 @@ def _accepted(spec: CodecSpec, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if k in names}
 
 
+def freeze_parameters(model: nn.Module, prefixes: list[str], codec: str) -> None:
+    """Hold the parameters whose names start with one of ``prefixes`` (whole dotted parts) fixed."""
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            modules = sorted({n.split(".")[0] for n in names})
+            raise ComneckError(f"`freeze` {prefix!r} names no parameter of {codec}; its modules are "
+                               f"{', '.join(modules)}", params=("freeze",))
+    for name, parameter in model.named_parameters():
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            parameter.requires_grad_(False)
+
+
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """CompressAI's ``net_aux`` split: (every parameter but the bottlenecks' quantiles, the quantiles), by name."""
     named = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
@@ -203,6 +219,7 @@ class CodecRun(Run):
         ckpt.seed_everything(cfg.seed)
         pca = cfg.init_pca if state is None else None  # a resumed run loads its weights: no photos needed
         self.model, self.model_config = build_codec(spec, cfg.quality, cfg.config, cfg.init, pca)
+        freeze_parameters(self.model, cfg.freeze or [], cfg.codec)
         self.model.to(runtime.device).train()
         runtime.broadcast(self.model)
         self.net_params, aux_params = split_parameters(self.model)
@@ -258,7 +275,7 @@ class CodecRun(Run):
             "init": None if cfg.init is None else str(cfg.init), "machine_only": False,
             "init_pca": None if cfg.init_pca is None else str(cfg.init_pca),
             "gain_maps": cfg.gain_maps, "gain_map_strength": cfg.gain_map_strength,
-            "gain_map_source": cfg.gain_map_source,
+            "gain_map_source": cfg.gain_map_source, "freeze": cfg.freeze,
         }
         model.eval()
         quality = 0 if variable_rate else cfg.quality  # 0: every level

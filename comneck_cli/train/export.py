@@ -3,7 +3,8 @@
 A codec is exported with ``codecs.save_codec`` (safetensors, entropy tables rebuilt) and registered as
 kind ``codec`` under ``{codec}-q{quality}`` by default, where ``encode``/``decode`` find it. A codec
 retrained for machines only ((d3): g_a retrained for the neck, g_s left behind) carries the safetensors
-metadata ``machine_only = "true"`` and ``info["machine_only"] = True`` in the registry.
+metadata ``machine_only = "true"`` and ``info["machine_only"] = True`` in the registry. Before it is written, each
+entropy bottleneck's quantiles are fitted to its density (:func:`settle_quantiles`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from comneck_cli import weights as registry
@@ -40,10 +42,44 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+SETTLE_SCHEDULE = ((4000, 0.1, 0.05), (1000, 0.01, 1e-3))  # (at most so many Adam steps, lr, done below): coarse, fine
+
+
+def settle_quantiles(model: nn.Module) -> float:
+    """Fit the trainable quantiles of ``model``'s entropy bottlenecks to their densities; returns the aux loss after.
+
+    Why: Adam moves a quantile by about its learning rate per step, and they start tens of units away, so at
+    CompressAI's aux lr (1e-3) they need ~10⁵ steps to reach the density. A shorter run would export stale coding
+    ranges and medians (z is rounded about its medians). The aux loss reads the density only, never data, so it
+    is fitted here in seconds with the density held as trained: a coarse pass, then a fine one, each until the mean
+    error per quantile (in logits) is below its bound.
+    """
+    from compressai.entropy_models import EntropyBottleneck
+
+    bottlenecks = [m for m in model.modules() if isinstance(m, EntropyBottleneck) and m.quantiles.requires_grad]
+    quantiles = [m.quantiles for m in bottlenecks]
+    count = sum(q.numel() for q in quantiles)
+    if not quantiles:  # frozen, or a codec without a factorized bottleneck
+        return 0.0
+    loss = torch.zeros(())
+    with torch.enable_grad():
+        for steps, lr, bound in SETTLE_SCHEDULE:
+            optimizer = torch.optim.Adam(quantiles, lr=lr)
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = sum(m.loss() for m in bottlenecks)
+                if loss.item() < bound * count:
+                    break
+                loss.backward()
+                optimizer.step()
+    return float(loss.detach())
+
+
 def write_codec(model: nn.Module, path: Path, codec: str, quality: int, config: dict[str, Any], *,
                 machine_only: bool = False) -> None:
-    """``save_codec`` to ``path`` atomically; a machine-only codec gets ``machine_only = "true"`` metadata."""
-
+    """:func:`settle_quantiles`, then ``save_codec`` to ``path`` atomically; a machine-only codec gets
+    ``machine_only = "true"`` metadata."""
+    settle_quantiles(model)
     _atomic(path, lambda tmp: save_codec(model, tmp, codec, quality, config, machine_only=machine_only))
 
 

@@ -336,8 +336,13 @@ def _from_mllm(cfg: NeckTrainConfig) -> None:
             raise ComneckError(f"`clip_from_mllm` trains by distillation alone (the MLLM has no CLIP text tower): "
                                f"drop `{name}`", params=(name,))
     if cfg.resume is None and (cfg.scenario or "d1") == "d1":
-        lengths = per_stage(cfg.steps, "steps") or per_stage(cfg.epochs, "epochs")
-        if lengths is None or lengths[0] or lengths[1]:
+        # d1's stages 1 and 2 are its cross-entropy, which needs a text tower: one length given is stage 3's
+        cfg.steps, cfg.epochs = _distillation_only(cfg.steps, "steps"), _distillation_only(cfg.epochs, "epochs")
+        lengths = cfg.steps or cfg.epochs
+        if lengths is None:
+            raise ComneckError("`clip_from_mllm` trains stage 3 (distillation) alone: give its length as `steps` N or "
+                               "`epochs` N", params=("steps", "epochs"))
+        if lengths[0] or lengths[1]:
             raise ComneckError("`clip_from_mllm` trains by distillation alone: the MLLM has no CLIP text tower for "
                                "the cross-entropy of d1's stages 1 and 2; give them no steps (`steps` 0,0,N)",
                                params=("clip_from_mllm", "steps"))
@@ -345,6 +350,13 @@ def _from_mllm(cfg: NeckTrainConfig) -> None:
     cfg.clip_model, cfg.clip_tag = tower.clip_model, tower.clip_tag
     if cfg.target is None and cfg.targets is None:
         cfg.target = tower.target
+
+
+def _distillation_only(values: Sequence[int] | None, what: str) -> tuple[int, ...] | None:
+    """A per-stage length of a ``clip_from_mllm`` run in d1: one value is stage 3's (``0,0,N``), three are as given."""
+    if values is not None and len(tuple(values)) == 1:
+        return (0, 0, *values)
+    return per_stage(values, what)
 
 
 def targets_of(cfg: NeckTrainConfig) -> tuple[WeightedTarget, ...]:
