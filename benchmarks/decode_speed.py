@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from run import _home_relative  # benchmarks/run.py, beside this script: a result file names no user's home
+
 
 def photo() -> np.ndarray:
     import skimage.data
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples.setdefault(f"{i}|{rate}|{what}", []).append(time.perf_counter() - start)
     rows = []
     for (i, rate), data in records.items():
-        row = {"codec": names[i], "weights": str(args.weights[i]), "rate": rate,
+        row = {"codec": names[i], "weights": _home_relative(args.weights[i]), "rate": rate,
                "bpp": 8 * len(data) / (image.shape[0] * image.shape[1])}
         for what in ("encode", "decode"):
             median = statistics.median(samples[f"{i}|{rate}|{what}"])
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['codec']:28} {row['rate']:>4g} {row['bpp']:>6.3f} {row['decode_ms']:>10.1f} "
               f"{row['decode_ratio']:>8.2f} {row['encode_ms']:>10.1f} {row['encode_ratio']:>8.2f}")
-    report = {"image": str(args.image or "skimage astronaut.png"), "size": list(image.shape[:2]),
+    report = {"image": _home_relative(args.image) if args.image else "skimage astronaut.png", "size": list(image.shape[:2]),
               "threads": args.threads, "repeat": args.repeat, "rows": rows,
               "load_average": {"before": load_before, "after": os.getloadavg()},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
